@@ -1,0 +1,106 @@
+"""Leave the caller's model exactly as it was: RNG streams, buffers, train/eval flags.
+
+Every measurement runs inside :func:`preserved_model_state`. Gradients are only ever taken with
+``torch.autograd.grad`` / ``torch.func`` on detached parameter copies, so ``.grad`` is never written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Literal
+
+import torch
+from torch import nn
+
+__all__ = ["MeasurementMode", "math_attention", "preserved_model_state"]
+
+MeasurementMode = Literal["train", "eval"]
+
+_MODES = ("train", "eval")
+
+
+def check_mode(mode: str) -> MeasurementMode:
+    """Validate a measurement mode string.
+
+    Raises:
+        ValueError: if ``mode`` is not ``"train"`` or ``"eval"``.
+    """
+    if mode not in _MODES:
+        raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}.")
+    return mode  # type: ignore[return-value]
+
+
+def _devices_of(module: nn.Module) -> list[torch.device]:
+    devices = {t.device for t in module.parameters()} | {t.device for t in module.buffers()}
+    return [d for d in devices if d.type != "cpu"]
+
+
+@contextmanager
+def preserved_model_state(
+    module: nn.Module, mode: MeasurementMode = "train", seed: int | None = 0
+) -> Iterator[nn.Module]:
+    """Run a block that evaluates ``module`` without leaving any trace on it.
+
+    On exit, every submodule gets back its own ``training`` flag, every buffer its value (BatchNorm running
+    statistics, ``num_batches_tracked``), and the global CPU and accelerator RNG streams their state.
+
+    Args:
+        module: the model to protect.
+        mode: ``"train"`` keeps the submodules' current flags (BatchNorm in train mode uses batch statistics,
+            dropout is active), ``"eval"`` switches every submodule to eval mode for the block.
+        seed: if not ``None``, the (forked) global RNG is seeded with it on entry, so the dropout masks of a
+            measurement are a deterministic function of ``seed``.
+
+    Yields:
+        ``module`` itself.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).train()
+        >>> before = net[1].running_mean.clone()
+        >>> with preserved_model_state(net, mode="train"):
+        ...     _ = net(torch.randn(4, 2))
+        >>> torch.equal(net[1].running_mean, before) and net.training
+        True
+    """
+    check_mode(mode)
+    flags = {m: m.training for m in module.modules()}
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    devices = _devices_of(module)
+    with ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=devices, device_type=_device_type(devices)))
+        if seed is not None:
+            torch.manual_seed(seed)
+        if mode == "eval":
+            module.eval()
+        try:
+            yield module
+        finally:
+            for m, was_training in flags.items():
+                m.training = was_training
+            with torch.no_grad():
+                for name, b in module.named_buffers():
+                    saved = buffers.get(name)
+                    if saved is not None and saved.shape == b.shape:
+                        b.copy_(saved)
+
+
+def _device_type(devices: list[torch.device]) -> str:
+    return devices[0].type if devices else "cuda"
+
+
+@contextmanager
+def math_attention() -> Iterator[None]:
+    """Select the math scaled-dot-product-attention kernel for the block.
+
+    Double backward and forward-mode AD are not implemented for the fused CPU flash-attention kernel; the math
+    kernel supports both, so every measurement runs under it.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        yield
+        return
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield

@@ -1,0 +1,377 @@
+r"""Lanczos with full reorthogonalisation, and power iteration, on any symmetric linear map.
+
+Functions take ``A`` as a dense symmetric ``Tensor`` or a callable ``v -> Av`` on flat vectors, so they are
+tested on explicit matrices and used on Hessian-vector products alike.
+
+Stopping rule. After :math:`m` steps, a Ritz pair :math:`(\theta_i, y_i)` has residual
+:math:`r_i = \|Ay_i - \theta_i y_i\| = |\beta_m s_{m,i}|` (no extra product needed). Besides the classical bound
+:math:`|\lambda - \theta_i| \le r_i`, the Kato–Temple inequality gives
+:math:`|\lambda - \theta_i| \le r_i^2 / \delta_i`, with :math:`\delta_i` the gap between :math:`\theta_i` and
+the rest of the spectrum, estimated by the nearest other Ritz value. A Ritz value is accepted when
+:math:`\min(r_i, r_i^2/\delta_i) \le \mathrm{tol}\cdot\max(|\theta_i|, \mathrm{abs\_floor})`. The residual-only
+rule would need :math:`r_i \le \mathrm{tol}\,|\theta_i|`, i.e. it certifies about :math:`\mathrm{tol}^2` and
+spends more products than needed.
+
+References:
+    C. Lanczos, "An iteration method for the solution of the eigenvalue problem of linear differential and
+    integral operators", J. Res. Nat. Bur. Standards 45, 1950.
+    B. N. Parlett, *The Symmetric Eigenvalue Problem*, SIAM 1998, §10.2 and §11.4 (Kato–Temple).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_curvature.core.errors import NonFiniteCurvatureError
+
+__all__ = ["LanczosResult", "Which", "lanczos", "lanczos_tridiagonal", "power_iteration"]
+
+Operator = Tensor | Callable[[Tensor], Tensor]
+Which = Literal["largest", "smallest"]
+_WHICH = ("largest", "smallest")
+
+
+def as_matvec(A: Operator) -> Callable[[Tensor], Tensor]:
+    """A callable ``v -> Av`` for a dense matrix or a callable."""
+    if isinstance(A, Tensor):
+        if A.dim() != 2 or A.shape[0] != A.shape[1]:
+            raise ValueError(f"Expected a square matrix, got shape {tuple(A.shape)}.")
+        return lambda v: A @ v
+    if not callable(A):
+        raise TypeError(f"Expected a Tensor or a callable v -> Av, got {type(A).__name__}.")
+    return A
+
+
+@dataclass
+class LanczosResult:
+    """Ritz pairs from :func:`lanczos`.
+
+    Attributes:
+        eigenvalues: float64 CPU tensor of length ``k``, largest first (``which="largest"``) or most negative
+            first (``which="smallest"``).
+        eigenvectors: ``(k, n)`` orthonormal Ritz vectors in the operator's dtype, or ``None``.
+        residuals: float64 ``‖Ay − θy‖`` of each pair.
+        error_bounds: float64 certified bounds ``min(r, r²/gap)`` on each eigenvalue's error.
+        num_matvecs: products used.
+        converged: every wanted eigenvalue met the tolerance.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor | None
+    residuals: Tensor
+    error_bounds: Tensor
+    num_matvecs: int
+    converged: bool
+
+
+def _check_finite(x: float, what: str) -> None:
+    if not math.isfinite(x):
+        raise NonFiniteCurvatureError(
+            f"Lanczos met a non-finite {what} ({x}); the operator produced NaN/inf."
+        )
+
+
+def _orthonormalise_start(v0: Tensor) -> Tensor:
+    nrm = torch.linalg.vector_norm(v0)
+    if not torch.isfinite(nrm) or float(nrm) == 0.0:
+        raise ValueError("The start vector must be finite and non-zero.")
+    return v0 / nrm
+
+
+def lanczos_tridiagonal(
+    A: Operator,
+    v0: Tensor,
+    num_iters: int,
+    stop: Callable[[Tensor, Tensor, int], bool] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run up to ``num_iters`` Lanczos steps with full reorthogonalisation.
+
+    Args:
+        A: symmetric operator (dense matrix or callable).
+        v0: start vector (any non-zero vector; normalised here).
+        num_iters: maximum number of steps (= products).
+        stop: ``stop(alpha, beta, m) -> bool`` called after each step with the float64 CPU coefficients so far.
+
+    Returns:
+        ``(alpha, beta, V)``: diagonal (length m), off-diagonal (length m, the last is the residual norm
+        :math:`\\beta_m`), and the ``(m, n)`` Lanczos basis.
+
+    Raises:
+        NonFiniteCurvatureError: if a product is NaN or infinite.
+    """
+    matvec = as_matvec(A)
+    n = v0.numel()
+    m_max = min(num_iters, n)
+    V = torch.empty(m_max, n, dtype=v0.dtype, device=v0.device)
+    V[0] = _orthonormalise_start(v0.reshape(-1))
+    alphas: list[float] = []
+    betas: list[float] = []
+    for j in range(m_max):
+        w = matvec(V[j]).reshape(-1).to(V.dtype)
+        a = torch.dot(w, V[j])
+        # full reorthogonalisation (twice is enough: "twice is enough", Parlett)
+        for _ in range(2):
+            w = w - V[: j + 1].T @ (V[: j + 1] @ w)
+        b = torch.linalg.vector_norm(w)
+        ab = torch.stack([a, b]).double().cpu()  # one host sync per step
+        alpha, beta = float(ab[0]), float(ab[1])
+        _check_finite(alpha, "Rayleigh quotient")
+        _check_finite(beta, "residual norm")
+        alphas.append(alpha)
+        betas.append(beta)
+        m = j + 1
+        if stop is not None and stop(
+            torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas, dtype=torch.float64), m
+        ):
+            break
+        if m == m_max:
+            break
+        if beta <= 1e-12 * max(1.0, max(abs(x) for x in alphas)):
+            break  # invariant subspace found: the Ritz values are exact
+        V[m] = w / b
+    m = len(alphas)
+    return torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas, dtype=torch.float64), V[:m]
+
+
+def _tridiag(alpha: Tensor, beta: Tensor) -> Tensor:
+    T = torch.diag(alpha)
+    if alpha.numel() > 1:
+        off = beta[: alpha.numel() - 1]
+        T = T + torch.diag(off, 1) + torch.diag(off, -1)
+    return T
+
+
+def _ritz(alpha: Tensor, beta: Tensor, which: Which) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Ritz values (ordered by ``which``), their tridiagonal eigenvectors, residuals and error bounds."""
+    theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
+    if which == "largest":
+        theta, S = theta.flip(0), S.flip(1)
+    resid = (beta[-1] * S[-1, :]).abs()
+    m = theta.numel()
+    if m > 1:
+        # gap to the rest of the spectrum, made conservative: the neighbour θ_j may sit up to r_j away from the
+        # eigenvalue it approximates, so use |θ_i − θ_j| − r_j (Parlett §11.4; never larger than the Ritz gap)
+        diff = (theta[:, None] - theta[None, :]).abs() - resid[None, :]
+        diff = diff + torch.diag(torch.full((m,), math.inf, dtype=theta.dtype))
+        gap = diff.min(dim=1).values.clamp_min(0.0)
+        kt = resid**2 / gap.clamp_min(1e-300)
+        bounds = torch.minimum(resid, kt)
+    else:
+        bounds = resid.clone()
+    return theta, S, resid, bounds
+
+
+def lanczos(
+    A: Operator,
+    dim: int | None = None,
+    *,
+    k: int = 1,
+    which: Which = "largest",
+    tol: float = 1e-3,
+    abs_floor: float = 1e-6,
+    max_iter: int = 100,
+    min_iter: int | None = None,
+    v0: Tensor | None = None,
+    return_eigenvectors: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    rule: Literal["kato_temple", "residual"] = "kato_temple",
+) -> LanczosResult:
+    r"""The ``k`` extreme eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
+
+    Args:
+        A: dense symmetric matrix or callable ``v -> Av`` on flat vectors.
+        dim: size of the vectors (inferred from a matrix or ``v0``).
+        k: number of eigenpairs.
+        which: ``"largest"`` (algebraic, largest first) or ``"smallest"`` (most negative first).
+        tol: relative tolerance on each eigenvalue: stop when the certified error bound is at most
+            ``tol · max(|θ|, abs_floor)``.
+        abs_floor: absolute floor of the tolerance scale, for spectra near zero.
+        max_iter: maximum number of products.
+        min_iter: do not stop before this many products (default ``k + 1``).
+        v0: start vector (warm start), e.g. the sum of the previous measurement's eigenvectors; default a
+            seeded Gaussian vector (the global RNG is not touched).
+        return_eigenvectors: also return the Ritz vectors.
+        seed: seed of the start vector.
+        dtype: vector dtype when ``A`` is a callable and ``v0`` is not given (default float32).
+        device: vector device when ``A`` is a callable and ``v0`` is not given.
+        rule: stopping rule: ``"kato_temple"`` (default; ``min(r, r²/gap)`` plus a stagnation test) or
+            ``"residual"`` (``r ≤ tol·|θ|``, more products).
+
+    Returns:
+        A :class:`LanczosResult`.
+
+    Raises:
+        ValueError: for ``k < 1``, ``k > dim``, a bad ``which``, ``tol <= 0`` or ``max_iter < k``.
+        NonFiniteCurvatureError: if a product is NaN or infinite.
+
+    Example::
+
+        >>> A = torch.diag(torch.tensor([5.0, 3.0, 1.0, -2.0], dtype=torch.float64))
+        >>> [round(v, 10) for v in lanczos(A, k=2).eigenvalues.tolist()]
+        [5.0, 3.0]
+        >>> [round(v, 10) for v in lanczos(A, k=1, which="smallest").eigenvalues.tolist()]
+        [-2.0]
+    """
+    if which not in _WHICH:
+        raise ValueError(f"`which` must be one of {_WHICH}, got {which!r}.")
+    if isinstance(A, Tensor):
+        dim = A.shape[0] if dim is None else dim
+        dtype = A.dtype if dtype is None else dtype
+        device = A.device if device is None else device
+    if v0 is not None:
+        dim = v0.numel() if dim is None else dim
+        dtype = v0.dtype if dtype is None else dtype
+        device = v0.device if device is None else device
+    if dim is None:
+        raise ValueError("`dim` is required when `A` is a callable and no `v0` is given.")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"`k` must be a positive integer, got {k!r}.")
+    if k > dim:
+        raise ValueError(f"`k`={k} exceeds the operator size {dim}.")
+    if not tol > 0:
+        raise ValueError(f"`tol` must be > 0, got {tol!r}.")
+    if rule not in ("kato_temple", "residual"):
+        raise ValueError(f"`rule` must be 'kato_temple' or 'residual', got {rule!r}.")
+    if max_iter < k:
+        raise ValueError(f"`max_iter` must be at least `k`={k}, got {max_iter!r}.")
+    dtype = torch.float32 if dtype is None else dtype
+    if v0 is None:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        v0 = torch.randn(dim, generator=gen, dtype=torch.float64)
+    v0 = v0.reshape(-1).to(device=device, dtype=dtype)
+    if v0.numel() != dim:
+        raise ValueError(f"`v0` has {v0.numel()} entries, expected {dim}.")
+    min_iter = k + 1 if min_iter is None else min_iter
+
+    # Stagnation test over the last `window` steps on the top k + `guard` Ritz values (measured on random
+    # spectra and network-like outlier+bulk spectra against eigvalsh: window=2, guard=1 kept the error below tol
+    # where the top-k is resolved, at 10-25% more products than Kato–Temple alone).
+    window, guard = 2, 1
+    history: list[Tensor] = []
+    state: dict[str, Any] = {"converged": False}
+
+    def stop(alpha: Tensor, beta: Tensor, m: int) -> bool:
+        if m < k:
+            return False
+        theta, _, resid, bounds = _ritz(alpha, beta, which)
+        history.append(theta[: min(k + guard, m)])
+        if m < min(min_iter, dim):
+            return False
+        kk = min(k + guard, m)
+        scale = theta[:kk].abs().clamp_min(abs_floor)
+        if rule == "residual":
+            ok = bool((resid[:kk] <= tol * scale).all())
+        else:
+            # Kato–Temple bound with a Ritz-estimated gap, guarded by a stagnation test: an eigenvalue the Krylov
+            # space has not resolved yet makes the estimated gap too large, but it also keeps the Ritz value moving.
+            ok = (
+                len(history) > window
+                and all(
+                    history[-1 - w].numel() == history[-1].numel()
+                    and bool(((history[-1] - history[-1 - w]).abs() <= tol * scale).all())
+                    for w in range(1, window + 1)
+                )
+                and bool((bounds[:k] <= tol * scale[:k]).all())
+            )
+        state["converged"] = ok
+        return ok
+
+    alpha, beta, V = lanczos_tridiagonal(A, v0, max_iter, stop)
+    m = alpha.numel()
+    theta, S, resid, bounds = _ritz(alpha, beta, which)
+    if m >= dim or (m < max_iter and not state["converged"] and m >= k):
+        # invariant subspace (breakdown) or full dimension reached: Ritz values are exact up to rounding
+        scale = theta[:k].abs().clamp_min(abs_floor)
+        state["converged"] = bool((bounds[:k] <= tol * scale).all()) or m >= dim or float(beta[-1]) <= 1e-10
+    if m < k:
+        raise ValueError(f"The Krylov space has dimension {m} < k={k}; the start vector is deficient.")
+    vecs = None
+    if return_eigenvectors:
+        vecs = (S[:, :k].T.to(V.dtype).to(V.device)) @ V
+    return LanczosResult(
+        eigenvalues=theta[:k].clone(),
+        eigenvectors=vecs,
+        residuals=resid[:k].clone(),
+        error_bounds=bounds[:k].clone(),
+        num_matvecs=m,
+        converged=state["converged"],
+    )
+
+
+def power_iteration(
+    A: Operator,
+    dim: int | None = None,
+    *,
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    v0: Tensor | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> LanczosResult:
+    """Dominant eigenpair (largest in magnitude) by power iteration.
+
+    Simpler than :func:`lanczos` and much slower when the top eigenvalues are close; stops when the Rayleigh
+    quotient changes by at most ``tol`` relative between steps.
+
+    Raises:
+        ValueError: if ``tol <= 0``, ``max_iter < 1``, or ``dim`` cannot be inferred.
+        NonFiniteCurvatureError: if a product is NaN or infinite.
+
+    Example::
+
+        >>> A = torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64))
+        >>> round(power_iteration(A, tol=1e-10).eigenvalues.item(), 6)
+        4.0
+    """
+    if not tol > 0:
+        raise ValueError(f"`tol` must be > 0, got {tol!r}.")
+    if max_iter < 1:
+        raise ValueError(f"`max_iter` must be >= 1, got {max_iter!r}.")
+    matvec = as_matvec(A)
+    if isinstance(A, Tensor):
+        dim, dtype, device = A.shape[0], A.dtype, A.device
+    if v0 is None:
+        if dim is None:
+            raise ValueError("`dim` is required when `A` is a callable and no `v0` is given.")
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        v0 = torch.randn(dim, generator=gen, dtype=torch.float64).to(
+            device=device, dtype=dtype or torch.float32
+        )
+    v = _orthonormalise_start(v0.reshape(-1))
+    lam_prev = math.nan
+    lam = math.nan
+    resid = math.inf
+    converged = False
+    it = 0
+    for it in range(1, max_iter + 1):  # noqa: B007
+        w = matvec(v).reshape(-1).to(v.dtype)
+        lam = float(torch.dot(v, w))
+        _check_finite(lam, "Rayleigh quotient")
+        resid = float(torch.linalg.vector_norm(w - lam * v))
+        nrm = torch.linalg.vector_norm(w)
+        if float(nrm) == 0.0:
+            converged = True
+            break
+        v = w / nrm
+        if math.isfinite(lam_prev) and abs(lam - lam_prev) <= tol * max(abs(lam), 1e-12):
+            converged = True
+            break
+        lam_prev = lam
+    f64 = torch.float64
+    return LanczosResult(
+        eigenvalues=torch.tensor([lam], dtype=f64),
+        eigenvectors=v.unsqueeze(0),
+        residuals=torch.tensor([resid], dtype=f64),
+        error_bounds=torch.tensor([resid], dtype=f64),
+        num_matvecs=it,
+        converged=converged,
+    )

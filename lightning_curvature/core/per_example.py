@@ -1,0 +1,125 @@
+r"""Per-example gradients :math:`g_i = \nabla_\theta \ell(\theta; x_i)`, in chunks of bounded memory.
+
+``torch.func.vmap(torch.func.grad(...))`` over the examples of a chunk (each example is passed to
+``loss_fn`` as a batch of one); where ``vmap`` cannot trace the model (data-dependent control flow,
+``.item()``, unsupported in-place ops) a micro-batch loop of one ``autograd.grad`` per example is used.
+BatchNorm in train mode mixes the examples of a batch, so per-example gradients do not exist there: that
+case raises (as BackPACK does) unless the measurement runs in eval mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_curvature.core._batch import batch_size, iter_batches, slice_batch, to_compute
+from lightning_curvature.core.hvp import LossFn, _LossModule, compute_dtype_for, select_parameters
+
+__all__ = ["check_per_example_safe", "default_chunk_size", "per_example_gradient_chunks"]
+
+PerExampleStrategy = Literal["auto", "vmap", "loop"]
+
+
+def check_per_example_safe(model: nn.Module) -> None:
+    """Raise if a BatchNorm layer is in train mode (its output mixes the examples of the batch).
+
+    Raises:
+        ValueError: naming the offending module.
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            raise ValueError(
+                f"BatchNorm layer {name or type(m).__name__!r} is in train mode: its batch statistics mix the "
+                "examples, so per-example gradients are meaningless. Measure with mode='eval' (running statistics)."
+            )
+
+
+def default_chunk_size(num_params: int, num_examples: int, max_memory_bytes: float, itemsize: int) -> int:
+    """Examples per chunk so that one chunk of per-example gradients fits in ``max_memory_bytes``."""
+    per = max(1, num_params * itemsize * 3)  # gradients + vmap intermediates, roughly
+    return int(max(1, min(num_examples, max_memory_bytes // per)))
+
+
+def _unsqueeze(batch: Any) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.unsqueeze(0)
+    if isinstance(batch, dict):
+        return {k: _unsqueeze(v) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_unsqueeze(v) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_unsqueeze(v) for v in batch)
+    return batch
+
+
+def per_example_gradient_chunks(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    *,
+    params: Sequence[Tensor] | None = None,
+    chunk_size: int | None = None,
+    max_memory_bytes: float = 512e6,
+    strategy: PerExampleStrategy = "auto",
+) -> Iterator[Tensor]:
+    """Yield ``(c, P)`` float tensors of per-example gradients, chunk by chunk, in example order.
+
+    Must run inside :func:`~lightning_curvature.core._state.preserved_model_state` (the callers do).
+
+    Raises:
+        ValueError: for a bad ``chunk_size``/``strategy`` or BatchNorm in train mode.
+    """
+    if strategy not in ("auto", "vmap", "loop"):
+        raise ValueError(f"`strategy` must be 'auto', 'vmap' or 'loop', got {strategy!r}.")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size!r}.")
+    check_per_example_safe(model)
+    named = select_parameters(model, params)
+    first = named[0][1]
+    device, dtype = first.device, compute_dtype_for(first.dtype)
+    num_params = sum(p.numel() for _, p in named)
+    wrapper = _LossModule(model, loss_fn)
+    pvals = tuple(p.detach().to(dtype) for _, p in named)
+    names = [f"model.{n}" for n, _ in named]
+
+    def loss_of(ps: tuple[Tensor, ...], example_batch: Any) -> Tensor:
+        out = functional_call(wrapper, dict(zip(names, ps)), (example_batch,), strict=False)
+        return out.reshape(()).to(dtype)
+
+    def one(ps: tuple[Tensor, ...], example: Any) -> tuple[Tensor, ...]:
+        return torch.func.grad(loss_of)(ps, _unsqueeze(example))
+
+    vmapped = torch.func.vmap(one, in_dims=(None, 0), randomness="different")
+    use_vmap = strategy in ("auto", "vmap")
+    for b in iter_batches(batch):
+        b = to_compute(b, device, dtype)
+        n = batch_size(b)
+        c = chunk_size or default_chunk_size(num_params, n, max_memory_bytes, torch.finfo(dtype).bits // 8)
+        for start in range(0, n, c):
+            sub = slice_batch(b, start, min(n, start + c))
+            grads = None
+            if use_vmap:
+                try:
+                    grads = vmapped(pvals, sub)
+                except Exception:
+                    if strategy == "vmap":
+                        raise
+                    use_vmap = False  # fall back to the micro-batch loop for the rest
+            if grads is not None:
+                yield torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1).detach()
+                continue
+            rows = []
+            for i in range(batch_size(sub)):
+                ps = tuple(p.detach().requires_grad_(True) for p in pvals)
+                loss = loss_of(ps, slice_batch(sub, i, i + 1))
+                gs = torch.autograd.grad(loss, ps, allow_unused=True)
+                rows.append(
+                    torch.cat(
+                        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, ps)]
+                    )
+                )
+            yield torch.stack(rows)
