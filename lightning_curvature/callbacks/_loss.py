@@ -1,0 +1,162 @@
+"""Which loss the curvature callbacks differentiate: ``loss_fn(model, batch) -> Tensor``.
+
+Resolution order (:func:`resolve_loss_fn`):
+
+1. an explicit ``loss_fn(pl_module, batch)`` given to the callback or scheduler;
+2. a method ``curvature_loss(self, batch) -> Tensor`` on the LightningModule (the recommended hook: a pure
+   function of the batch, no logging, no metric updates);
+3. ``training_step(batch, 0)`` re-run with ``self.log``/``self.log_dict`` turned into no-ops and the states of
+   torchmetrics metrics restored afterwards, taking ``out["loss"]`` when a dict is returned.
+
+Re-running ``training_step`` naively is wrong: each ``self.log`` call creates a second result that overwrites the
+real value in the loggers, the CSV and ``callback_metrics``, and metric objects accumulate the extra batches.
+
+The returned callable always calls the module it is *given* (never a captured one): the engine passes the
+LightningModule itself and swaps its parameters in with :func:`torch.func.functional_call`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+from torch import Tensor, nn
+
+__all__ = ["CURVATURE_LOSS_METHOD", "LossFn", "resolve_loss_fn", "suppressed_logging"]
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+#: Name of the optional LightningModule method ``curvature_loss(self, batch) -> Tensor`` (scalar mean loss).
+CURVATURE_LOSS_METHOD = "curvature_loss"
+
+_LOG_METHODS = ("log", "log_dict")
+_MISSING = object()
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@contextmanager
+def suppressed_logging(module: nn.Module) -> Iterator[None]:
+    """Turn ``module.log`` and ``module.log_dict`` into no-ops for the block (instance attributes, restored)."""
+    saved = {name: module.__dict__.get(name, _MISSING) for name in _LOG_METHODS}
+    try:
+        for name in _LOG_METHODS:
+            object.__setattr__(module, name, _noop)
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is _MISSING:
+                module.__dict__.pop(name, None)
+            else:
+                object.__setattr__(module, name, value)
+
+
+@contextmanager
+def preserved_metric_states(module: nn.Module) -> Iterator[None]:
+    """Restore the accumulated state of every torchmetrics ``Metric`` inside ``module`` on exit."""
+    try:
+        from torchmetrics import Metric
+    except ImportError:  # pragma: no cover - torchmetrics is a dependency
+        yield
+        return
+    metrics = [m for m in module.modules() if isinstance(m, Metric)]
+    saved = [
+        (
+            m,
+            m._copy_state_dict(),
+            {a: m.__dict__.get(a) for a in ("_update_count", "_computed", "_forward_cache")},
+        )
+        for m in metrics
+    ]
+    try:
+        yield
+    finally:
+        for m, states, extra in saved:
+            for attr, value in states.items():
+                setattr(m, attr, value)
+            for attr, extra_value in extra.items():
+                m.__dict__[attr] = extra_value
+
+
+def _extract_loss(out: Any) -> Tensor:
+    if isinstance(out, Mapping):
+        out = out.get("loss")
+    if not isinstance(out, Tensor):
+        raise MisconfigurationException(
+            "Re-running `training_step` for a curvature measurement returned "
+            f"{type(out).__name__}; expected a loss tensor or a dict with a 'loss' tensor. "
+            f"Define `{CURVATURE_LOSS_METHOD}(self, batch)` on the LightningModule or pass `loss_fn=`."
+        )
+    return out
+
+
+def _curvature_loss(model: nn.Module, batch: Any) -> Tensor:
+    return getattr(model, CURVATURE_LOSS_METHOD)(batch)
+
+
+def _training_step_loss(model: nn.Module, batch: Any) -> Tensor:
+    step: Callable[..., Any] = model.training_step  # type: ignore[assignment]
+    with suppressed_logging(model), preserved_metric_states(model):
+        if is_param_in_hook_signature(step, "batch_idx", min_args=2):
+            out = step(batch, 0)
+        else:
+            out = step(batch)
+    return _extract_loss(out)
+
+
+def resolve_loss_fn(pl_module: nn.Module, loss_fn: LossFn | None = None) -> LossFn:
+    """The ``loss_fn(model, batch) -> scalar Tensor`` a curvature measurement differentiates.
+
+    Args:
+        pl_module: the LightningModule (used to pick the fallback; the returned callable calls the module it
+            receives, which the engine passes with its parameters swapped in).
+        loss_fn: an explicit ``loss_fn(pl_module, batch)``; returned unchanged.
+
+    Returns:
+        ``loss_fn`` if given; else a callable using ``pl_module.curvature_loss(batch)`` if that method exists;
+        else one re-running ``training_step(batch, 0)`` with logging suppressed and metric states restored.
+
+    Raises:
+        MisconfigurationException: if ``loss_fn`` is not callable, or the module uses manual optimization
+            (its ``training_step`` steps optimizers) and defines no ``curvature_loss``.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning.pytorch import LightningModule
+        >>> class Net(LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lin = torch.nn.Linear(2, 1)
+        ...     def training_step(self, batch, batch_idx):
+        ...         self.log("train_loss", 1.0)  # suppressed during the re-run
+        ...         return {"loss": self.lin(batch).pow(2).mean()}
+        >>> net = Net()
+        >>> loss = resolve_loss_fn(net)(net, torch.ones(4, 2))
+        >>> loss.shape
+        torch.Size([])
+    """
+    if loss_fn is not None:
+        if not callable(loss_fn):
+            raise MisconfigurationException(
+                f"`loss_fn` must be callable as loss_fn(pl_module, batch), got {loss_fn!r}."
+            )
+        return loss_fn
+    if callable(getattr(pl_module, CURVATURE_LOSS_METHOD, None)):
+        return _curvature_loss
+    if not getattr(pl_module, "automatic_optimization", True):
+        raise MisconfigurationException(
+            f"{type(pl_module).__name__} uses manual optimization, so its `training_step` cannot be re-run for a "
+            f"curvature measurement. Define `{CURVATURE_LOSS_METHOD}(self, batch)` or pass `loss_fn=`."
+        )
+    if not callable(getattr(pl_module, "training_step", None)):
+        raise MisconfigurationException(
+            f"{type(pl_module).__name__} has no `training_step`; define `{CURVATURE_LOSS_METHOD}(self, batch)` "
+            "or pass `loss_fn=`."
+        )
+    return _training_step_loss
