@@ -1,8 +1,172 @@
-"""Work in progress (replaced in this session)."""
+r"""``GradientCovarianceMonitor``: spectrum and conditioning of the per-example gradient covariance.
 
-from lightning.pytorch.callbacks import Callback
+The callback decides when, on which batch and in which mode to measure, and what to log; the numerics are
+:func:`~lightning_curvature.core.gradient_covariance` (per-example gradients with ``torch.func.vmap``, the
+:math:`N \times N` Gram matrix, never the :math:`P \times P` covariance).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from torch import nn
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_curvature.callbacks._common import (
+    CurvatureMonitorBase,
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+    make_reduce_fn,
+    measured_parameters,
+)
+from lightning_curvature.callbacks._loss import LossFn
+from lightning_curvature.core import gradient_covariance
+from lightning_curvature.tensorboard import (
+    GRAD_COV_CONDITION_NUMBER,
+    GRAD_COV_EIG_1,
+    GRAD_COV_FROBENIUS_NORM,
+    GRAD_COV_NOISE_SCALE,
+    GRAD_COV_TRACE,
+    add_curvature_layout,
+    find_summary_writer,
+    grad_cov_eig_tag,
+)
+
+__all__ = ["GradientCovarianceMonitor", "has_batch_norm"]
 
 
-class GradientCovarianceMonitor(Callback):
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        raise NotImplementedError("GradientCovarianceMonitor is being written")
+def has_batch_norm(module: nn.Module) -> bool:
+    """Whether ``module`` contains a BatchNorm layer (any ``_BatchNorm``, e.g. ``SyncBatchNorm``)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+class GradientCovarianceMonitor(CurvatureMonitorBase):
+    r"""Log the top-k spectrum, trace, conditioning and noise scale of the gradient covariance.
+
+    .. math:: K = \frac{1}{N}\sum_{i=1}^N (g_i - \bar g)(g_i - \bar g)^\top
+
+    over the per-example gradients :math:`g_i` of the curvature batch (Jastrzebski et al. 2020, arXiv
+    2002.09572; noise scale :math:`\mathrm{tr}K/\|\bar g\|^2` of McCandlish et al. 2018, arXiv 1812.06162).
+
+    **When.** As :class:`~lightning_curvature.callbacks.HessianEigenvalueMonitor`: at step 0, then every
+    ``every_n_steps`` optimizer steps in ``on_train_batch_start`` (the parameters before that step's update),
+    optionally at epoch end, at ``LearningRateMonitor``'s step axis, through every logger at each measurement.
+
+    **What.** Logged tags: ``grad_cov/eig_{i}`` (i = 1..k, capped at ``N − 1``, largest first),
+    ``grad_cov/condition_number`` (:math:`\lambda_1/\lambda_k` over the computed top-k), ``grad_cov/trace``,
+    ``grad_cov/noise_scale``, and ``grad_cov/frobenius_norm`` (single process only: under DDP it needs
+    cross-process pairs and is not logged).
+
+    **Mode.** Per-example gradients do not exist for BatchNorm in train mode (its output mixes the examples of
+    the batch). ``mode="auto"`` (default) therefore measures in eval mode (running statistics, no dropout) when
+    the model has a BatchNorm layer, and in train mode otherwise (dropout active with an independent mask per
+    example). ``"train"``/``"eval"`` force a mode; ``"train"`` with BatchNorm fails. The model's flags, buffers
+    and RNG streams are restored after every measurement.
+
+    **Distributed.** Under DDP the examples of all processes form the batch; only rank 0 writes.
+
+    Args:
+        every_n_steps: measure every this many optimizer steps (and at step 0).
+        k: number of top eigenvalues.
+        batch: ``"fixed"``, ``"current"`` or a ``DataLoader`` (see the Hessian monitor).
+        num_examples: size of the fixed batch (all processes together); per process for a ``DataLoader``
+            (``None``: all of it).
+        loss_fn: ``loss_fn(pl_module, batch) -> scalar mean loss``; called on batches of one example.
+        mode: ``"auto"``, ``"train"`` or ``"eval"`` (see above).
+        chunk_size: examples per chunk of per-example gradients (default: as many as fit in
+            ``max_memory_bytes``).
+        max_memory_bytes: memory budget of one chunk of per-example gradients.
+        on_epoch_end: also measure after the last update of every training epoch.
+
+    Raises:
+        MisconfigurationException: for ``every_n_steps``, ``k`` or ``chunk_size`` below 1, ``num_examples``
+            below 2, a non-positive ``max_memory_bytes``, an unknown ``batch`` or ``mode``, a non-callable
+            ``loss_fn``; at setup, for a sharded strategy.
+
+    Example::
+
+        >>> monitor = GradientCovarianceMonitor(every_n_steps=50, k=10)
+        >>> monitor.k, monitor.mode
+        (10, 'auto')
+        >>> trainer = Trainer(callbacks=[monitor])  # doctest: +SKIP
+    """
+
+    _headline_key = GRAD_COV_EIG_1
+    _may_be_infinite = frozenset({GRAD_COV_CONDITION_NUMBER, GRAD_COV_NOISE_SCALE})
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        k: int = 10,
+        batch: Literal["fixed", "current"] | DataLoader = "fixed",
+        num_examples: int | None = 128,
+        loss_fn: LossFn | None = None,
+        mode: Literal["auto", "train", "eval"] = "auto",
+        chunk_size: int | None = None,
+        max_memory_bytes: float = 512e6,
+        on_epoch_end: bool = False,
+    ) -> None:
+        super().__init__(
+            every_n_steps=every_n_steps,
+            batch=batch,
+            num_examples=num_examples,
+            loss_fn=loss_fn,
+            on_epoch_end=on_epoch_end,
+            prog_bar=False,
+        )
+        if num_examples is not None:
+            check_positive_int("num_examples", num_examples, minimum=2)
+        self.k = check_positive_int("k", k)
+        self.mode = check_choice("mode", mode, ("auto", "train", "eval"))
+        self.chunk_size = None if chunk_size is None else check_positive_int("chunk_size", chunk_size)
+        self.max_memory_bytes = check_positive_float("max_memory_bytes", max_memory_bytes)
+
+    @override
+    def _identity(self) -> dict[str, Any]:
+        return {**super()._identity(), "k": self.k, "mode": self.mode}
+
+    @override
+    def _mode_for(self, pl_module: nn.Module) -> str:
+        if self.mode == "auto":
+            return "eval" if has_batch_norm(pl_module) else "train"
+        return self.mode
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        add_curvature_layout(find_summary_writer(trainer))
+
+    @override
+    def _failed_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        nan = math.nan
+        metrics = {grad_cov_eig_tag(i): nan for i in range(1, self.k + 1)}
+        metrics.update({GRAD_COV_CONDITION_NUMBER: nan, GRAD_COV_TRACE: nan, GRAD_COV_NOISE_SCALE: nan})
+        return metrics
+
+    @override
+    def _measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, batch: Any, step: int
+    ) -> dict[str, float]:
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        cov = gradient_covariance(
+            pl_module,
+            loss_fn,
+            batch,
+            k=self.k,
+            params=measured_parameters(pl_module, optimizer),
+            chunk_size=self.chunk_size,
+            max_memory_bytes=self.max_memory_bytes,
+            mode=self._mode_for(pl_module),  # type: ignore[arg-type]
+            reduce_fn=make_reduce_fn(trainer),
+        )
+        metrics = {grad_cov_eig_tag(i + 1): float(v) for i, v in enumerate(cov.eigenvalues)}
+        metrics[GRAD_COV_CONDITION_NUMBER] = cov.condition_number
+        metrics[GRAD_COV_TRACE] = cov.trace
+        metrics[GRAD_COV_NOISE_SCALE] = cov.noise_scale
+        if cov.frobenius_norm is not None:
+            metrics[GRAD_COV_FROBENIUS_NORM] = cov.frobenius_norm
+        return metrics

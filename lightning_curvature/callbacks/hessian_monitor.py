@@ -1,8 +1,357 @@
-"""Work in progress (replaced in this session)."""
+r"""``HessianEigenvalueMonitor``: sharpness, top-k Hessian spectrum and stability threshold during training.
 
-from lightning.pytorch.callbacks import Callback
+The callback decides when (``every_n_steps``, optionally at epoch end), on which batch and in which mode to
+measure, and what to log; the numerics are :func:`~lightning_curvature.core.hessian_eigenvalues` (Lanczos,
+warm-started from the previous eigenvectors), :func:`~lightning_curvature.core.hessian_trace`,
+:func:`~lightning_curvature.core.hessian_spectral_density` and
+:func:`~lightning_curvature.core.top_subspace_overlap`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_curvature.callbacks._common import (
+    CurvatureMonitorBase,
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+    make_reduce_fn,
+    measured_parameters,
+)
+from lightning_curvature.callbacks._loss import LossFn
+from lightning_curvature.core import (
+    HessianOperator,
+    LanczosResult,
+    NonFiniteCurvatureError,
+    adaptive_preconditioner,
+    hutchpp_trace,
+    is_adaptive,
+    lanczos,
+    slq_density,
+    stability_threshold,
+    top_subspace_overlap,
+    warm_start_vector,
+)
+from lightning_curvature.tensorboard import (
+    EDGE_RATIO,
+    HESSIAN_TRACE,
+    SHARPNESS,
+    STABILITY_THRESHOLD,
+    SUBSPACE_OVERLAP,
+    add_curvature_layout,
+    eig_tag,
+    find_summary_writer,
+    log_density_figure,
+    log_spectrum_histogram,
+)
+
+__all__ = ["DENSITY_FIGURE", "HESSIAN_TRACE_STD_ERROR", "NUM_HVP", "SPECTRUM_HISTOGRAM", "HessianEigenvalueMonitor"]
+
+NUM_HVP = "curvature/num_hvp"
+HESSIAN_TRACE_STD_ERROR = "curvature/trace_std_error"
+SPECTRUM_HISTOGRAM = "curvature/spectrum"
+DENSITY_FIGURE = "curvature/density"
 
 
-class HessianEigenvalueMonitor(Callback):
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        raise NotImplementedError("HessianEigenvalueMonitor is being written")
+class HessianEigenvalueMonitor(CurvatureMonitorBase):
+    r"""Log the sharpness :math:`\lambda_{\max}(H)`, the top-k Hessian eigenvalues and the stability threshold.
+
+    **When.** At step 0 (before the first update), then every ``every_n_steps`` optimizer steps, in
+    ``on_train_batch_start``: the value at step ``t`` is the curvature at the parameters the ``t``-th update starts
+    from, logged at the step axis of ``LearningRateMonitor`` and of the training loss. With ``on_epoch_end=True``
+    also after the last update of every epoch. Values are written through every logger's ``log_metrics`` at each
+    measurement, independently of ``log_every_n_steps``; ``curvature/sharpness`` is also shown in the progress
+    bar (and available in ``trainer.callback_metrics``).
+
+    **How.** One :class:`~lightning_curvature.core.HessianOperator` per measurement serves Lanczos
+    (:func:`~lightning_curvature.core.lanczos`, started from :func:`~lightning_curvature.core.warm_start_vector`
+    of the previous eigenvectors), Hutch++ (:func:`~lightning_curvature.core.hutchpp_trace`), stochastic Lanczos
+    quadrature (:func:`~lightning_curvature.core.slq_density`) and the mean gradient, so the gradient graph is
+    built once.
+
+    **What.** Logged tags: ``curvature/sharpness``, ``curvature/eig_{i}`` (i = 1..k, largest first),
+    ``curvature/stability_threshold`` (of ``trainer.optimizers[0]`` at the learning rate of its first parameter
+    group: ``2/lr`` for SGD, ``(2+2β)/lr`` with momentum β, ``(2+2β₁)/((1−β₁)lr)`` for Adam/AdamW, ``(2+2β)/lr``
+    for RMSprop), ``curvature/edge_ratio`` (sharpness / threshold; 1 is the edge of stability),
+    ``curvature/num_hvp`` (Hessian-vector products of the measurement), optionally ``curvature/trace`` and
+    ``curvature/trace_std_error``, ``curvature/subspace_overlap``; on TensorBoard also the spectrum as a histogram
+    (``curvature/spectrum``), the spectral density as a figure (``curvature/density``, with the threshold marked)
+    and, once at the start of training, a custom-scalars layout putting sharpness and threshold on one chart.
+
+    **Adaptive optimizers.** For Adam, AdamW and RMSprop the sharpness and eigenvalues are those of the
+    *preconditioned* Hessian :math:`P^{-1/2} H P^{-1/2}`, with :math:`P` read from the optimizer state
+    (:func:`~lightning_curvature.core.adaptive_preconditioner`), which is what their threshold applies to (Cohen et
+    al. 2022, arXiv 2207.14484). Before the optimizer's first step there is no :math:`P`: the plain Hessian is
+    logged then, without ``edge_ratio``, and schedulers are not fed. Trace and density are always those of the
+    plain Hessian; the subspace overlap is computed in the preconditioned coordinates (gradient
+    :math:`P^{-1/2} g`).
+
+    **Parameters measured.** Those of ``trainer.optimizers[0]`` that require grad (all trainable parameters
+    without an optimizer).
+
+    **Batch, BatchNorm and dropout.** See :mod:`lightning_curvature.callbacks._batch_source` for ``batch``. With
+    ``mode="train"`` (default) the model keeps its flags: BatchNorm normalises with the curvature batch's own
+    statistics and its running statistics are restored afterwards; dropout is active with one fixed mask per
+    measurement (seeded, so every Hessian-vector product sees the same function). ``mode="eval"`` measures the
+    eval-mode network (running statistics, no dropout). Nothing the training run depends on changes: RNG
+    streams, buffers, ``.grad``, train/eval flags and optimizer state are left exactly as they were.
+
+    **Loss.** ``loss_fn(pl_module, batch)`` if given, else ``pl_module.curvature_loss(batch)`` if defined, else
+    ``training_step(batch, 0)`` re-run with logging suppressed (see
+    :func:`~lightning_curvature.callbacks._loss.resolve_loss_fn`). Curvature is computed in float32 under mixed
+    precision (autocast is not active in callbacks; half-precision parameters are upcast).
+
+    **Distributed.** Under DDP every Hessian-vector product is all-reduced, so the estimate is that of the
+    global curvature batch and all processes compute the same eigenvalues; only rank 0 writes. Sharded
+    strategies (FSDP, DeepSpeed) raise at setup.
+
+    **Schedulers.** After each finite measurement, every ``trainer.lr_scheduler_configs[i].scheduler`` with a
+    method ``observe_sharpness(sharpness: float, step: int)`` receives it; at fit start, schedulers with
+    ``attach_monitor(monitor)`` receive this callback.
+
+    **Failures.** A NaN or infinite measurement is logged as NaN/inf with a warning and never stops training.
+
+    Args:
+        every_n_steps: measure every this many optimizer steps (and at step 0).
+        k: number of top eigenvalues.
+        tol: relative tolerance of each eigenvalue (Lanczos stopping rule).
+        max_iter: maximum Hessian-vector products of the eigenvalue solve.
+        batch: ``"fixed"`` (a batch drawn once from the training data), ``"current"`` (the training batch) or a
+            ``DataLoader``.
+        num_examples: size of the fixed curvature batch (all processes together); for a ``DataLoader``, the most
+            examples taken from it per process (``None``: all).
+        loss_fn: ``loss_fn(pl_module, batch) -> scalar mean loss``.
+        mode: ``"train"`` or ``"eval"`` (see above).
+        compute_trace: also log the Hessian trace (Hutch++) and its standard error.
+        trace_samples: Hessian-vector products spent on the trace.
+        compute_density: also log the spectral density (stochastic Lanczos quadrature) as a figure.
+        density_num_probes: SLQ probe vectors.
+        density_num_iters: Lanczos steps per SLQ probe.
+        compute_overlap: also log the share of the mean gradient in the top-k eigenspace.
+        warm_start: start Lanczos from the previous eigenvectors (kept in memory, not in checkpoints).
+        on_epoch_end: also measure after the last update of every training epoch.
+        log_histogram: write the top-k spectrum as a TensorBoard histogram.
+        prog_bar: show ``curvature/sharpness`` in the progress bar.
+        reuse_graph: keep the gradient graph of every physical batch of the curvature batch for the whole
+            measurement (fastest: each Hessian-vector product is one double-backward pass per batch; memory as for
+            one batch of ``num_examples``); ``False`` rebuilds it per product (memory of one physical batch, about
+            twice the compute).
+
+    Raises:
+        MisconfigurationException: for ``every_n_steps``, ``k``, ``max_iter`` below 1, ``trace_samples`` below 3,
+            ``density_num_probes`` or ``density_num_iters`` below 1, a non-positive ``tol``, an unknown ``batch``
+            or ``mode``, a bad ``num_examples``, a non-callable ``loss_fn``; at setup, for a sharded strategy or a
+            module with manual optimization and no ``curvature_loss``.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> monitor = HessianEigenvalueMonitor(every_n_steps=50, k=5)
+        >>> monitor.every_n_steps, monitor.k
+        (50, 5)
+        >>> trainer = Trainer(callbacks=[monitor], max_steps=200)  # doctest: +SKIP
+        >>> trainer.fit(model)  # doctest: +SKIP
+        >>> monitor.last_sharpness, monitor.last_threshold  # doctest: +SKIP
+    """
+
+    _prog_bar_key = SHARPNESS
+    _headline_key = SHARPNESS
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        k: int = 5,
+        tol: float = 1e-3,
+        max_iter: int = 100,
+        batch: Literal["fixed", "current"] | DataLoader = "fixed",
+        num_examples: int | None = 256,
+        loss_fn: LossFn | None = None,
+        mode: Literal["train", "eval"] = "train",
+        compute_trace: bool = False,
+        trace_samples: int = 30,
+        compute_density: bool = False,
+        density_num_probes: int = 2,
+        density_num_iters: int = 60,
+        compute_overlap: bool = False,
+        warm_start: bool = True,
+        on_epoch_end: bool = False,
+        log_histogram: bool = True,
+        prog_bar: bool = True,
+        reuse_graph: bool = True,
+    ) -> None:
+        super().__init__(
+            every_n_steps=every_n_steps,
+            batch=batch,
+            num_examples=num_examples,
+            loss_fn=loss_fn,
+            on_epoch_end=on_epoch_end,
+            prog_bar=prog_bar,
+        )
+        self.k = check_positive_int("k", k)
+        self.tol = check_positive_float("tol", tol)
+        self.max_iter = check_positive_int("max_iter", max_iter)
+        self.mode: Literal["train", "eval"] = check_choice("mode", mode, ("train", "eval"))  # type: ignore[assignment]
+        self.compute_trace = bool(compute_trace)
+        self.trace_samples = check_positive_int("trace_samples", trace_samples, minimum=3)
+        self.compute_density = bool(compute_density)
+        self.density_num_probes = check_positive_int("density_num_probes", density_num_probes)
+        self.density_num_iters = check_positive_int("density_num_iters", density_num_iters)
+        self.compute_overlap = bool(compute_overlap)
+        self.warm_start = bool(warm_start)
+        self.log_histogram = bool(log_histogram)
+        self.reuse_graph = bool(reuse_graph)
+        self._eigenvectors: Tensor | None = None  # previous eigenvectors (warm start); never checkpointed
+        self._warned: set[str] = set()
+        self._feedable = False  # the latest measurement may be passed to schedulers
+
+    # -- public view of the latest measurement --------------------------------------------------------------------
+    @property
+    def last_sharpness(self) -> float | None:
+        """Sharpness of the latest measurement (NaN if it failed; ``None`` before the first)."""
+        return self.last_metrics.get(SHARPNESS)
+
+    @property
+    def last_threshold(self) -> float | None:
+        """Stability threshold at the latest measurement (``None`` if unknown)."""
+        return self.last_metrics.get(STABILITY_THRESHOLD)
+
+    @override
+    def _identity(self) -> dict[str, Any]:
+        return {**super()._identity(), "k": self.k, "mode": self.mode}
+
+    # -- hooks ----------------------------------------------------------------------------------------------------
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for config in trainer.lr_scheduler_configs:
+            attach = getattr(config.scheduler, "attach_monitor", None)
+            if callable(attach):
+                attach(self)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        add_curvature_layout(find_summary_writer(trainer), k=self.k)
+
+    # -- measurement ----------------------------------------------------------------------------------------------
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+    def _threshold(self, optimizer: torch.optim.Optimizer | None) -> float | None:
+        if optimizer is None:
+            return None
+        try:
+            return stability_threshold(optimizer)
+        except (TypeError, ValueError) as exc:
+            self._warn_once("threshold", f"{type(self).__name__}: no stability threshold is logged ({exc}).")
+            return None
+
+    @override
+    def _failed_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        nan = math.nan
+        metrics = {SHARPNESS: nan, **{eig_tag(i): nan for i in range(1, self.k + 1)}}
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        threshold = self._threshold(optimizer)
+        if threshold is not None:
+            metrics[STABILITY_THRESHOLD] = threshold
+            metrics[EDGE_RATIO] = nan
+        self._eigenvectors = None
+        self._feedable = False
+        return metrics
+
+    @override
+    def _measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, batch: Any, step: int
+    ) -> dict[str, float]:
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        params = measured_parameters(pl_module, optimizer)
+        adaptive = optimizer is not None and is_adaptive(optimizer)
+        precond = adaptive_preconditioner(optimizer, params) if adaptive else None  # type: ignore[arg-type]
+        if precond is not None and not bool((torch.isfinite(precond) & (precond > 0)).all()):
+            raise NonFiniteCurvatureError("The optimizer's preconditioner is not finite and positive.")
+        self._feedable = (not adaptive) or precond is not None
+        threshold = self._threshold(optimizer)
+        with HessianOperator(
+            pl_module, loss_fn, batch, params=params, mode=self.mode, reduce_fn=make_reduce_fn(trainer),
+            reuse_graph=self.reuse_graph,
+        ) as H:  # fmt: skip
+            res = self._eigenpairs(H, precond)
+            metrics: dict[str, float] = {SHARPNESS: float(res.eigenvalues[0])}
+            metrics.update({eig_tag(i + 1): float(v) for i, v in enumerate(res.eigenvalues)})
+            if threshold is not None:
+                metrics[STABILITY_THRESHOLD] = threshold
+                if self._feedable:
+                    metrics[EDGE_RATIO] = metrics[SHARPNESS] / threshold
+            if self.compute_trace:
+                tr = hutchpp_trace(H.matvec, H.dim, self.trace_samples, dtype=H.dtype, device=H.device)
+                metrics[HESSIAN_TRACE] = tr.estimate
+                metrics[HESSIAN_TRACE_STD_ERROR] = tr.std_error
+            if self.compute_overlap and res.eigenvectors is not None:
+                metrics[SUBSPACE_OVERLAP] = _overlap(H.gradient(), res.eigenvectors, precond)
+            density = None
+            if self.compute_density:
+                density = slq_density(
+                    H.matvec, H.dim, num_probes=self.density_num_probes, num_iters=self.density_num_iters,
+                    dtype=H.dtype, device=H.device,
+                )  # fmt: skip
+            metrics[NUM_HVP] = float(H.num_hvp)
+        writer = find_summary_writer(trainer)
+        if density is not None:
+            markers = {"stability threshold": threshold} if threshold is not None and not adaptive else None
+            log_density_figure(writer, DENSITY_FIGURE, density.grid, density.density, step, markers=markers)  # type: ignore[arg-type]
+        if self.log_histogram:
+            log_spectrum_histogram(writer, SPECTRUM_HISTOGRAM, res.eigenvalues, step)
+        return metrics
+
+    def _eigenpairs(self, H: HessianOperator, precond: Tensor | None) -> LanczosResult:
+        """Top-k eigenpairs of ``H`` (or of ``P^{-1/2} H P^{-1/2}``), warm-started from the previous ones."""
+        matvec = H.matvec
+        if precond is not None:
+            d = precond.reshape(-1).to(device=H.device, dtype=H.dtype).rsqrt()
+
+            def matvec(v: Tensor) -> Tensor:
+                return d * H.matvec(d * v)
+
+        k = min(self.k, H.dim)
+        if k < self.k:
+            self._warn_once("k", f"{type(self).__name__}: k={self.k} exceeds the {H.dim} parameters; using k={k}.")
+        prev = self._eigenvectors
+        v0 = warm_start_vector(prev) if self.warm_start and prev is not None and prev.shape[-1] == H.dim else None
+        res = lanczos(
+            matvec, H.dim, k=k, tol=self.tol, max_iter=max(self.max_iter, k), v0=v0,
+            return_eigenvectors=self.warm_start or self.compute_overlap, dtype=H.dtype, device=H.device,
+        )  # fmt: skip
+        self._eigenvectors = res.eigenvectors if self.warm_start else None
+        return res
+
+    @override
+    def _after_measurement(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float], step: int, ok: bool
+    ) -> None:
+        if not ok or not self._feedable:
+            return
+        sharpness = metrics[SHARPNESS]
+        for config in trainer.lr_scheduler_configs:
+            observe = getattr(config.scheduler, "observe_sharpness", None)
+            if callable(observe):
+                observe(sharpness, step)
+
+
+def _overlap(gradient: Tensor, eigenvectors: Tensor, precond: Tensor | None) -> float:
+    """Share of the gradient in the eigenvectors' span, in the preconditioned coordinates if ``precond``."""
+    if precond is not None:
+        gradient = gradient * precond.to(device=gradient.device, dtype=gradient.dtype).rsqrt()
+    try:
+        return top_subspace_overlap(gradient, eigenvectors)
+    except ValueError:  # zero gradient: the overlap is undefined
+        return math.nan
