@@ -107,7 +107,8 @@ def gradient_covariance(
         :class:`CovarianceResult`.
 
     Raises:
-        ValueError: for ``k < 1``, fewer than 2 examples, or BatchNorm in train mode.
+        ValueError: for ``k < 1``, a bad ``chunk_size``/``strategy``/``max_memory_bytes``, fewer than 2 examples,
+            or BatchNorm in train mode.
         NonFiniteCurvatureError: if a per-example gradient is NaN or infinite.
 
     Example::
@@ -123,6 +124,12 @@ def gradient_covariance(
     """
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"`k` must be a positive integer, got {k!r}.")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size!r}.")
+    if strategy not in ("auto", "vmap", "loop"):
+        raise ValueError(f"`strategy` must be 'auto', 'vmap' or 'loop', got {strategy!r}.")
+    if not max_memory_bytes > 0:
+        raise ValueError(f"`max_memory_bytes` must be > 0, got {max_memory_bytes!r}.")
     n_local = sum(batch_size(b) for b in iter_batches(batch))
     kwargs = dict(params=params, chunk_size=chunk_size, max_memory_bytes=max_memory_bytes, strategy=strategy)
     with (
@@ -146,9 +153,7 @@ def _chunks_of(batch: Any, size: int) -> list[Any]:
     return out
 
 
-def _gram(
-    model: nn.Module, loss_fn: LossFn, batch: Any, k: int, n: int, kwargs: dict[str, Any]
-) -> CovarianceResult:
+def _gram(model: nn.Module, loss_fn: LossFn, batch: Any, k: int, n: int, kwargs: dict[str, Any]) -> CovarianceResult:
     named = select_parameters(model, kwargs["params"])
     num_params = sum(p.numel() for _, p in named)
     itemsize = 8 if named[0][1].dtype == torch.float64 else 4
@@ -157,11 +162,7 @@ def _gram(
 
     def grads_of(piece: Any) -> Tensor:
         g = torch.cat(
-            list(
-                per_example_gradient_chunks(
-                    model, loss_fn, MultiBatch([piece]), **{**kwargs, "chunk_size": c}
-                )
-            )
+            list(per_example_gradient_chunks(model, loss_fn, MultiBatch([piece]), **{**kwargs, "chunk_size": c}))
         )
         if not bool(torch.isfinite(g).all()):
             raise NonFiniteCurvatureError("A per-example gradient is NaN or infinite.")
@@ -212,9 +213,7 @@ def _distributed(
     G = torch.cat(list(per_example_gradient_chunks(model, loss_fn, batch, **kwargs)))
     if not bool(torch.isfinite(G).all()):
         raise NonFiniteCurvatureError("A per-example gradient is NaN or infinite.")
-    stats = torch.cat(
-        [torch.tensor([float(n_local), float((G * G).sum())], device=G.device, dtype=G.dtype), G.sum(0)]
-    )
+    stats = torch.cat([torch.tensor([float(n_local), float((G * G).sum())], device=G.device, dtype=G.dtype), G.sum(0)])
     stats = reduce_fn(stats)
     n = round(float(stats[0]))
     if n < 2:
@@ -227,7 +226,5 @@ def _distributed(
         return reduce_fn(G.T @ (G @ v)) / n - gbar * torch.dot(gbar, v)
 
     kk = min(k, n - 1, G.shape[1])
-    res = lanczos(
-        matvec, G.shape[1], k=kk, tol=tol, max_iter=max(3 * kk + 20, 50), dtype=G.dtype, device=G.device
-    )
+    res = lanczos(matvec, G.shape[1], k=kk, tol=tol, max_iter=max(3 * kk + 20, 50), dtype=G.dtype, device=G.device)
     return _result(res.eigenvalues.clamp_min(0.0), trace, None, mean_norm_sq, n)

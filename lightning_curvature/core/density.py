@@ -56,9 +56,7 @@ class DensityResult:
 
 def _smooth(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float) -> Tensor:
     d = (grid[:, None, None] - nodes[None]) / sigma
-    return (weights[None] * torch.exp(-0.5 * d**2)).sum((1, 2)) / (
-        nodes.shape[0] * sigma * math.sqrt(2 * math.pi)
-    )
+    return (weights[None] * torch.exp(-0.5 * d**2)).sum((1, 2)) / (nodes.shape[0] * sigma * math.sqrt(2 * math.pi))
 
 
 def slq_density(
@@ -124,9 +122,7 @@ def slq_density(
         all_nodes.append(theta)
         all_weights.append(S[0] ** 2)
     m = max(t.numel() for t in all_nodes)
-    nodes = torch.stack(
-        [torch.nn.functional.pad(t, (0, m - t.numel()), value=float(t[-1])) for t in all_nodes]
-    )
+    nodes = torch.stack([torch.nn.functional.pad(t, (0, m - t.numel()), value=float(t[-1])) for t in all_nodes])
     weights = torch.stack([torch.nn.functional.pad(w, (0, m - w.numel())) for w in all_weights])
     lo, hi = float(nodes.min()), float(nodes.max())
     span = max(hi - lo, 1e-12 * max(1.0, abs(hi)))

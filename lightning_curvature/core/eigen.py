@@ -39,6 +39,8 @@ class EigenResult:
         num_hvp: Hessian-vector products used.
         converged: every eigenvalue met the tolerance within ``max_iter`` products.
         preconditioned: the spectrum is that of ``P^{-1/2} H P^{-1/2}``.
+        warm_start: ``(k + 1, P)`` Ritz vectors for the next measurement (``return_warm_start=True``); pass them as
+            ``v0``.
     """
 
     eigenvalues: Tensor
@@ -48,6 +50,7 @@ class EigenResult:
     num_hvp: int
     converged: bool
     preconditioned: bool = False
+    warm_start: Tensor | None = None
 
     @property
     def sharpness(self) -> float:
@@ -55,7 +58,7 @@ class EigenResult:
         return float(self.eigenvalues[0])
 
 
-def warm_start_vector(eigenvectors: Tensor, seed: int = 0, noise: float = 0.1) -> Tensor:
+def warm_start_vector(eigenvectors: Tensor, seed: int = 0, noise: float = 0.01) -> Tensor:
     """Start vector for a re-measurement: the sum of previous eigenvectors plus a little seeded noise.
 
     The Krylov space of this vector contains every previous eigenvector, so slowly moving eigenpairs are found
@@ -85,6 +88,7 @@ def hessian_eigenvalues(
     *,
     which: Which = "largest",
     return_eigenvectors: bool = False,
+    return_warm_start: bool = False,
     v0: Tensor | None = None,
     abs_tol: float = 1e-6,
     algorithm: Literal["lanczos", "power"] = "lanczos",
@@ -105,8 +109,10 @@ def hessian_eigenvalues(
         tol: relative tolerance on each eigenvalue (certified bound ``≤ tol · max(|λ|, abs_tol)``).
         max_iter: maximum number of Hessian-vector products.
         which: ``"largest"`` or ``"smallest"`` (the most negative).
-        return_eigenvectors: keep the ``(k, P)`` eigenvectors (for warm starts, subspace overlap, deflation).
-        v0: start vector (flat, length P), e.g. :func:`warm_start_vector` of the previous eigenvectors.
+        return_eigenvectors: keep the ``(k, P)`` eigenvectors (for subspace overlap, deflation).
+        return_warm_start: keep the top ``k + 1`` Ritz vectors to warm-start the next measurement
+            (``result.warm_start``); a re-measurement after a few training steps then needs far fewer products.
+        v0: start vector (flat, length P), or a ``(m, P)`` block such as the previous ``result.warm_start``.
         abs_tol: absolute floor of the tolerance scale (spectra can be ~0 at initialisation).
         algorithm: ``"lanczos"`` or ``"power"`` (power iteration, ``k=1`` only, largest magnitude).
         preconditioner: flat positive diagonal ``P``; the spectrum of :math:`P^{-1/2}HP^{-1/2}` is returned.
@@ -150,8 +156,8 @@ def hessian_eigenvalues(
             def matvec(v: Tensor) -> Tensor:
                 return d * H.matvec(d * v)
 
-        if v0 is not None and v0.numel() != H.dim:
-            raise ValueError(f"`v0` has {v0.numel()} entries, expected {H.dim}.")
+        if v0 is not None and v0.shape[-1] != H.dim:
+            raise ValueError(f"`v0` has shape {tuple(v0.shape)}, expected vectors of {H.dim} entries.")
         if k > H.dim:
             raise ValueError(f"`k`={k} exceeds the number of parameters {H.dim}.")
         if algorithm == "power":
@@ -169,6 +175,7 @@ def hessian_eigenvalues(
                 max_iter=max_iter,
                 v0=v0,
                 return_eigenvectors=return_eigenvectors,
+                return_warm_start=return_warm_start,
                 seed=seed,
                 dtype=H.dtype,
                 device=H.device,
@@ -181,6 +188,7 @@ def hessian_eigenvalues(
             num_hvp=H.num_hvp,
             converged=res.converged,
             preconditioned=preconditioner is not None,
+            warm_start=res.warm_start,
         )
 
 

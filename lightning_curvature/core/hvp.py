@@ -75,9 +75,7 @@ def select_parameters(model: nn.Module, params: Sequence[Tensor] | None = None) 
         )
     for n, p in chosen:
         if not p.is_floating_point():
-            raise TypeError(
-                f"Parameter {n!r} has dtype {p.dtype}; curvature needs floating-point parameters."
-            )
+            raise TypeError(f"Parameter {n!r} has dtype {p.dtype}; curvature needs floating-point parameters.")
     return chosen
 
 
@@ -277,9 +275,7 @@ class HessianOperator:
                     params, grads = self._grad_with_graph(b)
                     retain = False
                 hv_parts = torch.autograd.grad(grads, params, vs, retain_graph=retain, allow_unused=True)
-                hv = self.flatten(
-                    [h if h is not None else torch.zeros_like(p) for h, p in zip(hv_parts, params)]
-                )
+                hv = self.flatten([h if h is not None else torch.zeros_like(p) for h, p in zip(hv_parts, params)])
             out.add_(hv.detach(), alpha=float(n))
         self.num_hvp += 1
         return self._finish(out, "Hessian-vector product")

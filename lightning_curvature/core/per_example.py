@@ -118,8 +118,6 @@ def per_example_gradient_chunks(
                 loss = loss_of(ps, slice_batch(sub, i, i + 1))
                 gs = torch.autograd.grad(loss, ps, allow_unused=True)
                 rows.append(
-                    torch.cat(
-                        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, ps)]
-                    )
+                    torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, ps)])
                 )
             yield torch.stack(rows)

@@ -48,9 +48,7 @@ def adaptive_preconditioner(
         ValueError: for a parameter the optimizer does not manage, or a bad ``momentum_bias_step``.
     """
     if momentum_bias_step not in ("current", "next", "none"):
-        raise ValueError(
-            f"`momentum_bias_step` must be 'current', 'next' or 'none', got {momentum_bias_step!r}."
-        )
+        raise ValueError(f"`momentum_bias_step` must be 'current', 'next' or 'none', got {momentum_bias_step!r}.")
     is_adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
     if not (is_adam or isinstance(optimizer, torch.optim.RMSprop)):
         raise TypeError(f"Expected Adam, AdamW or RMSprop, got {type(optimizer).__name__}.")
@@ -72,9 +70,7 @@ def adaptive_preconditioner(
             if group.get("amsgrad", False) and "max_exp_avg_sq" in state:
                 v = state["max_exp_avg_sq"].to(dtype)
             denom = (v / (1.0 - beta2**t)).sqrt() + eps
-            factor = {"current": 1.0 - beta1**t, "next": 1.0 - beta1 ** (t + 1), "none": 1.0}[
-                momentum_bias_step
-            ]
+            factor = {"current": 1.0 - beta1**t, "next": 1.0 - beta1 ** (t + 1), "none": 1.0}[momentum_bias_step]
             parts.append((denom * factor).reshape(-1))
         else:
             if "square_avg" not in state:

@@ -46,9 +46,7 @@ def _check_beta(name: str, beta: float) -> float:
     return beta
 
 
-def sgd_stability_threshold(
-    lr: float, momentum: float = 0.0, nesterov: bool = False, dampening: float = 0.0
-) -> float:
+def sgd_stability_threshold(lr: float, momentum: float = 0.0, nesterov: bool = False, dampening: float = 0.0) -> float:
     """Largest stable sharpness of SGD with learning rate ``lr``.
 
     Raises:

@@ -61,9 +61,7 @@ def _mean_and_se(samples: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / m)
 
 
-def _infer(
-    A: Operator, dim: int | None, dtype: torch.dtype | None, device: Any
-) -> tuple[int, torch.dtype, Any]:
+def _infer(A: Operator, dim: int | None, dtype: torch.dtype | None, device: Any) -> tuple[int, torch.dtype, Any]:
     if isinstance(A, Tensor):
         return A.shape[0], A.dtype, A.device
     if dim is None:

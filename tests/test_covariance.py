@@ -1,0 +1,120 @@
+"""Gradient covariance against a per-example autograd loop and closed forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _reference import ce_loss, digits, mlp, per_example_grads
+from torch import nn
+
+from lightning_curvature import MultiBatch, NonFiniteCurvatureError, gradient_covariance
+
+
+def _reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    G = per_example_grads(model, ce_loss, x, y)
+    gbar = G.mean(0)
+    K = (G - gbar).T @ (G - gbar) / G.shape[0]
+    evals = torch.linalg.eigvalsh(K).flip(0)
+    return {"evals": evals, "trace": K.trace().item(), "frob": torch.linalg.matrix_norm(K).item(), "gbar": gbar}
+
+
+SETTINGS = [
+    {"id": "vmap-one-chunk", "strategy": "vmap", "chunk_size": None},
+    {"id": "vmap-chunks-of-7", "strategy": "vmap", "chunk_size": 7},
+    {"id": "loop-chunks-of-16", "strategy": "loop", "chunk_size": 16},
+]
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s["id"])
+def test_matches_per_example_loop(setting: dict) -> None:
+    model = mlp(hidden=10)
+    x, y = digits(40)
+    ref = _reference(model, x, y)
+    cov = gradient_covariance(
+        model, ce_loss, (x, y), k=6, strategy=setting["strategy"], chunk_size=setting["chunk_size"]
+    )
+    torch.testing.assert_close(cov.eigenvalues, ref["evals"][:6], rtol=1e-9, atol=1e-12)
+    assert cov.trace == pytest.approx(ref["trace"], rel=1e-10)
+    assert cov.frobenius_norm == pytest.approx(ref["frob"], rel=1e-10)
+    assert cov.condition_number == pytest.approx((ref["evals"][0] / ref["evals"][5]).item(), rel=1e-8)
+    assert cov.noise_scale == pytest.approx(ref["trace"] / ref["gbar"].dot(ref["gbar"]).item(), rel=1e-10)
+    assert cov.num_examples == 40
+
+
+def test_multibatch_and_distributed_path_agree() -> None:
+    model = mlp(hidden=10)
+    x, y = digits(30)
+    ref = _reference(model, x, y)
+    split = gradient_covariance(model, ce_loss, MultiBatch([(x[:11], y[:11]), (x[11:], y[11:])]), k=4)
+    torch.testing.assert_close(split.eigenvalues, ref["evals"][:4], rtol=1e-9, atol=1e-12)
+    # the distributed path (parameter-space Lanczos on reduced products) with an identity "all-reduce"
+    dist = gradient_covariance(model, ce_loss, (x, y), k=4, reduce_fn=lambda t: t, tol=1e-8)
+    torch.testing.assert_close(dist.eigenvalues, ref["evals"][:4], rtol=1e-6, atol=1e-10)
+    assert dist.trace == pytest.approx(ref["trace"], rel=1e-9)
+    assert dist.frobenius_norm is None
+
+
+def test_k_capped_at_rank() -> None:
+    model = mlp(hidden=4)
+    x, y = digits(5)
+    cov = gradient_covariance(model, ce_loss, (x, y), k=50)
+    assert cov.eigenvalues.numel() == 4  # rank of K is at most N - 1
+
+
+def test_closed_form_linear_regression() -> None:
+    """Loss ½(wᵀx − t)² at w=0: g_i = −t_i x_i, so K is the covariance of −t_i x_i."""
+    torch.manual_seed(0)
+    x = torch.randn(25, 3, dtype=torch.float64)
+    t = torch.randn(25, 1, dtype=torch.float64)
+    lin = nn.Linear(3, 1, bias=False).double()
+    nn.init.zeros_(lin.weight)
+    cov = gradient_covariance(lin, lambda m, b: 0.5 * ((m(b[0]) - b[1]) ** 2).mean(), (x, t), k=3)
+    g = -t * x
+    K = torch.cov(g.T, correction=0)
+    torch.testing.assert_close(cov.eigenvalues, torch.linalg.eigvalsh(K).flip(0), rtol=1e-10, atol=1e-12)
+
+
+def test_batchnorm_in_train_mode_is_rejected_and_eval_works() -> None:
+    model = nn.Sequential(nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(8, 10)).double().train()
+    x, y = digits(16)
+    with pytest.raises(ValueError, match="BatchNorm.*mode='eval'"):
+        gradient_covariance(model, ce_loss, (x, y))
+    before = [b.clone() for b in model.buffers()]
+    cov = gradient_covariance(model, ce_loss, (x, y), mode="eval")
+    assert cov.trace > 0 and model.training and model[1].training
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+
+
+def test_vmap_failure_falls_back_to_loop() -> None:
+    class ItemModel(nn.Module):  # .item() breaks vmap
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(64, 10).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) * (1.0 if x.sum().item() > -1e9 else 0.0)
+
+    model = ItemModel()
+    x, y = digits(12)
+    ref = _reference(model, x, y)
+    cov = gradient_covariance(model, ce_loss, (x, y), k=3)
+    torch.testing.assert_close(cov.eigenvalues, ref["evals"][:3], rtol=1e-9, atol=1e-12)
+    with pytest.raises(Exception):  # noqa: B017 - strict vmap surfaces torch's own error
+        gradient_covariance(model, ce_loss, (x, y), k=3, strategy="vmap")
+
+
+def test_bad_input() -> None:
+    model = mlp(hidden=4)
+    x, y = digits(8)
+    with pytest.raises(ValueError, match="k"):
+        gradient_covariance(model, ce_loss, (x, y), k=0)
+    with pytest.raises(ValueError, match="at least 2"):
+        gradient_covariance(model, ce_loss, (x[:1], y[:1]))
+    with pytest.raises(ValueError, match="chunk_size"):
+        gradient_covariance(model, ce_loss, (x, y), chunk_size=0)
+    with pytest.raises(ValueError, match="strategy"):
+        gradient_covariance(model, ce_loss, (x, y), strategy="magic")
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteCurvatureError):
+        gradient_covariance(model, ce_loss, (x, y))

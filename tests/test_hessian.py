@@ -1,0 +1,317 @@
+"""Hessian eigenvalues, products and trace of real networks against dense float64 Hessians."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from _reference import TinyCNN, TinyTransformer, ce_loss, dense_hessian, digits, flat_params, mlp
+from torch import nn
+
+from lightning_curvature import (
+    HessianOperator,
+    MultiBatch,
+    NonFiniteCurvatureError,
+    adaptive_preconditioner,
+    hessian_eigenvalues,
+    hessian_spectral_density,
+    hessian_trace,
+    hessian_vector_product,
+    preconditioned_sharpness,
+    top_subspace_overlap,
+)
+
+
+def _mlp_case() -> tuple[nn.Module, Any, Any]:
+    return mlp(hidden=12), ce_loss, digits(64)
+
+
+def _cnn_case() -> tuple[nn.Module, Any, Any]:
+    torch.manual_seed(1)
+    return TinyCNN().double(), ce_loss, digits(48)
+
+
+def _transformer_case() -> tuple[nn.Module, Any, Any]:
+    torch.manual_seed(2)
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 11, (16, 5), generator=g)
+    labels = torch.randint(0, 3, (16,), generator=g)
+    return TinyTransformer().double(), ce_loss, (tokens, labels)
+
+
+CASES = {"mlp-digits": _mlp_case, "cnn-digits": _cnn_case, "transformer": _transformer_case}
+
+
+_DENSE: dict[str, torch.Tensor] = {}
+
+
+@pytest.fixture(params=list(CASES), ids=list(CASES))
+def case(request: pytest.FixtureRequest) -> tuple[nn.Module, Any, Any, torch.Tensor]:
+    model, loss_fn, batch = CASES[request.param]()
+    if request.param not in _DENSE:  # the dense reference is the slow part: build it once per case
+        _DENSE[request.param] = dense_hessian(model, loss_fn, batch)
+    return model, loss_fn, batch, _DENSE[request.param]
+
+
+@pytest.mark.parametrize("method", ["double_backward", "forward_over_reverse"])
+def test_hvp_matches_dense(case: tuple, method: str) -> None:
+    model, loss_fn, batch, H = case
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    hv = hessian_vector_product(model, loss_fn, batch, v, method=method)
+    torch.testing.assert_close(hv, H @ v, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 5], ids=lambda k: f"k={k}")
+def test_top_k_matches_dense(case: tuple, k: int) -> None:
+    model, loss_fn, batch, H = case
+    ref = torch.linalg.eigvalsh(H).flip(0)[:k]
+    res = hessian_eigenvalues(model, loss_fn, batch, k=k, tol=1e-3, max_iter=200)
+    assert res.converged
+    assert ((res.eigenvalues - ref).abs() / ref.abs()).max() <= 1e-3
+    assert res.num_hvp >= k
+
+
+def test_most_negative(case: tuple) -> None:
+    model, loss_fn, batch, H = case
+    ref = torch.linalg.eigvalsh(H)[:1]
+    res = hessian_eigenvalues(model, loss_fn, batch, k=1, which="smallest", tol=1e-6, max_iter=H.shape[0])
+    torch.testing.assert_close(res.eigenvalues, ref, rtol=1e-4, atol=1e-8)
+
+
+def test_trace_estimators_cover_truth(case: tuple) -> None:
+    model, loss_fn, batch, H = case
+    true = torch.trace(H).item()
+    for estimator in ("hutch++", "hutchinson"):
+        res = hessian_trace(model, loss_fn, batch, num_samples=60, estimator=estimator, seed=3)
+        assert res.num_hvp <= 60
+        assert abs(res.estimate - true) <= 4 * res.std_error + 1e-9, (estimator, res, true)
+
+
+def test_trace_deflation_reduces_error_and_stays_honest() -> None:
+    model, loss_fn, batch = _mlp_case()
+    H = dense_hessian(model, loss_fn, batch)
+    true = torch.trace(H).item()
+    eig = hessian_eigenvalues(model, loss_fn, batch, k=20, tol=1e-8, max_iter=300, return_eigenvectors=True)
+    plain = hessian_trace(model, loss_fn, batch, num_samples=30, estimator="hutchinson", seed=1)
+    deflated = hessian_trace(model, loss_fn, batch, num_samples=30, deflate=eig, seed=1)
+    assert abs(deflated.estimate - true) <= 4 * deflated.std_error
+    assert deflated.std_error <= plain.std_error
+
+
+def test_deflation_by_every_eigenpair_is_exact() -> None:
+    from lightning_curvature import hutchinson_trace
+
+    A = torch.randn(30, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    A = A + A.T
+    evals, evecs = torch.linalg.eigh(A)
+    res = hutchinson_trace(A, num_matvecs=3, deflate=evecs.T, deflate_eigenvalues=evals)
+    assert abs(res.estimate - torch.trace(A).item()) < 1e-10
+
+
+def test_hutchinson_standard_error_is_honest() -> None:
+    """Across 40 seeds, |error| <= 2 SE in at least 85% of runs (95% nominal)."""
+    model, loss_fn, batch = _mlp_case()
+    true = torch.trace(dense_hessian(model, loss_fn, batch)).item()
+    hits = 0
+    for seed in range(40):
+        r = hessian_trace(model, loss_fn, batch, num_samples=20, estimator="hutchinson", seed=seed)
+        hits += abs(r.estimate - true) <= 2 * r.std_error
+    assert hits >= 34, hits
+
+
+def test_spectral_density_integrates_to_one_and_gives_trace() -> None:
+    model, loss_fn, batch = _mlp_case()
+    H = dense_hessian(model, loss_fn, batch)
+    evals = torch.linalg.eigvalsh(H)
+    res = hessian_spectral_density(model, loss_fn, batch, num_probes=8, num_iters=40, seed=0)
+    mass = torch.trapezoid(res.density, res.grid).item()
+    assert abs(mass - 1.0) < 1e-3
+    assert res.grid.min() <= evals.min() and res.grid.max() >= evals.max() - 1e-6
+    assert abs(res.trace - evals.sum().item()) < 0.25 * evals.abs().sum().item()
+    torch.testing.assert_close(res.weights.sum(1), torch.ones(8, dtype=torch.float64), rtol=1e-10, atol=1e-10)
+
+
+def test_multibatch_equals_concatenated_batch() -> None:
+    model, loss_fn, (x, y) = _mlp_case()
+    whole = hessian_eigenvalues(model, loss_fn, (x, y), k=3, tol=1e-8, max_iter=200)
+    parts = MultiBatch([(x[:10], y[:10]), (x[10:40], y[10:40]), (x[40:], y[40:])])
+    split = hessian_eigenvalues(model, loss_fn, parts, k=3, tol=1e-8, max_iter=200)
+    torch.testing.assert_close(split.eigenvalues, whole.eigenvalues, rtol=1e-8, atol=1e-10)
+
+
+def test_dict_batch_and_reduce_hook() -> None:
+    model, _, (x, y) = _mlp_case()
+
+    def loss_fn(m: nn.Module, b: dict) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(b["x"]), b["y"])
+
+    calls = []
+
+    def reduce_fn(t: torch.Tensor) -> torch.Tensor:  # a "world" of two identical ranks
+        calls.append(t.numel())
+        return 2 * t
+
+    H = dense_hessian(model, ce_loss, (x, y))
+    v = torch.ones(H.shape[0], dtype=torch.float64)
+    hv = hessian_vector_product(model, loss_fn, {"x": x, "y": y}, v, reduce_fn=reduce_fn)
+    torch.testing.assert_close(hv, H @ v)
+    assert calls == [1, H.shape[0]]  # example count, then the product
+
+
+def test_half_precision_model_is_measured_in_float32() -> None:
+    model, loss_fn, (x, y) = _mlp_case()
+    ref = hessian_eigenvalues(model, loss_fn, (x, y), k=1, tol=1e-4).eigenvalues
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    res = hessian_eigenvalues(half, loss_fn, (x.to(torch.bfloat16), y), k=1, tol=1e-4)
+    assert res.eigenvalues.dtype == torch.float64
+    torch.testing.assert_close(res.eigenvalues, ref, rtol=5e-2, atol=0)  # bf16 weights differ from fp64 ones
+
+
+def _state(model: nn.Module) -> dict[str, Any]:
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "buffers": [b.clone() for b in model.buffers()],
+        "flags": [m.training for m in model.modules()],
+        "rng": torch.get_rng_state(),
+    }
+
+
+def _assert_same(a: dict[str, Any], b: dict[str, Any]) -> None:
+    for x, y in zip(a["params"] + a["buffers"], b["params"] + b["buffers"]):
+        assert torch.equal(x, y)
+    for x, y in zip(a["grads"], b["grads"]):
+        assert (x is None and y is None) or torch.equal(x, y)
+    assert a["flags"] == b["flags"]
+    assert torch.equal(a["rng"], b["rng"])
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_measurements_leave_model_untouched(mode: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 10))
+    model.train()
+    model[4].eval()  # a mixed-flag model: each flag must come back as it was
+    x, y = digits(32, torch.float32)
+    ce_loss(model, (x, y)).backward()  # .grad populated, as inside training
+    before = _state(model)
+    hessian_eigenvalues(model, ce_loss, (x, y), k=2, mode=mode, return_eigenvectors=True)
+    hessian_trace(model, ce_loss, (x, y), num_samples=6, mode=mode)
+    hessian_spectral_density(model, ce_loss, (x, y), num_probes=1, num_iters=5, mode=mode)
+    _assert_same(before, _state(model))
+
+
+def test_dropout_mask_is_fixed_within_a_measurement() -> None:
+    """With dropout active, the operator must be one fixed symmetric matrix: products are reproducible."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 10)).double().train()
+    x, y = digits(32)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    for reuse in (True, False):
+        with HessianOperator(model, ce_loss, (x, y), reuse_graph=reuse) as H:
+            a, b = H.matvec(v), H.matvec(v)
+            w = torch.randn_like(v)
+            torch.testing.assert_close(a, b)
+            torch.testing.assert_close(torch.dot(w, H.matvec(v)), torch.dot(v, H.matvec(w)))
+
+
+def test_preconditioned_sharpness_matches_dense() -> None:
+    model, loss_fn, batch = _mlp_case()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        opt.step()
+    opt.zero_grad()
+    P = adaptive_preconditioner(opt, list(model.parameters()))
+    assert P is not None
+    # independent construction of P from the Adam state
+    b1, b2 = opt.param_groups[0]["betas"]
+    t = 3
+    parts = [
+        (1 - b1**t) * ((opt.state[p]["exp_avg_sq"] / (1 - b2**t)).sqrt() + opt.param_groups[0]["eps"]).reshape(-1)
+        for p in model.parameters()
+    ]
+    torch.testing.assert_close(P, torch.cat(parts))
+    H = dense_hessian(model, loss_fn, batch)
+    d = P.rsqrt()
+    ref = torch.linalg.eigvalsh(d[:, None] * H * d[None, :]).flip(0)[:2]
+    res = preconditioned_sharpness(model, loss_fn, batch, opt, k=2, tol=1e-4, max_iter=200)
+    assert res.preconditioned
+    assert ((res.eigenvalues - ref).abs() / ref.abs()).max() <= 1e-4
+
+
+def test_subspace_overlap_matches_projection() -> None:
+    model, loss_fn, batch = _mlp_case()
+    H = dense_hessian(model, loss_fn, batch)
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss_fn(model, batch), list(model.parameters()))])
+    evecs = torch.linalg.eigh(H).eigenvectors[:, -10:]
+    ref = (torch.linalg.vector_norm(evecs.T @ g) ** 2 / g.dot(g)).item()
+    res = hessian_eigenvalues(model, loss_fn, batch, k=10, tol=1e-8, max_iter=H.shape[0], return_eigenvectors=True)
+    assert res.eigenvectors is not None
+    assert abs(top_subspace_overlap(g, res.eigenvectors) - ref) < 1e-6
+
+
+def test_warm_start_on_a_training_trajectory_saves_products() -> None:
+    model, loss_fn, batch = _mlp_case()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    first = hessian_eigenvalues(model, loss_fn, batch, k=5, return_warm_start=True)
+    for _ in range(3):
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        opt.step()
+    cold = hessian_eigenvalues(model, loss_fn, batch, k=5)
+    warm = hessian_eigenvalues(model, loss_fn, batch, k=5, v0=first.warm_start)
+    ref = torch.linalg.eigvalsh(dense_hessian(model, loss_fn, batch)).flip(0)[:5]
+    assert ((warm.eigenvalues - ref).abs() / ref).max() <= 1e-3
+    assert warm.num_hvp <= 0.7 * cold.num_hvp, (warm.num_hvp, cold.num_hvp)  # measured 15 vs 25
+
+
+class _Counter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda m, b: hessian_eigenvalues(m, ce_loss, b, k=10_000), ValueError, "exceeds"),
+        (lambda m, b: hessian_eigenvalues(m, ce_loss, (b[0][:0], b[1][:0])), ValueError, "empty"),
+        (lambda m, b: hessian_eigenvalues(m, ce_loss, b, algorithm="power", k=2), ValueError, "Power"),
+        (lambda m, b: hessian_eigenvalues(m, ce_loss, b, mode="test"), ValueError, "mode"),
+        (lambda m, b: hessian_eigenvalues(m, ce_loss, b, method="finite"), ValueError, "method"),
+        (lambda m, b: hessian_eigenvalues(m, ce_loss, b, v0=torch.ones(3)), ValueError, "v0"),
+        (lambda m, b: hessian_trace(m, ce_loss, b, estimator="exact"), ValueError, "estimator"),
+    ],
+    ids=["k-too-large", "empty-batch", "power-k", "mode", "method", "v0-size", "estimator"],
+)
+def test_bad_input_names_the_value(make: Any, error: type, match: str) -> None:
+    model, _, batch = _mlp_case()
+    with pytest.raises(error, match=match):
+        make(model, batch)
+
+
+def test_no_trainable_parameters_and_integer_dtype() -> None:
+    model = nn.Linear(3, 1)
+    x = (torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad"):
+        hessian_eigenvalues(model, lambda m, b: m(b[0]).sum(), x)
+    with pytest.raises(TypeError, match="scalar"):
+        hessian_eigenvalues(nn.Linear(3, 2), lambda m, b: m(b[0]), x)
+
+
+def test_non_finite_loss_raises_catchable_error() -> None:
+    model, loss_fn, batch = _mlp_case()
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    with pytest.raises(NonFiniteCurvatureError):
+        hessian_eigenvalues(model, loss_fn, batch)
+    assert flat_params(model).isnan().any()  # untouched, still the caller's NaN

@@ -1,0 +1,137 @@
+"""Lanczos and power iteration on explicit matrices, against torch.linalg.eigvalsh."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_curvature import NonFiniteCurvatureError, lanczos, power_iteration, warm_start_vector
+
+
+def _sym(eigs: torch.Tensor, seed: int) -> torch.Tensor:
+    n = eigs.numel()
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
+    return Q @ torch.diag(eigs.double()) @ Q.T
+
+
+def _outlier_spectrum(n: int, seed: int) -> torch.Tensor:
+    """Network-like: ten outliers over a bulk near zero, some negative."""
+    g = torch.Generator().manual_seed(seed)
+    outliers = torch.tensor([50.0, 31.0, 20.0, 15.0, 12.0, 11.0, 10.0, 9.0, 8.0, 7.0])
+    return torch.cat([outliers, torch.randn(n - 10, generator=g, dtype=torch.float64)])
+
+
+CASES = [
+    {"name": "outliers-n=100", "eigs": lambda: _outlier_spectrum(100, 1)},
+    {"name": "outliers-n=400", "eigs": lambda: _outlier_spectrum(400, 2)},
+    {
+        "name": "heavy-tail-n=200",
+        "eigs": lambda: torch.randn(200, generator=torch.Generator().manual_seed(3)).abs() ** 3,
+    },
+    {"name": "cluster", "eigs": lambda: torch.cat([torch.tensor([10.0, 9.99, 9.9, 9.5, 9.0]), torch.rand(95) * 3 - 1])},
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c["name"])
+@pytest.mark.parametrize("k", [1, 5], ids=lambda k: f"k={k}")
+@pytest.mark.parametrize("seed", [0, 1], ids=lambda s: f"seed={s}")
+def test_top_k_within_tolerance(case: dict, k: int, seed: int) -> None:
+    A = _sym(case["eigs"](), seed)
+    ref = torch.linalg.eigvalsh(A).flip(0)[:k]
+    res = lanczos(A, k=k, tol=1e-3, max_iter=200, seed=seed)
+    assert res.converged
+    rel = ((res.eigenvalues - ref).abs() / ref.abs()).max().item()
+    assert rel <= 1e-3, rel
+    # the reported bound holds where it is meant to: for resolved eigenvalues
+    assert torch.all(res.error_bounds >= 0)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_smallest(k: int) -> None:
+    A = _sym(_outlier_spectrum(120, 5), 0)
+    ref = torch.linalg.eigvalsh(A)[:k]
+    res = lanczos(A, k=k, which="smallest", tol=1e-6, max_iter=120)
+    torch.testing.assert_close(res.eigenvalues, ref, rtol=1e-5, atol=1e-8)
+
+
+def test_callable_and_eigenvectors() -> None:
+    A = _sym(_outlier_spectrum(60, 0), 4)
+    evals, evecs = torch.linalg.eigh(A)
+    res = lanczos(lambda v: A @ v, 60, k=2, tol=1e-10, max_iter=60, return_eigenvectors=True, dtype=torch.float64)
+    torch.testing.assert_close(res.eigenvalues, evals.flip(0)[:2], rtol=1e-9, atol=0)
+    assert res.eigenvectors is not None
+    for i in range(2):
+        u, v = evecs[:, -1 - i], res.eigenvectors[i]
+        torch.testing.assert_close(v * torch.sign(v @ u), u, rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            torch.linalg.vector_norm(A @ v - res.eigenvalues[i] * v), res.residuals[i], atol=1e-8, rtol=1e-3
+        )
+
+
+def test_kato_temple_stops_before_residual_rule() -> None:
+    A = _sym(_outlier_spectrum(400, 7), 1)
+    kt = lanczos(A, k=5, tol=1e-3, max_iter=200, rule="kato_temple")
+    rr = lanczos(A, k=5, tol=1e-3, max_iter=200, rule="residual")
+    ref = torch.linalg.eigvalsh(A).flip(0)[:5]
+    for r in (kt, rr):
+        assert ((r.eigenvalues - ref).abs() / ref).max() <= 1e-3
+    assert kt.num_matvecs <= rr.num_matvecs
+
+
+def test_warm_start_needs_fewer_products() -> None:
+    eigs = _outlier_spectrum(300, 3)
+    A = _sym(eigs, 0)
+    cold = lanczos(A, k=5, tol=1e-3, max_iter=200, return_warm_start=True)
+    B = A + 1e-3 * _sym(torch.randn(300, generator=torch.Generator().manual_seed(9)), 2)  # the spectrum moved a little
+    assert cold.warm_start is not None
+    warm = lanczos(B, k=5, tol=1e-3, max_iter=200, v0=cold.warm_start)
+    again = lanczos(B, k=5, tol=1e-3, max_iter=200)
+    ref = torch.linalg.eigvalsh(B).flip(0)[:5]
+    assert ((warm.eigenvalues - ref).abs() / ref).max() <= 1e-3
+    assert warm.num_matvecs <= 0.6 * again.num_matvecs, (warm.num_matvecs, again.num_matvecs)
+    assert warm.warm_start is None and cold.warm_start.shape == (6, 300)
+
+
+def test_warm_start_vector_is_normalised_sum() -> None:
+    V = torch.eye(4, dtype=torch.float64)[:2]
+    v = warm_start_vector(V, noise=0.0)
+    torch.testing.assert_close(v, torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64) / 2**0.5)
+
+
+def test_power_iteration_matches_top() -> None:
+    A = _sym(torch.tensor([4.0, 1.0, 0.5, -0.3]), 0)
+    res = power_iteration(A, tol=1e-12, max_iter=500)
+    assert math.isclose(res.eigenvalues.item(), 4.0, rel_tol=1e-9)
+
+
+def test_invariant_subspace_is_exact() -> None:
+    A = torch.diag(torch.tensor([3.0, 3.0, 1.0], dtype=torch.float64))
+    res = lanczos(A, k=1, v0=torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    assert res.converged and res.eigenvalues.item() == 3.0 and res.num_matvecs == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"k": 0}, "k"),
+        ({"k": 5}, "exceeds"),
+        ({"tol": 0.0}, "tol"),
+        ({"which": "middle"}, "which"),
+        ({"k": 2, "max_iter": 1}, "max_iter"),
+        ({"rule": "other"}, "rule"),
+    ],
+    ids=lambda x: str(x) if isinstance(x, str) else ",".join(f"{k}={v}" for k, v in x.items()),
+)
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        lanczos(torch.eye(4, dtype=torch.float64), **kwargs)
+
+
+def test_non_finite_product_raises() -> None:
+    with pytest.raises(NonFiniteCurvatureError):
+        lanczos(lambda v: v * float("nan"), 5, k=1)
+    with pytest.raises(ValueError, match="non-zero"):
+        lanczos(torch.eye(3), k=1, v0=torch.zeros(3))
