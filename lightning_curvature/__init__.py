@@ -21,6 +21,7 @@ _LAZY = {
     "DirectionalCurvatureMonitor": "lightning_curvature.callbacks",
     "SharpnessAwareLR": "lightning_curvature.schedules",
     "CurvatureDynamicsAwareLR": "lightning_curvature.schedules",
+    "GradientNoiseScale": "lightning_curvature.metrics",
 }
 
 __all__ = [*_core_all, *_LAZY, "__version__"]
