@@ -1,0 +1,400 @@
+"""CurvatureDynamicsAwareLR and DirectionalCurvatureMonitor: rule, EMAs, closed forms, state, feeding, Lightning."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import pickle
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_curvature.callbacks.directional import DirectionalCurvatureMonitor
+from lightning_curvature.core.hvp import HessianOperator
+from lightning_curvature.core.update_direction import directional_terms, update_direction
+from lightning_curvature.schedules import CurvatureDynamicsAwareLR
+from lightning_curvature.schedules.cdat import cdat_learning_rate, ema_update
+
+# --------------------------------------------------------------------------------------------------------------
+# pure rule and EMAs against independent numpy formulas
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.0, 1.5], ids=lambda s: f"sigma={s}")
+def test_rule_matches_numpy(sigma: float) -> None:
+    rng = np.random.default_rng(0)
+    n = rng.uniform(0, 5, 40)
+    d = rng.uniform(1e-3, 5, 40)
+    got = [cdat_learning_rate(a, b, sigma=sigma, eps=1e-3) for a, b in zip(n, d)]
+    np.testing.assert_allclose(got, sigma * n / (d + 1e-3), rtol=1e-14)
+    assert cdat_learning_rate(-1.0, 2.0) == 0.0  # ascent direction: no step
+    assert cdat_learning_rate(1.0, -2.0, sigma=1.0) == 0.5  # |d|
+    assert cdat_learning_rate(1.0, 0.0) == math.inf
+    assert ema_update(2.0, 4.0, 0.75) == 2.5
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9], ids=lambda b: f"beta={b}")
+def test_ema_schedule_matches_numpy(beta: float) -> None:
+    rng = np.random.default_rng(1)
+    n = rng.uniform(0.1, 2.0, 30)
+    d = rng.uniform(0.5, 3.0, 30)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = CurvatureDynamicsAwareLR(opt, sigma=2.0, ema_beta=beta, eps=1e-2)
+    for t in range(30):
+        sched.observe_direction(numerator=n[t], denominator=d[t], step=t)
+        w = beta ** np.arange(t, -1, -1) * (1 - beta)  # weights of observations 0..t
+        n_hat = (w @ n[: t + 1]) / (1 - beta ** (t + 1))
+        d_hat = (w @ d[: t + 1]) / (1 - beta ** (t + 1))
+        assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * n_hat / (d_hat + 1e-2), rel=1e-12)
+        assert sched.edge_lr() == pytest.approx(2.0 * n_hat / (d_hat + 1e-2), rel=1e-12)
+        lr_before = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()  # only advances last_epoch
+        assert opt.param_groups[0]["lr"] == lr_before and sched.last_epoch == t + 1
+
+
+def test_group_scales_and_clamps() -> None:
+    a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [a]}, {"params": [b], "lr": 0.05}], lr=0.1)
+    sched = CurvatureDynamicsAwareLR(opt, sigma=1.0, ema_beta=0.0, lr_min=0.01, lr_max=3.0)
+    assert sched.group_scales() == pytest.approx([1.0, 0.5])
+    sched.observe_direction(2.0, 1.0)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2.0, 1.0])
+    sched.observe_direction(100.0, 1.0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(3.0)
+    sched.observe_direction(0.0, 1.0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# feeding: bad values, missing monitor, validation
+
+
+def test_non_finite_skipped_with_one_warning() -> None:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = CurvatureDynamicsAwareLR(opt, ema_beta=0.5)
+    sched.observe_direction(1.0, 4.0)
+    lr = opt.param_groups[0]["lr"]
+    state = (sched.numerator_avg, sched.denominator_avg, sched.num_accepted)
+    with pytest.warns(RuntimeWarning, match="non-finite") as record:
+        sched.observe_direction(math.nan, 1.0)
+        sched.observe_direction(1.0, math.inf)
+        sched.observe_direction(torch.tensor(float("nan")), torch.tensor(1.0))
+    assert len(record) == 1
+    assert opt.param_groups[0]["lr"] == lr
+    assert (sched.numerator_avg, sched.denominator_avg, sched.num_accepted) == state
+    assert sched.num_skipped == 3
+
+
+def test_missing_monitor_raises_at_first_step() -> None:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = CurvatureDynamicsAwareLR(opt)
+    opt.step()
+    with pytest.raises(RuntimeError, match=r"DirectionalCurvatureMonitor\(\)"):
+        sched.step()
+    quiet = CurvatureDynamicsAwareLR(opt, warn_missing=False)
+    opt.step()
+    quiet.step()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sigma": 0.0}, "sigma"),
+        ({"ema_beta": 1.0}, "ema_beta"),
+        ({"eps": -1.0}, "eps"),
+        ({"lr_min": -1.0}, "lr_min"),
+        ({"lr_min": 1.0, "lr_max": 0.5}, "lr_max"),
+    ],
+    ids=["sigma=0", "beta=1", "eps<0", "lr_min<0", "lr_max<lr_min"],
+)
+def test_validation(kwargs: dict, match: str) -> None:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match=match):
+        CurvatureDynamicsAwareLR(opt, **kwargs)
+    with pytest.raises(ValueError, match="positive initial lr"):
+        CurvatureDynamicsAwareLR(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0))
+
+
+def test_monitor_validation() -> None:
+    with pytest.raises(MisconfigurationException, match="mode"):
+        DirectionalCurvatureMonitor(mode="test")
+    with pytest.raises(MisconfigurationException, match="method"):
+        DirectionalCurvatureMonitor(method="finite_differences")  # type: ignore[arg-type]
+    with pytest.raises(MisconfigurationException, match="loss_fn"):
+        DirectionalCurvatureMonitor(loss_fn=3)  # type: ignore[arg-type]
+
+
+def test_state_dict_round_trip_mid_run() -> None:
+    rng = np.random.default_rng(2)
+    feed = list(zip(rng.uniform(0, 1, 20), rng.uniform(0.1, 1, 20)))
+
+    def build() -> tuple[torch.optim.Optimizer, CurvatureDynamicsAwareLR]:
+        o = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.3, momentum=0.9)
+        return o, CurvatureDynamicsAwareLR(o, ema_beta=0.9, lr_max=5.0)
+
+    opt, sched = build()
+    for n, d in feed[:10]:
+        sched.observe_direction(n, d)
+        opt.step()
+        sched.step()
+    state = pickle.loads(pickle.dumps(sched.state_dict()))
+    assert all(not callable(v) and not isinstance(v, torch.optim.Optimizer) for v in state.values())
+    opt_state = copy.deepcopy(opt.state_dict())
+    uninterrupted = []
+    for n, d in feed[10:]:
+        sched.observe_direction(n, d)
+        uninterrupted.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    opt2, sched2 = build()
+    opt2.load_state_dict(opt_state)
+    sched2.load_state_dict(state)
+    resumed = []
+    for n, d in feed[10:]:
+        sched2.observe_direction(n, d)
+        resumed.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+    assert resumed == uninterrupted
+
+
+# --------------------------------------------------------------------------------------------------------------
+# closed form on a quadratic: linear least squares, H = 2 [X 1]^T [X 1] / n, in float64
+
+
+def _least_squares(n: int = 64, d: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(d, 1, generator=gen, dtype=torch.float64) + 0.3 * torch.randn(
+        n, 1, generator=gen, dtype=torch.float64
+    )
+    return x, y
+
+
+def _mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def _dense_hessian(x: torch.Tensor) -> np.ndarray:
+    a = np.concatenate([x.numpy(), np.ones((x.shape[0], 1))], axis=1)  # parameter order: weight, bias
+    return 2.0 * a.T @ a / x.shape[0]
+
+
+def _unit_lr_step(opt: torch.optim.Optimizer) -> np.ndarray:
+    """θ_new − θ_old of a deep-copied optimizer stepped once at lr = 1 (an independent u)."""
+    twin = copy.deepcopy(opt)
+    for g_t, g in zip(twin.param_groups, opt.param_groups):
+        g_t["lr"] = 1.0
+        for p_t, p in zip(g_t["params"], g["params"]):
+            p_t.grad = p.grad.clone()
+    before = [p.detach().clone() for g in twin.param_groups for p in g["params"]]
+    twin.step()
+    after = [p.detach() for g in twin.param_groups for p in g["params"]]
+    return torch.cat([(a - b).reshape(-1) for a, b in zip(after, before)]).numpy()
+
+
+QUADRATIC_OPTS: list[tuple[str, Callable[[Any], torch.optim.Optimizer]]] = [
+    ("gd", lambda p: torch.optim.SGD(p, lr=0.1)),
+    ("momentum", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)),
+    ("adam", lambda p: torch.optim.Adam(p, lr=0.1)),
+]
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.0], ids=["greedy", "edge"])
+@pytest.mark.parametrize("factory", [o[1] for o in QUADRATIC_OPTS], ids=[o[0] for o in QUADRATIC_OPTS])
+def test_plain_loop_equals_quadratic_greedy_and_edge_steps(factory: Any, sigma: float) -> None:
+    x, y = _least_squares()
+    H = _dense_hessian(x)
+    torch.manual_seed(0)
+    model = nn.Linear(5, 1).double()
+    opt = factory(model.parameters())
+    sched = CurvatureDynamicsAwareLR(opt, sigma=sigma, ema_beta=0.0, eps=0.0)
+    losses = []
+    for step in range(15):
+        opt.zero_grad()
+        loss = _mse(model, (x, y))
+        loss.backward()
+        losses.append(loss.item())
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy()
+        u_ref = _unit_lr_step(opt)
+        u = torch.cat([t.reshape(-1) for t in update_direction(opt)])
+        with HessianOperator(model, _mse, (x, y)) as op:
+            hu = op.matvec(u)
+        n, d = directional_terms(torch.from_numpy(g), u, hu)
+        sched.observe_direction(n, d, step)
+        expected = sigma * max(-g @ u_ref, 0.0) / abs(u_ref @ H @ u_ref)
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9)
+        if sigma == 1.0 and isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0:
+            assert expected == pytest.approx((g @ g) / (g @ H @ g), rel=1e-12)  # GD's exact line minimiser
+        opt.step()
+        sched.step()
+    if sigma == 1.0:
+        assert all(b < a for a, b in itertools.pairwise(losses))  # greedy: monotone decrease
+    else:
+        assert losses == pytest.approx([losses[0]] * len(losses), rel=1e-9)  # edge: back to the same loss
+
+
+def test_edge_step_returns_to_current_loss_on_quadratic() -> None:
+    """σ = 2 is the step at which the quadratic comes back to the current loss (exact for a quadratic)."""
+    x, y = _least_squares()
+    model = nn.Linear(5, 1).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = CurvatureDynamicsAwareLR(opt, sigma=2.0, ema_beta=0.0, eps=0.0)
+    loss = _mse(model, (x, y))
+    loss.backward()
+    u = torch.cat([t.reshape(-1) for t in update_direction(opt)])
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    with HessianOperator(model, _mse, (x, y)) as op:
+        n, d = directional_terms(g, u, op.matvec(u))
+    sched.observe_direction(n, d)
+    opt.step()
+    assert _mse(model, (x, y)).item() == pytest.approx(loss.item(), rel=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Lightning: the callback feeds the scheduler; closed form, errors, resume
+
+
+class LeastSquares(pl.LightningModule):
+    def __init__(self, opt: str = "sgd", sigma: float = 1.0, hidden: int = 0) -> None:
+        super().__init__()
+        self.opt, self.sigma = opt, sigma
+        torch.manual_seed(0)
+        self.net = (
+            nn.Linear(5, 1) if hidden == 0 else nn.Sequential(nn.Linear(5, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        ).double()
+        self.x, self.y = _least_squares()
+
+    def train_dataloader(self) -> Any:
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.x, self.y), batch_size=64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = _mse(self, batch)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        if self.opt == "adam":
+            opt: torch.optim.Optimizer = torch.optim.Adam(self.parameters(), lr=0.1)
+        else:
+            opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9 if self.opt == "momentum" else 0.0)
+        sched = CurvatureDynamicsAwareLR(opt, sigma=self.sigma, ema_beta=0.0, eps=0.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class QuadraticCheck(pl.Callback):
+    """Runs after the monitor: the lr of this step must be σ·n/d computed independently with numpy."""
+
+    def __init__(self, sigma: float) -> None:
+        self.sigma = sigma
+        self.errors: list[float] = []
+        self.lrs: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+        H = _dense_hessian(pl_module.x)
+        g = torch.cat([p.grad.reshape(-1) for p in pl_module.parameters()]).numpy()
+        u = _unit_lr_step(optimizer)
+        expected = self.sigma * max(-g @ u, 0.0) / abs(u @ H @ u)
+        lr = optimizer.param_groups[0]["lr"]
+        self.lrs.append(lr)
+        self.errors.append(abs(lr - expected) / expected)
+
+
+@pytest.mark.parametrize(
+    ("opt", "sigma"), [("sgd", 1.0), ("momentum", 2.0), ("adam", 2.0)], ids=["gd-greedy", "momentum-edge", "adam-edge"]
+)
+def test_lightning_monitor_closed_form(tmp_path: Any, opt: str, sigma: float) -> None:
+    check = QuadraticCheck(sigma)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=8,
+        callbacks=[DirectionalCurvatureMonitor(), check],
+        logger=pl.loggers.CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(LeastSquares(opt=opt, sigma=sigma))
+    assert len(check.errors) == 8
+    assert max(check.errors) < 1e-9
+    logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    for key in ("cdat/numerator", "cdat/denominator", "cdat/edge_lr", "cdat/lr"):
+        assert key in logged
+
+
+def test_lightning_without_monitor_raises(tmp_path: Any) -> None:
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(RuntimeError, match="DirectionalCurvatureMonitor"):
+        trainer.fit(LeastSquares())
+
+
+class LrRecorder(pl.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+def test_lightning_resume_reproduces_uninterrupted_lrs(tmp_path: Any) -> None:
+    def trainer(root: str, callbacks: list, max_steps: int, ckpt: bool) -> pl.Trainer:
+        return pl.Trainer(
+            default_root_dir=tmp_path / root,
+            max_steps=max_steps,
+            callbacks=callbacks,
+            logger=False,
+            enable_checkpointing=ckpt,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+
+    full = LrRecorder()
+    trainer("full", [DirectionalCurvatureMonitor(), full], 8, False).fit(LeastSquares("momentum", 2.0, hidden=8))
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    trainer("first", [DirectionalCurvatureMonitor(), ckpt], 4, True).fit(LeastSquares("momentum", 2.0, hidden=8))
+    resumed = LrRecorder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer("second", [DirectionalCurvatureMonitor(), resumed], 8, True).fit(
+            LeastSquares("momentum", 2.0, hidden=8), ckpt_path=str(tmp_path / "ckpt" / "epoch=3-step=4.ckpt")
+        )
+    assert resumed.lrs == full.lrs[4:]
+    assert len(set(full.lrs)) == 8
+
+
+def test_monitor_warns_without_cdat_scheduler(tmp_path: Any) -> None:
+    class Plain(LeastSquares):
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=1,
+        callbacks=[DirectionalCurvatureMonitor()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.warns(UserWarning, match="no CurvatureDynamicsAwareLR"):
+        trainer.fit(Plain())

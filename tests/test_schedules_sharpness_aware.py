@@ -1,0 +1,383 @@
+"""SharpnessAwareLR: the pure rule, closed forms on a quadratic, base schedules, state, feeding and Lightning."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import CosineAnnealingLR, ExponentialLR, LinearLR, ReduceLROnPlateau, StepLR
+
+from lightning_curvature.core.eigen import hessian_eigenvalues
+from lightning_curvature.schedules import SharpnessAwareLR
+from lightning_curvature.schedules.sharpness_aware import sharpness_aware_lr
+
+# --------------------------------------------------------------------------------------------------------------
+# pure rule against an independent numpy formula
+
+
+@pytest.mark.parametrize("safety", [0.5, 0.9, 1.0], ids=lambda s: f"safety={s}")
+@pytest.mark.parametrize("const", [2.0, 3.8, 38.0], ids=lambda c: f"c={c}")
+def test_pure_rule_matches_numpy(safety: float, const: float) -> None:
+    rng = np.random.default_rng(0)
+    base = rng.uniform(1e-3, 2.0, size=50)
+    sharp = rng.uniform(1e-2, 1e3, size=50)
+    floor = rng.uniform(0.0, 0.05, size=50)
+    expected = np.maximum(floor, np.minimum(base, safety * const / sharp))
+    got = [sharpness_aware_lr(b, s, const, safety=safety, min_lr=f) for b, s, f in zip(base, sharp, floor)]
+    np.testing.assert_allclose(got, expected, rtol=1e-15)
+
+
+def test_pure_rule_edge_cases() -> None:
+    assert sharpness_aware_lr(0.3, None, 2.0) == 0.3
+    assert sharpness_aware_lr(0.3, None, 2.0, min_lr=0.5) == 0.5
+    assert sharpness_aware_lr(1.0, 1e12, 2.0, min_lr=1e-4) == 1e-4  # huge sharpness: the floor wins
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="sharpness"):
+            sharpness_aware_lr(0.1, bad, 2.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# quadratic with a known Hessian: linear least squares, H = 2 [X 1]^T [X 1] / n
+
+
+def _least_squares(n: int = 64, d: int = 5, seed: int = 0, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = scale * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(d, 1, generator=gen, dtype=torch.float64) + 0.1 * torch.randn(
+        n, 1, generator=gen, dtype=torch.float64
+    )
+    return x, y
+
+
+def _mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def _ls_lambda_max(x: torch.Tensor) -> float:
+    a = np.concatenate([x.numpy(), np.ones((x.shape[0], 1))], axis=1)
+    return float(np.linalg.eigvalsh(2.0 * a.T @ a / x.shape[0])[-1])
+
+
+OPTIMIZERS: list[tuple[str, Callable[[Any], torch.optim.Optimizer], Callable[[float], float]]] = [
+    ("sgd", lambda p: torch.optim.SGD(p, lr=10.0), lambda lam: 2.0 / lam),
+    ("momentum", lambda p: torch.optim.SGD(p, lr=10.0, momentum=0.9), lambda lam: 3.8 / lam),
+    ("nesterov", lambda p: torch.optim.SGD(p, lr=10.0, momentum=0.5, nesterov=True), lambda lam: 3.0 / (2.0 * lam)),
+]
+
+
+@pytest.mark.parametrize(("factory", "stable"), [o[1:] for o in OPTIMIZERS], ids=[o[0] for o in OPTIMIZERS])
+def test_settles_at_safety_times_threshold_on_quadratic(factory: Any, stable: Callable[[float], float]) -> None:
+    x, y = _least_squares()
+    torch.manual_seed(0)
+    model = nn.Linear(5, 1).double()
+    opt = factory(model.parameters())
+    sched = SharpnessAwareLR(opt, safety=0.9)
+    lam = _ls_lambda_max(x)
+    losses = []
+    for step in range(15):
+        res = hessian_eigenvalues(model, _mse, (x, y), k=1, tol=1e-10, max_iter=50)
+        sched.observe_sharpness(res.eigenvalues[0], step=step)
+        opt.zero_grad()
+        loss = _mse(model, (x, y))
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+        sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.9 * stable(lam), rel=1e-8)
+    assert losses[-1] < 0.5 * losses[0]  # the capped run trains; lr=10 alone diverges at once
+
+
+def test_adam_uses_preconditioned_threshold() -> None:
+    w = nn.Parameter(torch.zeros(3))
+    opt = torch.optim.Adam([w], lr=1.0, betas=(0.9, 0.999))
+    sched = SharpnessAwareLR(opt, safety=0.5)
+    sched.observe_sharpness(1000.0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * 38.0 / 1000.0)
+
+
+def test_per_group_thresholds_and_floors() -> None:
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([{"params": [a], "momentum": 0.9}, {"params": [b], "lr": 0.01}], lr=1.0)
+    sched = SharpnessAwareLR(opt, safety=1.0, min_lr=[0.0, 0.02])
+    sched.observe_sharpness(10.0)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.38, 0.02])
+    ratio = SharpnessAwareLR(torch.optim.SGD([a], lr=1.0), min_lr_ratio=0.5)
+    ratio.observe_sharpness(1e6)
+    assert ratio.optimizer.param_groups[0]["lr"] == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# base schedules: stepping the clamped scheduler equals min(base closed form, cap), no compounding
+
+
+def _sgd(lr: float = 1.0) -> torch.optim.Optimizer:
+    return torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=lr)
+
+
+BASES: list[tuple[str, Callable[[torch.optim.Optimizer], Any]]] = [
+    ("cosine", lambda o: CosineAnnealingLR(o, T_max=15)),
+    ("exponential-chainable", lambda o: ExponentialLR(o, gamma=0.8)),
+    ("linear-warmup-chainable", lambda o: LinearLR(o, start_factor=0.1, total_iters=10)),
+    ("step", lambda o: StepLR(o, step_size=4, gamma=0.5)),
+]
+SHARPNESS = [None, 4.0, 4.0, 2.0, None, 8.0, 1.0, 1.0, 3.0, 0.5] * 2
+
+
+@pytest.mark.parametrize("make_base", [b[1] for b in BASES], ids=[b[0] for b in BASES])
+def test_wrapped_scheduler_against_unclamped_twin(make_base: Callable[[torch.optim.Optimizer], Any]) -> None:
+    twin_opt = _sgd()
+    twin = make_base(twin_opt)
+    opt = _sgd()
+    sched = SharpnessAwareLR(opt, base=make_base(opt), safety=0.9, warn_missing=False)
+    lam: float | None = None
+    for s in SHARPNESS:
+        if s is not None:
+            sched.observe_sharpness(s)
+            lam = s
+        base_lr = twin_opt.param_groups[0]["lr"]
+        expected = base_lr if lam is None else min(base_lr, 0.9 * 2.0 / lam)
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
+        assert sched.base_values == pytest.approx([base_lr], rel=1e-12)
+        opt.step()
+        sched.step()
+        twin_opt.step()
+        twin.step()
+
+
+@pytest.mark.parametrize(
+    ("base", "expected_base"),
+    [
+        (None, lambda t: 1.0),
+        (0.3, lambda t: 0.3),
+        (lambda t: 1.0 / (t + 1), lambda t: 1.0 / (t + 1)),
+    ],
+    ids=["initial-lr", "constant", "callable"],
+)
+def test_simple_bases(base: Any, expected_base: Callable[[int], float]) -> None:
+    opt = _sgd(1.0)
+    sched = SharpnessAwareLR(opt, base=base, safety=1.0)
+    sched.observe_sharpness(8.0)  # cap 0.25
+    for t in range(6):
+        assert opt.param_groups[0]["lr"] == pytest.approx(min(expected_base(t), 0.25))
+        opt.step()
+        sched.step()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# state
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def test_state_dict_round_trip_mid_schedule() -> None:
+    feed = [3.0, None, 5.0, 0.7, None, 2.5, 9.0, None, 1.2, 4.4]
+
+    def build() -> tuple[torch.optim.Optimizer, SharpnessAwareLR]:
+        o = _sgd(1.0)
+        return o, SharpnessAwareLR(o, base=CosineAnnealingLR(o, T_max=12), safety=0.8, min_lr=0.01)
+
+    opt, sched = build()
+    for s in feed[:5]:
+        if s is not None:
+            sched.observe_sharpness(s)
+        opt.step()
+        sched.step()
+    state = sched.state_dict()
+    assert _plain(state), state
+    state = pickle.loads(pickle.dumps(state))
+    opt_state = opt.state_dict()
+    uninterrupted = []
+    for s in feed[5:]:
+        if s is not None:
+            sched.observe_sharpness(s)
+        uninterrupted.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+
+    opt2, sched2 = build()
+    opt2.load_state_dict(opt_state)
+    sched2.load_state_dict(state)
+    resumed = []
+    for s in feed[5:]:
+        if s is not None:
+            sched2.observe_sharpness(s)
+        resumed.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+    assert resumed == uninterrupted
+
+
+# --------------------------------------------------------------------------------------------------------------
+# feeding: bad values, missing monitor, validation
+
+
+def test_bad_measurements_ignored_with_one_warning() -> None:
+    opt = _sgd(1.0)
+    sched = SharpnessAwareLR(opt, safety=1.0)
+    sched.observe_sharpness(4.0)
+    with pytest.warns(RuntimeWarning, match="ignored a sharpness") as record:
+        for bad in (math.nan, 0.0, -3.0, math.inf, torch.tensor(float("nan"))):
+            sched.observe_sharpness(bad)
+    assert len(record) == 1
+    assert sched.sharpness == 4.0 and sched.num_rejected == 5
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
+
+
+def test_missing_monitor_raises_at_first_step() -> None:
+    opt = _sgd()
+    sched = SharpnessAwareLR(opt)
+    opt.step()
+    with pytest.raises(RuntimeError, match=r"HessianEigenvalueMonitor\(.*\).*observe_sharpness"):
+        sched.step()
+    quiet = SharpnessAwareLR(_sgd(), warn_missing=False)
+    quiet.step()
+    attached = SharpnessAwareLR(_sgd())
+    attached.attach_monitor(object())
+    attached.step()
+    assert attached.monitor_attached and "_monitor_attached" not in attached.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"safety": 0.0}, ValueError, "safety"),
+        ({"safety": 1.5}, ValueError, "safety"),
+        ({"min_lr": -1.0}, ValueError, "min_lr"),
+        ({"min_lr": [0.0, 0.0]}, ValueError, "one per parameter group"),
+        ({"min_lr_ratio": 2.0}, ValueError, "min_lr_ratio"),
+        ({"base": 0.0}, ValueError, "constant"),
+        ({"base": "cosine"}, TypeError, "base"),
+    ],
+    ids=["safety=0", "safety=1.5", "min_lr<0", "min_lr-len", "ratio>1", "base=0", "base=str"],
+)
+def test_validation(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        SharpnessAwareLR(_sgd(), **kwargs)
+
+
+def test_validation_of_base_scheduler_and_optimizer() -> None:
+    opt = _sgd()
+    with pytest.raises(TypeError, match="ReduceLROnPlateau"):
+        SharpnessAwareLR(opt, base=ReduceLROnPlateau(opt))
+    with pytest.raises(ValueError, match="same optimizer"):
+        SharpnessAwareLR(opt, base=StepLR(_sgd(), step_size=1))
+    with pytest.raises(TypeError, match="Adagrad"):
+        SharpnessAwareLR(torch.optim.Adagrad([nn.Parameter(torch.zeros(1))]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Lightning
+
+
+class LeastSquares(pl.LightningModule):
+    def __init__(self, base: str | None = None, scale: float = 1.0) -> None:
+        super().__init__()
+        self.base = base
+        self.lin = nn.Linear(5, 1).double()
+        self.x, self.y = _least_squares(scale=scale)
+
+    def train_dataloader(self) -> Any:
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.x, self.y), batch_size=64)
+
+    def curvature_loss(self, batch: Any) -> torch.Tensor:
+        return _mse(self, batch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = _mse(self, batch)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=1.0, momentum=0.5)
+        base = ExponentialLR(opt, gamma=0.7) if self.base == "exponential" else None
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": SharpnessAwareLR(opt, base=base), "interval": "step"}}
+
+
+class FakeSharpnessMonitor(pl.Callback):
+    """Stands in for HessianEigenvalueMonitor: attach at fit start, measure after every batch, feed."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for cfg in trainer.lr_scheduler_configs:
+            if isinstance(cfg.scheduler, SharpnessAwareLR):
+                cfg.scheduler.attach_monitor(self)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        res = hessian_eigenvalues(pl_module, lambda m, b: m.curvature_loss(b), batch, k=1, tol=1e-10)
+        for cfg in trainer.lr_scheduler_configs:
+            cfg.scheduler.observe_sharpness(res.eigenvalues[0], step=trainer.global_step)
+
+
+class LrRecorder(pl.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+def _trainer(tmp_path: Any, callbacks: list, max_steps: int, **kwargs: Any) -> pl.Trainer:
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        **kwargs,
+    )
+
+
+def test_lightning_settles_and_fails_without_monitor(tmp_path: Any) -> None:
+    rec = LrRecorder()
+    trainer = _trainer(tmp_path, [FakeSharpnessMonitor(), rec], max_steps=6, enable_checkpointing=False)
+    model = LeastSquares()
+    trainer.fit(model)
+    lam = _ls_lambda_max(model.x)
+    assert rec.lrs[0] == 1.0  # before the first measurement the base lr applies
+    assert rec.lrs[1:] == pytest.approx([0.9 * 3.0 / lam] * 5, rel=1e-8)  # momentum 0.5: (2 + 2β)/λ
+
+    bare = _trainer(tmp_path, [], max_steps=3, enable_checkpointing=False)
+    with pytest.raises(RuntimeError, match="HessianEigenvalueMonitor"):
+        bare.fit(LeastSquares())
+
+
+def test_lightning_resume_reproduces_uninterrupted_lrs(tmp_path: Any) -> None:
+    full = LrRecorder()
+    torch.manual_seed(0)
+    _trainer(tmp_path / "full", [FakeSharpnessMonitor(), full], max_steps=8, enable_checkpointing=False).fit(
+        LeastSquares(base="exponential", scale=2.0)
+    )
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    torch.manual_seed(0)
+    _trainer(tmp_path / "first", [FakeSharpnessMonitor(), ckpt], max_steps=4).fit(
+        LeastSquares(base="exponential", scale=2.0)
+    )
+    resumed = LrRecorder()
+    torch.manual_seed(1)  # the resumed run must not depend on the fresh init
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(tmp_path / "second", [FakeSharpnessMonitor(), resumed], max_steps=8).fit(
+            LeastSquares(base="exponential", scale=2.0), ckpt_path=str(tmp_path / "ckpt" / "epoch=3-step=4.ckpt")
+        )
+    assert len(resumed.lrs) == 4
+    assert resumed.lrs == full.lrs[4:]
+    assert len(set(full.lrs)) > 3  # the schedule really moves (base decay and cap alternate)
