@@ -55,7 +55,8 @@ def classification_loader(
 class TinyClassifier(pl.LightningModule):
     """An MLP classifier; ``batch_norm``/``dropout`` give the BatchNorm + Dropout variant.
 
-    Logs ``train_loss`` on every step (``on_step=True``, also on epoch) and returns the mean cross-entropy.
+    Logs ``train_loss`` on every step (``on_step=True``, also on epoch) and returns the mean cross-entropy;
+    ``validation_step`` logs ``val_loss``.
 
     Args:
         in_dim: input features.
@@ -114,6 +115,11 @@ class TinyClassifier(pl.LightningModule):
         self.log("train_loss", loss, on_step=True, on_epoch=True)
         return loss
 
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self.loss(batch)
+        self.log("val_loss", loss)
+        return loss
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         name = self.optimizer_name
         if name == "sgd":
@@ -153,3 +159,12 @@ def random_data() -> tuple[Tensor, Tensor]:
 def digits_data() -> tuple[Tensor, Tensor]:
     """The sklearn digits data set as float tensors."""
     return digits_tensors()
+
+
+@pytest.fixture
+def torch_single_thread() -> Any:
+    """Run the test with one intra-op thread (tiny models on a loaded 2-core machine), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

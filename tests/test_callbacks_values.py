@@ -1,0 +1,253 @@
+"""The logged numbers are right: against the engine, a dense float64 Hessian, closed-form thresholds and a
+per-example loop; also under bf16-mixed, at epoch end and from hooks under ``no_grad``/``inference_mode``."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import TinyClassifier, classification_loader, make_trainer, random_tensors
+from torch import Tensor
+
+from lightning_curvature import (
+    GradientCovarianceMonitor,
+    HessianEigenvalueMonitor,
+    MultiBatch,
+    hessian_eigenvalues,
+    preconditioned_sharpness,
+)
+from lightning_curvature.callbacks._common import step_axis
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+def _loss(model: Any, batch: Any) -> Tensor:
+    return model.loss(batch)
+
+
+def test_step0_sharpness_matches_engine_on_the_fixed_batch() -> None:
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    initial = copy.deepcopy(model)
+    x, y = random_tensors(n=64)
+    monitor = HessianEigenvalueMonitor(every_n_steps=3, k=3, tol=1e-6, num_examples=40)
+    trainer = make_trainer("unused", max_steps=4, callbacks=[monitor])
+    trainer.fit(model, classification_loader(x, y, batch_size=16, shuffle=False))
+    # fixed batch from a sequential loader: the first 40 examples, as batches of 16, 16 and 8
+    batch = MultiBatch([(x[:16], y[:16]), (x[16:32], y[16:32]), (x[32:40], y[32:40])])
+    ref = hessian_eigenvalues(initial, _loss, batch, k=3, tol=1e-8, max_iter=200)
+    step0 = monitor.history[0]
+    assert step0[0] == 0
+    assert step0[1] == pytest.approx(float(ref.eigenvalues[0]), rel=1e-5)
+    assert [s for s, _ in monitor.history] == [0, 3]
+
+
+def _dense_hessian_eigvals(model: torch.nn.Module, batch: Any) -> Tensor:
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(theta: Tensor) -> Tensor:
+        parts = torch.split(theta, [math.prod(s) for s in shapes])
+        params = {n: t.view(s) for n, t, s in zip(names, parts, shapes)}
+        return torch.nn.functional.cross_entropy(torch.func.functional_call(model, params, (batch[0],)), batch[1])
+
+    H = torch.func.hessian(f)(flat)
+    return torch.linalg.eigvalsh(H).flip(0)
+
+
+def monitor_value(monitor: HessianEigenvalueMonitor, step: int, i: int) -> float:
+    return monitor.series[step][f"curvature/eig_{i}"]
+
+
+class _SeriesHessian(HessianEigenvalueMonitor):
+    """Keeps every logged dict by step (for tests)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.series: dict[int, dict[str, float]] = {}
+
+    def measure(self, trainer: Any, pl_module: Any, current_batch: Any, step: int, prog_bar: bool) -> Any:
+        out = super().measure(trainer, pl_module, current_batch, step, prog_bar)
+        self.series[step] = out
+        return out
+
+
+def test_eigenvalues_match_dense_float64_hessian() -> None:
+    """A 26-parameter float64 model (``precision="64-true"``): top-4 against ``eigvalsh`` of the dense Hessian."""
+
+    class Recorder(pl.Callback):
+        def __init__(self) -> None:
+            self.refs: dict[int, Tensor] = {}
+
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
+            step = step_axis(trainer)
+            if step % 2 == 0:  # the monitor measures the current batch at these steps
+                self.refs[step] = _dense_hessian_eigvals(pl_module.net, batch)
+
+    torch.manual_seed(0)
+    model = TinyClassifier(in_dim=3, hidden=4, num_classes=2, lr=0.5)
+    x, y = random_tensors(n=32, dim=3, num_classes=2)
+    monitor = _SeriesHessian(every_n_steps=2, k=4, tol=1e-9, max_iter=26, batch="current")
+    recorder = Recorder()
+    trainer = make_trainer("unused", max_steps=5, precision="64-true", callbacks=[recorder, monitor])
+    trainer.fit(model, classification_loader(x, y, batch_size=16, shuffle=False))
+    assert sorted(recorder.refs) == [0, 2, 4]
+    for step, ref in recorder.refs.items():
+        logged = torch.tensor([monitor_value(monitor, step, i) for i in range(1, 5)], dtype=torch.float64)
+        torch.testing.assert_close(logged, ref[:4], rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "momentum", "nesterov", "lr", "expected"),
+    [
+        ("sgd", 0.0, False, 0.1, 2 / 0.1),
+        ("sgd", 0.9, False, 0.1, (2 + 2 * 0.9) / 0.1),
+        ("sgd", 0.9, True, 0.1, (2 + 2 * 0.9) / ((1 + 2 * 0.9) * 0.1)),
+        ("adam", 0.0, False, 0.01, 38 / 0.01),
+        ("rmsprop", 0.0, False, 0.01, 2 / 0.01),
+    ],
+    ids=["sgd", "momentum", "nesterov", "adam", "rmsprop"],
+)
+def test_threshold_and_preconditioned_sharpness(
+    optimizer: str, momentum: float, nesterov: bool, lr: float, expected: float
+) -> None:
+    class Reference(pl.Callback):
+        """At step 2, the engine's value on the same fixed batch with the same optimizer state."""
+
+        def __init__(self, monitor: HessianEigenvalueMonitor) -> None:
+            self.monitor, self.ref = monitor, math.nan
+
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
+            if step_axis(trainer) == 2:
+                fixed = self.monitor._source.get(None)
+                opt = trainer.optimizers[0]
+                if optimizer in ("adam", "rmsprop"):
+                    res = preconditioned_sharpness(pl_module, _loss, fixed, opt, k=1, tol=1e-8, max_iter=200)
+                    assert res.preconditioned
+                else:
+                    res = hessian_eigenvalues(pl_module, _loss, fixed, k=1, tol=1e-8, max_iter=200)
+                self.ref = res.sharpness
+
+    torch.manual_seed(0)
+    model = TinyClassifier(optimizer=optimizer, momentum=momentum, nesterov=nesterov, lr=lr)
+    x, y = random_tensors(n=64)
+    monitor = _SeriesHessian(every_n_steps=2, k=1, tol=1e-7, num_examples=32)
+    ref = Reference(monitor)
+    trainer = make_trainer("unused", max_steps=3, callbacks=[monitor, ref])
+    trainer.fit(model, classification_loader(x, y, batch_size=16))
+    for step in (0, 2):
+        assert monitor.series[step]["curvature/stability_threshold"] == pytest.approx(expected, rel=1e-12)
+    assert monitor.series[2]["curvature/sharpness"] == pytest.approx(ref.ref, rel=1e-5)
+    assert monitor.series[2]["curvature/edge_ratio"] == pytest.approx(ref.ref / expected, rel=1e-5)
+    adaptive = optimizer in ("adam", "rmsprop")
+    # before the first step an adaptive optimizer has no preconditioner: plain sharpness, no edge ratio
+    assert ("curvature/edge_ratio" in monitor.series[0]) is not adaptive
+
+
+def _per_example_reference(model: torch.nn.Module, x: Tensor, y: Tensor, k: int) -> dict[str, float]:
+    model = copy.deepcopy(model).eval()
+    rows = []
+    for i in range(x.shape[0]):
+        loss = torch.nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        rows.append(torch.cat([g.reshape(-1) for g in grads]).double())
+    G = torch.stack(rows)
+    n = G.shape[0]
+    gbar = G.mean(0)
+    K = (G - gbar).T @ (G - gbar) / n
+    evals = torch.linalg.eigvalsh(K).flip(0)
+    return {
+        **{f"grad_cov/eig_{i + 1}": float(evals[i]) for i in range(k)},
+        "grad_cov/trace": float(torch.trace(K)),
+        "grad_cov/noise_scale": float(torch.trace(K) / gbar.dot(gbar)),
+        "grad_cov/condition_number": float(evals[0] / evals[k - 1]),
+        "grad_cov/frobenius_norm": float(torch.linalg.matrix_norm(K)),
+    }
+
+
+def test_covariance_matches_per_example_loop() -> None:
+    """BatchNorm + dropout model: ``mode="auto"`` measures in eval mode; the reference loops in eval mode."""
+    torch.manual_seed(0)
+    model = TinyClassifier(batch_norm=True, dropout=0.2)
+    x, y = random_tensors(n=64)
+    model.train()
+    with torch.no_grad():  # non-trivial running statistics
+        model(x)
+    initial = copy.deepcopy(model)
+    monitor = GradientCovarianceMonitor(every_n_steps=10, k=3, num_examples=24)
+    trainer = make_trainer("unused", max_steps=2, callbacks=[monitor])
+    trainer.fit(model, classification_loader(x, y, batch_size=16, shuffle=False))
+    assert monitor.history[0][0] == 0
+    ref = _per_example_reference(initial, x[:24], y[:24], k=3)
+    # the logged dict of step 0 is the latest (one measurement only)
+    assert monitor.num_measurements == 1
+    for key, value in ref.items():
+        assert monitor.last_metrics[key] == pytest.approx(value, rel=1e-4), key
+
+
+def test_bf16_mixed_is_measured_in_float32() -> None:
+    def run(precision: str) -> HessianEigenvalueMonitor:
+        torch.manual_seed(0)
+        model = TinyClassifier()
+        x, y = random_tensors(n=64)
+        monitor = HessianEigenvalueMonitor(every_n_steps=2, k=2, tol=1e-6, num_examples=32)
+        cov = GradientCovarianceMonitor(every_n_steps=2, k=2, num_examples=16)
+        trainer = make_trainer("unused", max_steps=3, precision=precision, callbacks=[monitor, cov])
+        trainer.fit(model, classification_loader(x, y, batch_size=16, shuffle=False))
+        assert all(math.isfinite(v) for v in cov.last_metrics.values())
+        return monitor
+
+    fp32, bf16, bf16_true = run("32-true"), run("bf16-mixed"), run("bf16-true")
+    assert all(math.isfinite(v) for _, v in bf16.history + bf16_true.history)
+    # same parameters at step 0 and curvature in float32: the same value
+    assert bf16.history[0][1] == pytest.approx(fp32.history[0][1], rel=1e-5)
+    assert bf16.history[1][1] == pytest.approx(fp32.history[1][1], rel=5e-2)
+    # bf16 parameters (rounded to ~3 digits), curvature upcast to float32
+    assert bf16_true.history[0][1] == pytest.approx(fp32.history[0][1], rel=3e-2)
+
+
+def test_epoch_end_measurements() -> None:
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    x, y = random_tensors(n=48)
+    hess = HessianEigenvalueMonitor(every_n_steps=100, k=1, num_examples=16, on_epoch_end=True)
+    cov = GradientCovarianceMonitor(every_n_steps=100, k=2, batch="current", on_epoch_end=True)
+    trainer = make_trainer("unused", max_epochs=2, callbacks=[hess, cov])
+    trainer.fit(model, classification_loader(x, y, batch_size=16))
+    assert [s for s, _ in hess.history] == [0, 3, 6]
+    assert [s for s, _ in cov.history] == [0, 3, 6]
+    assert all(math.isfinite(v) for _, v in hess.history + cov.history)
+
+
+class _ValidationMonitor(HessianEigenvalueMonitor):
+    """Measures on the validation batch in ``on_validation_epoch_end`` (no_grad in fit, inference_mode alone)."""
+
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int, dl_idx: int = 0) -> None:
+        self._val_batch = batch
+        self._grad_mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.measure(trainer, pl_module, self._val_batch, step_axis(trainer), prog_bar=False)
+
+
+def test_measuring_under_no_grad_and_inference_mode() -> None:
+    torch.manual_seed(0)
+    model = TinyClassifier(batch_norm=True)
+    x, y = random_tensors(n=32)
+    monitor = _ValidationMonitor(every_n_steps=100, k=1, batch="current")
+    trainer = make_trainer("unused", max_steps=2, limit_val_batches=1, val_check_interval=2, callbacks=[monitor])
+    loader = classification_loader(x, y, batch_size=16, shuffle=False)
+    trainer.fit(model, loader, loader)
+    assert monitor._grad_mode == (False, False)
+    assert len(monitor.history) == 2 and all(math.isfinite(v) for _, v in monitor.history)
+    trainer.validate(model, loader, verbose=False)
+    assert monitor._grad_mode == (False, True)
+    assert len(monitor.history) == 3 and math.isfinite(monitor.history[-1][1])
+    # validation runs the model in eval mode and mode="train" keeps the flags it finds: running statistics
+    expected = hessian_eigenvalues(model, _loss, (x[:16], y[:16]), k=1, tol=1e-6, mode="eval").sharpness
+    assert monitor.history[-1][1] == pytest.approx(expected, rel=1e-3)
