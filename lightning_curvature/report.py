@@ -104,10 +104,7 @@ def _read_run(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         for tag in tensor_tags:
             if tag in out:
                 continue
-            out[tag] = [
-                (int(e.step), float(tensor_util.make_ndarray(e.tensor_proto).item()))
-                for e in acc.Tensors(tag)
-            ]
+            out[tag] = [(int(e.step), float(tensor_util.make_ndarray(e.tensor_proto).item())) for e in acc.Tensors(tag)]
     return out
 
 
@@ -206,8 +203,7 @@ def _loss_tag(tags: dict[str, list[tuple[int, float]]]) -> str | None:
 
 
 def _no_data(ax: Any, what: str) -> None:
-    ax.text(0.5, 0.5, f"no data\n({what})", ha="center", va="center", transform=ax.transAxes,
-            fontsize=10, color="0.45")
+    ax.text(0.5, 0.5, f"no data\n({what})", ha="center", va="center", transform=ax.transAxes, fontsize=10, color="0.45")
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -287,8 +283,15 @@ def _draw(data: Scalars, path: Path, title: str | None) -> None:
         for j, (i, tag) in enumerate(eigs):
             alpha = max(0.25, 1.0 - 0.75 * j / max(1, len(eigs) - 1))
             ax.plot(*_xy(tags[tag]), color=colours[run], alpha=alpha, linewidth=1.4)
-            ax.annotate(f"λ{i}", xy=tags[tag][-1], xytext=(3, 0), textcoords="offset points",
-                        fontsize=7, color=colours[run], va="center")
+            ax.annotate(
+                f"λ{i}",
+                xy=tags[tag][-1],
+                xytext=(3, 0),
+                textcoords="offset points",
+                fontsize=7,
+                color=colours[run],
+                va="center",
+            )
             max_k = max(max_k, i)
             drawn = True
     if drawn:
@@ -323,8 +326,14 @@ def _draw(data: Scalars, path: Path, title: str | None) -> None:
         lr_tags = _lr_tags(tags)
         for j, tag in enumerate(lr_tags):
             x, y = _xy(tags[tag])
-            ax.plot(x, y, color=colours[run], linewidth=1.6, alpha=1.0 if j == 0 else 0.6,
-                    label=f"{run}: {tag}" if len(lr_tags) > 1 else None)
+            ax.plot(
+                x,
+                y,
+                color=colours[run],
+                linewidth=1.6,
+                alpha=1.0 if j == 0 else 0.6,
+                label=f"{run}: {tag}" if len(lr_tags) > 1 else None,
+            )
             lr_values += y
             drawn = True
         if _EDGE_LR in tags:
@@ -367,8 +376,13 @@ def _draw(data: Scalars, path: Path, title: str | None) -> None:
     for ax in axes[4:]:
         ax.set_xlabel("step")
     if run_handles:
-        fig.legend(handles=run_handles, loc="outside lower center", ncol=min(len(run_handles), 4),
-                   title="runs (one colour per run)", fontsize="medium")
+        fig.legend(
+            handles=run_handles,
+            loc="outside lower center",
+            ncol=min(len(run_handles), 4),
+            title="runs (one colour per run)",
+            fontsize="medium",
+        )
     if title:
         fig.suptitle(title, fontsize="x-large")
     fig.savefig(path, dpi=100)

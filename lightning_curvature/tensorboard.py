@@ -154,14 +154,10 @@ def _validate_charts(category: str, charts: Any) -> dict[str, list[Any]]:
             or isinstance(spec[1], str)
             or not all(isinstance(t, str) for t in spec[1])
         ):
-            raise TypeError(
-                f"Chart {category!r}/{title!r} must be ['Multiline' | 'Margin', [tag, ...]], got {spec!r}."
-            )
+            raise TypeError(f"Chart {category!r}/{title!r} must be ['Multiline' | 'Margin', [tag, ...]], got {spec!r}.")
         kind, tags = spec[0], list(spec[1])
         if kind not in _CHART_TYPES:
-            raise ValueError(
-                f"Chart {category!r}/{title!r}: type must be one of {_CHART_TYPES}, got {kind!r}."
-            )
+            raise ValueError(f"Chart {category!r}/{title!r}: type must be one of {_CHART_TYPES}, got {kind!r}.")
         if kind == "Margin" and len(tags) != 3:
             raise ValueError(
                 f"Chart {category!r}/{title!r}: a Margin chart needs exactly 3 tags (value, lower, upper),"
@@ -457,8 +453,13 @@ def log_density_figure(
     for i, (label, pos) in enumerate((markers or {}).items()):
         if pos is None or not math.isfinite(float(pos)):
             continue
-        ax.axvline(float(pos), color=colours[i % len(colours)], linestyle="--", linewidth=1.2,
-                   label=f"{label} = {float(pos):.4g}")
+        ax.axvline(
+            float(pos),
+            color=colours[i % len(colours)],
+            linestyle="--",
+            linewidth=1.2,
+            label=f"{label} = {float(pos):.4g}",
+        )
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("spectral density")
     ax.set_title(f"{tag} (step {int(step)})")

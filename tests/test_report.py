@@ -128,8 +128,9 @@ def test_make_report_errors(tmp_path: Path) -> None:
         make_report([], tmp_path / "out")
 
 
-def test_report_main(two_runs: tuple[Path, dict[str, Points]], tmp_path: Path,
-                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_main(
+    two_runs: tuple[Path, dict[str, Points]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root, _ = two_runs
     out = tmp_path / "cli_out"
     assert report_main([str(root), "--out", str(out), "--title", "two runs"]) == 0

@@ -97,8 +97,10 @@ def test_layout_options_and_extra() -> None:
         k=1,
         include_grad_cov=False,
         include_cdat=False,
-        extra={"curvature": {"trace": ["Multiline", ["curvature/trace", "curvature/trace_std"]]},
-               "loss": {"train": ["Margin", ["loss", "loss_lo", "loss_hi"]]}},
+        extra={
+            "curvature": {"trace": ["Multiline", ["curvature/trace", "curvature/trace_std"]]},
+            "loss": {"train": ["Margin", ["loss", "loss_lo", "loss_hi"]]},
+        },
     )
     assert list(layout) == ["curvature", "loss"]
     assert layout["curvature"]["trace"] == ["Multiline", ["curvature/trace", "curvature/trace_std"]]
@@ -198,8 +200,9 @@ def test_density_figure_logged_as_image(tmp_path: Path) -> None:
     writer = SummaryWriter(str(tmp_path))
     grid = torch.linspace(-1.0, 30.0, 101)
     density = torch.exp(-grid.abs())
-    ok = log_density_figure(writer, "curvature/density", grid, density, step=3,
-                            markers={"2/lr": 20.0, "ignored": float("nan")})
+    ok = log_density_figure(
+        writer, "curvature/density", grid, density, step=3, markers={"2/lr": 20.0, "ignored": float("nan")}
+    )
     assert ok is True
     writer.close()
     acc = event_accumulator.EventAccumulator(str(tmp_path))
@@ -218,9 +221,7 @@ def test_density_figure_validates_lengths() -> None:
         log_density_figure(None, "d", [], [], step=0)
 
 
-def test_density_figure_without_matplotlib_warns_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_density_figure_without_matplotlib_warns_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lct, "_warned_no_matplotlib", False)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import raise ImportError
     writer = SummaryWriter(str(tmp_path))

@@ -86,11 +86,17 @@ def test_tensorboard_server_serves_curvature_tags_and_layout(tmp_path: Path, loa
     base = f"http://{HOST}:{port}"
     log_path = tmp_path / "tensorboard.log"
     cmd = [
-        sys.executable, "-m", "tensorboard.main",
-        "--logdir", str(logdir),
-        "--host", HOST,
-        "--port", str(port),
-        "--reload_interval", "1",
+        sys.executable,
+        "-m",
+        "tensorboard.main",
+        "--logdir",
+        str(logdir),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--reload_interval",
+        "1",
         f"--load_fast={load_fast}",
     ]
     with log_path.open("wb") as log:
