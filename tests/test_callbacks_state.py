@@ -78,3 +78,13 @@ def test_state_keys_distinguish_instances() -> None:
     }
     assert len(keys) == 4
     assert HessianEigenvalueMonitor(k=5).state_key == HessianEigenvalueMonitor(k=5, tol=1e-2).state_key
+
+
+def test_a_new_fit_starts_a_new_step_axis(tmp_path: Path) -> None:
+    """The same instance in a second, fresh Trainer measures at step 0 again (no stale de-duplication)."""
+    hess = HessianEigenvalueMonitor(every_n_steps=2, k=1, num_examples=16)
+    x, y = random_tensors(n=32)
+    for _ in range(2):
+        trainer = make_trainer(tmp_path, max_steps=1, callbacks=[hess])
+        trainer.fit(TinyClassifier(), classification_loader(x, y, batch_size=16))
+    assert [s for s, _ in hess.history] == [0, 0]

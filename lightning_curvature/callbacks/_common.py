@@ -142,6 +142,14 @@ class CurvatureMonitorBase(Callback):
 
     Subclasses implement :meth:`_measure` (return the scalars to log; may raise
     :class:`~lightning_curvature.core.NonFiniteCurvatureError`) and :meth:`_failed_metrics`.
+
+    Attributes:
+        history: ``(step, value)`` of the headline quantity at every measurement (sharpness, ``grad_cov/eig_1``);
+            checkpointed, so a resumed run continues it. It accumulates across fits with the same instance.
+        last_metrics: every scalar of the latest measurement (NaN where it failed); checkpointed.
+        num_measurements: measurements so far; checkpointed.
+        last_step: step of the latest measurement in this fit (``-1``: none yet); checkpointed.
+        measure_time_s: wall time spent measuring in this process (not checkpointed).
     """
 
     #: Tag shown in the progress bar (``None``: none).
@@ -189,7 +197,11 @@ class CurvatureMonitorBase(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(**self._identity())
+        # Lightning reads it at every hook call (profiler names): build it once, the identity never changes
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self.__dict__["_state_key"] = self._generate_state_key(**self._identity())
+        return key
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -213,6 +225,9 @@ class CurvatureMonitorBase(Callback):
         check_strategy(trainer.strategy, type(self).__name__)
         if stage == "fit":
             self._resolved_loss = resolve_loss_fn(pl_module, self.loss_fn)
+            # a new fit starts its own step axis; a resumed one gets `last_step` back from the checkpoint
+            # (callbacks' states are loaded after `setup`)
+            self.last_step = -1
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -233,8 +248,11 @@ class CurvatureMonitorBase(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = step_axis(trainer)
-        if self.on_epoch_end and step != self.last_step:
-            self.measure(trainer, pl_module, self._last_batch, step, prog_bar=False)
+        if not self.on_epoch_end or step == self.last_step:
+            return
+        if self._source.kind == "current" and self._last_batch is None:
+            return  # no training batch seen yet
+        self.measure(trainer, pl_module, self._last_batch, step, prog_bar=False)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
