@@ -167,3 +167,26 @@ def test_adaptive_optimizer_is_fed_only_preconditioned_values(tmp_path: Path) ->
     # step 0: no Adam state yet, the plain Hessian is logged but not fed
     assert [s for s, _ in hess.history] == [0, 2]
     assert [s for _, s in model.sched.observed] == [2]
+
+
+class _WithSharpnessAwareLR(TinyClassifier):
+    def configure_optimizers(self) -> Any:
+        from lightning_curvature import SharpnessAwareLR
+
+        opt = torch.optim.SGD(self.parameters(), lr=5.0)  # far above 2/sharpness: the cap must bind
+        self.sched = SharpnessAwareLR(opt)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.sched, "interval": "step"}}
+
+
+def test_end_to_end_with_sharpness_aware_lr(tmp_path: Path) -> None:
+    """The wiring of API.md: the callback plus the returned scheduler, nothing else."""
+    torch.manual_seed(0)
+    model = _WithSharpnessAwareLR()
+    x, y = random_tensors(n=48)
+    hess = HessianEigenvalueMonitor(every_n_steps=2, k=1, num_examples=16)
+    trainer = make_trainer(tmp_path, max_steps=4, callbacks=[hess])
+    trainer.fit(model, classification_loader(x, y, batch_size=16))
+    assert model.sched.monitor_attached and model.sched.num_observations == 2
+    assert model.sched.sharpness == pytest.approx(hess.last_sharpness)
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr < 5.0 and lr * hess.last_sharpness <= 2.0
