@@ -118,3 +118,19 @@ def test_bad_input() -> None:
         next(model.parameters()).fill_(float("nan"))
     with pytest.raises(NonFiniteCurvatureError):
         gradient_covariance(model, ce_loss, (x, y))
+
+
+def test_non_finite_with_reduction_raises_after_the_reduction() -> None:
+    model = mlp(hidden=4)
+    x, y = digits(8)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    calls: list[int] = []
+
+    def reduce_fn(t: torch.Tensor) -> torch.Tensor:
+        calls.append(t.numel())
+        return t
+
+    with pytest.raises(NonFiniteCurvatureError, match="some process"):
+        gradient_covariance(model, ce_loss, (x, y), reduce_fn=reduce_fn)
+    assert calls  # reduced first

@@ -315,3 +315,19 @@ def test_non_finite_loss_raises_catchable_error() -> None:
     with pytest.raises(NonFiniteCurvatureError):
         hessian_eigenvalues(model, loss_fn, batch)
     assert flat_params(model).isnan().any()  # untouched, still the caller's NaN
+
+
+def test_non_finite_with_reduction_raises_after_the_reduction() -> None:
+    """Under a cross-process reduction, the error must come after the all-reduce so no rank waits alone."""
+    model, loss_fn, batch = _mlp_case()
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    calls: list[int] = []
+
+    def reduce_fn(t: torch.Tensor) -> torch.Tensor:
+        calls.append(t.numel())
+        return t
+
+    with pytest.raises(NonFiniteCurvatureError, match="some process"):
+        hessian_eigenvalues(model, loss_fn, batch, reduce_fn=reduce_fn)
+    assert len(calls) == 2  # the example count, then the first (NaN) product: reduced before raising

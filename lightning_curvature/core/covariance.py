@@ -211,10 +211,11 @@ def _distributed(
     kwargs: dict[str, Any],
 ) -> CovarianceResult:
     G = torch.cat(list(per_example_gradient_chunks(model, loss_fn, batch, **kwargs)))
-    if not bool(torch.isfinite(G).all()):
-        raise NonFiniteCurvatureError("A per-example gradient is NaN or infinite.")
+    # no local raise before the all-reduce (the other ranks would hang): NaN propagates into the reduced stats
     stats = torch.cat([torch.tensor([float(n_local), float((G * G).sum())], device=G.device, dtype=G.dtype), G.sum(0)])
     stats = reduce_fn(stats)
+    if not bool(torch.isfinite(stats).all()):
+        raise NonFiniteCurvatureError("A per-example gradient is NaN or infinite on some process.")
     n = round(float(stats[0]))
     if n < 2:
         raise ValueError(f"The gradient covariance needs at least 2 examples, got {n}.")

@@ -222,7 +222,9 @@ class HessianOperator:
     def _grad_with_graph(self, batch: Any) -> tuple[list[Tensor], list[Tensor]]:
         params = self.parameter_copies()
         loss = self._loss(params, batch)
-        if not torch.isfinite(loss):
+        # With a cross-process reduction, a rank must not raise alone (the others would wait in the all-reduce
+        # forever): the NaN flows into the reduced products instead and every rank raises at the same point.
+        if self.reduce_fn is None and not torch.isfinite(loss):
             raise NonFiniteCurvatureError(f"The loss is not finite ({loss.item()}); no curvature to measure.")
         raw = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(raw, params)]
@@ -249,7 +251,10 @@ class HessianOperator:
         if self.reduce_fn is not None:
             local_sum = self.reduce_fn(local_sum)
         assert self._total is not None
-        return local_sum / self._total
+        out = local_sum / self._total
+        if self.reduce_fn is not None and not bool(torch.isfinite(out).all()):
+            raise NonFiniteCurvatureError(f"The reduced {what} is not finite on some process.")
+        return out
 
     def matvec(self, v: Tensor) -> Tensor:
         """:math:`Hv` for a flat vector ``v`` (any dtype; computed and returned in the compute dtype).
