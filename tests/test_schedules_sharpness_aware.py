@@ -381,3 +381,16 @@ def test_lightning_resume_reproduces_uninterrupted_lrs(tmp_path: Any) -> None:
     assert len(resumed.lrs) == 4
     assert resumed.lrs == full.lrs[4:]
     assert len(set(full.lrs)) > 3  # the schedule really moves (base decay and cap alternate)
+
+
+def test_lightning_with_real_hessian_monitor(tmp_path: Any) -> None:
+    from lightning_curvature.callbacks import HessianEigenvalueMonitor
+
+    rec = LrRecorder()
+    monitor = HessianEigenvalueMonitor(every_n_steps=1, k=1, tol=1e-8, log_histogram=False, prog_bar=False)
+    trainer = _trainer(tmp_path, [monitor, rec], max_steps=5, enable_checkpointing=False)
+    model = LeastSquares()
+    trainer.fit(model)
+    cap = 0.9 * 3.0 / _ls_lambda_max(model.x)  # SGD momentum 0.5: (2 + 2β)/λ
+    assert rec.lrs[0] in (pytest.approx(1.0), pytest.approx(cap, rel=1e-5))
+    assert rec.lrs[1:] == pytest.approx([cap] * 4, rel=1e-5)
