@@ -398,3 +398,16 @@ def test_monitor_warns_without_cdat_scheduler(tmp_path: Any) -> None:
     )
     with pytest.warns(UserWarning, match="no CurvatureDynamicsAwareLR"):
         trainer.fit(Plain())
+
+
+def test_lightning_non_finite_measurement_keeps_lr_and_warns_once(tmp_path: Any) -> None:
+    rec = LrRecorder()
+    monitor = DirectionalCurvatureMonitor(loss_fn=lambda m, b: _mse(m, b) * float("nan"))
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=3, callbacks=[monitor, rec], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="non-finite") as record:
+        trainer.fit(LeastSquares())
+    assert sum("non-finite" in str(w.message) for w in record) == 1
+    assert rec.lrs == [0.1, 0.1, 0.1]  # the optimizer's lr, untouched
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert sched.num_skipped == 3 and sched.num_accepted == 0

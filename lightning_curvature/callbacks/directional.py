@@ -69,7 +69,9 @@ class DirectionalCurvatureMonitor(Callback):
 
     Logged (at the ``LearningRateMonitor`` step axis, when the Trainer logs): ``cdat/numerator`` (:math:`n_t`),
     ``cdat/denominator`` (:math:`d_t`), ``cdat/edge_lr`` (:math:`2\bar n_t/\bar d_t`) and ``cdat/lr`` (the lr of
-    the first parameter group); with several CDAT schedulers the keys get a ``/{index}`` suffix.
+    the first parameter group); with several CDAT schedulers the keys get a ``/{index}`` suffix. ``cdat/lr`` at
+    step ``t`` is the lr used by update ``t``; ``LearningRateMonitor`` logs in ``on_train_batch_start``, before
+    CDAT sets that lr, so its ``lr-*`` curve shows the previous step's value at ``t``.
 
     Args:
         loss_fn: ``loss_fn(pl_module, batch) -> scalar`` mean loss; default: the module's
