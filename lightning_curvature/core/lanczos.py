@@ -116,9 +116,12 @@ def lanczos_tridiagonal(
     for j in range(m_max):
         w = matvec(V[j]).reshape(-1).to(V.dtype)
         a = torch.dot(w, V[j])
-        # full reorthogonalisation (twice is enough: "twice is enough", Parlett)
+        # full reorthogonalisation, classical Gram–Schmidt applied twice ("twice is enough", Parlett §6.9);
+        # addmv_ on the row-major basis avoids materialising a transposed copy
+        basis = V[: j + 1]
+        w = w.clone()
         for _ in range(2):
-            w = w - V[: j + 1].T @ (V[: j + 1] @ w)
+            w.addmv_(basis.t(), torch.mv(basis, w), alpha=-1.0)
         b = torch.linalg.vector_norm(w)
         ab = torch.stack([a, b]).double().cpu()  # one host sync per step
         alpha, beta = float(ab[0]), float(ab[1])
@@ -377,16 +380,26 @@ def _block_warm_start(
             break
         kk = min(k + _GUARD, m)
         scale = theta[:kk].abs().clamp_min(rule.abs_floor)
-        worst = int(torch.argmax(bounds[:kk] / scale))
-        r = R[worst]
-        for _ in range(2):
-            r = r - B.T @ (B @ r)
-        nrm = torch.linalg.vector_norm(r)
-        if float(nrm) <= 1e-10 * max(1.0, float(theta.abs().max())):
+        ratio = bounds[:kk] / scale
+        # block step: the residuals of every pair not yet within tol (at least the worst one)
+        todo = [i for i in torch.argsort(ratio, descending=True).tolist() if ratio[i] > rule.tol] or [
+            int(ratio.argmax())
+        ]
+        added = 0
+        for i in todo[: max(1, max_iter - m)]:
+            r = R[i].clone()
+            for _ in range(2):
+                cur = torch.stack(basis)
+                r.addmv_(cur.t(), torch.mv(cur, r), alpha=-1.0)
+            nrm = torch.linalg.vector_norm(r)
+            if float(nrm) <= 1e-8 * float(torch.linalg.vector_norm(R[i])) or float(nrm) == 0.0:
+                continue
+            basis.append(r / nrm)
+            products.append(matvec(basis[-1]).reshape(-1).to(V0.dtype))
+            added += 1
+        if added == 0:
             rule.converged = True  # the basis is invariant: Ritz values exact
             break
-        basis.append(r / nrm)
-        products.append(matvec(basis[-1]).reshape(-1).to(V0.dtype))
     if m < k:
         raise ValueError(f"The warm-start basis has dimension {m} < k={k}.")
     return LanczosResult(
