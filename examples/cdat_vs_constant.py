@@ -126,6 +126,8 @@ def main() -> None:
             "constant_final_loss": {str(lr): _finite(r.final_loss) for lr, r in constants.items()},
             "best_constant_lr": best_lr,
             "best_constant_loss": constants[best_lr].final_loss,
+            "lowest_loss_of_any_constant_run": min(min(r.losses) for r in constants.values()),
+            "lowest_loss_of_cdat_edge_run": min(edge.losses) if edge.losses else None,
             "cdat_final_loss": {r.name: _finite(r.final_loss) for r in tuned},
             "cdat_edge_beats_best_constant": edge.final_loss < constants[best_lr].final_loss,
             "cdat_edge_lr_first": edge.lrs[0] if edge.lrs else None,
@@ -145,7 +147,9 @@ def main() -> None:
     print(
         f"{NAME}: full batch, CDAT sigma=2 reaches {full_cdat[0].final_loss:.4f} and {verdict} the best of "
         f"{len(full_const)} constant lrs ({fb['best_constant_loss']:.4f} at lr {fb['best_constant_lr']:g}); "
-        f"greedy sigma=1: {full_cdat[1].final_loss:.4f}. Its lr rises from {fb['cdat_edge_lr_first']:.4f} to "
+        f"greedy sigma=1: {full_cdat[1].final_loss:.4f}; lowest loss along any constant run "
+        f"{fb['lowest_loss_of_any_constant_run']:.4f} vs {fb['lowest_loss_of_cdat_edge_run']:.4f} for CDAT. "
+        f"Its lr rises from {fb['cdat_edge_lr_first']:.4f} to "
         f"{fb['cdat_edge_lr_max']:.4f} (warm-up-like). Mini-batch {mini['batch']}: CDAT sigma=2 "
         f"{mini_cdat[0].final_loss:.4f}, sigma=1 {mini_cdat[1].final_loss:.4f}, best constant "
         f"{mb['best_constant_loss']:.4f} (lr {mb['best_constant_lr']:g}): sigma=2 {mverdict} it. "
