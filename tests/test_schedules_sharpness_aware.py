@@ -244,9 +244,9 @@ def test_missing_monitor_raises_at_first_step() -> None:
     opt.step()
     with pytest.raises(RuntimeError, match=r"HessianEigenvalueMonitor\(.*\).*observe_sharpness"):
         sched.step()
-    quiet = SharpnessAwareLR(_sgd(), warn_missing=False)
+    quiet = SharpnessAwareLR(opt, warn_missing=False)
     quiet.step()
-    attached = SharpnessAwareLR(_sgd())
+    attached = SharpnessAwareLR(opt)
     attached.attach_monitor(object())
     attached.step()
     assert attached.monitor_attached and "_monitor_attached" not in attached.state_dict()
@@ -387,7 +387,9 @@ def test_lightning_with_real_hessian_monitor(tmp_path: Any) -> None:
     from lightning_curvature.callbacks import HessianEigenvalueMonitor
 
     rec = LrRecorder()
-    monitor = HessianEigenvalueMonitor(every_n_steps=1, k=1, tol=1e-8, log_histogram=False, prog_bar=False)
+    monitor = HessianEigenvalueMonitor(
+        every_n_steps=1, k=1, tol=1e-8, num_examples=64, log_histogram=False, prog_bar=False
+    )
     trainer = _trainer(tmp_path, [monitor, rec], max_steps=5, enable_checkpointing=False)
     model = LeastSquares()
     trainer.fit(model)
