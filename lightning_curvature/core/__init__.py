@@ -30,6 +30,7 @@ from lightning_curvature.core.stability import (
 )
 from lightning_curvature.core.subspace import top_subspace_overlap
 from lightning_curvature.core.trace import TraceResult, hessian_trace, hutchinson_trace, hutchpp_trace
+from lightning_curvature.core.update_direction import directional_terms, update_direction
 
 __all__ = [
     "CovarianceResult",
@@ -43,6 +44,7 @@ __all__ = [
     "adam_stability_threshold",
     "adaptive_preconditioner",
     "all_reduce_sum",
+    "directional_terms",
     "gradient_covariance",
     "hessian_eigenvalues",
     "hessian_spectral_density",
@@ -63,5 +65,6 @@ __all__ = [
     "slq_density",
     "stability_threshold",
     "top_subspace_overlap",
+    "update_direction",
     "warm_start_vector",
 ]

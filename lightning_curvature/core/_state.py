@@ -71,7 +71,7 @@ def preserved_model_state(
     with ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=devices, device_type=_device_type(devices)))
         if seed is not None:
-            torch.manual_seed(seed)
+            seed_generators(seed, devices)
         if mode == "eval":
             module.eval()
         try:
@@ -84,6 +84,22 @@ def preserved_model_state(
                     saved = buffers.get(name)
                     if saved is not None and saved.shape == b.shape:
                         b.copy_(saved)
+
+
+def seed_generators(seed: int, devices: list[torch.device]) -> None:
+    """Seed the default CPU generator and those of ``devices`` only (``torch.manual_seed`` seeds every device)."""
+    torch.default_generator.manual_seed(seed)
+    for d in devices:
+        if d.type == "cuda":
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(seed)
+        else:  # other accelerators: their module-level seeding
+            torch.get_device_module(d.type).manual_seed(seed)
+
+
+def model_devices(module: nn.Module) -> list[torch.device]:
+    """The non-CPU devices holding ``module``'s parameters or buffers."""
+    return _devices_of(module)
 
 
 def _device_type(devices: list[torch.device]) -> str:

@@ -29,7 +29,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_curvature.core._batch import batch_size, iter_batches, to_compute
-from lightning_curvature.core._state import MeasurementMode, check_mode, math_attention, preserved_model_state
+from lightning_curvature.core._state import (
+    MeasurementMode,
+    check_mode,
+    math_attention,
+    model_devices,
+    preserved_model_state,
+    seed_generators,
+)
 from lightning_curvature.core.errors import NonFiniteCurvatureError
 
 __all__ = [
@@ -165,6 +172,7 @@ class HessianOperator:
         self.num_hvp = 0
         self.num_grad = 0
         self._wrapper = _LossModule(model, loss_fn)
+        self._devices = model_devices(model)
         self._stack: ExitStack | None = None
         self._graphs: list[tuple[list[Tensor], list[Tensor]]] | None = None
         self._total: float | None = None
@@ -208,7 +216,7 @@ class HessianOperator:
                     mapping[f"model.{n}"] = b.detach().to(self.dtype)
         batch = to_compute(batch, self.device, self.dtype)
         if self.seed is not None:
-            torch.manual_seed(self.seed)  # the same dropout mask in every evaluation
+            seed_generators(self.seed, self._devices)  # the same dropout mask in every evaluation
         loss = functional_call(self._wrapper, mapping, (batch,), strict=False)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise TypeError(
