@@ -1,0 +1,58 @@
+"""CUDA paths: the same measurements on the GPU as on the CPU, nothing moved to the host by accident.
+
+Skipped without CUDA (CI has none); run on a machine with a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _reference import ce_loss, digits, mlp
+from torch import nn
+
+from lightning_curvature import (
+    HessianEigenvalueMonitor,
+    gradient_covariance,
+    hessian_eigenvalues,
+    hessian_trace,
+)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_eigenvalues_trace_covariance_match_cpu() -> None:
+    model = mlp(hidden=12)
+    x, y = digits(64)
+    gpu = copy.deepcopy(model).cuda()
+    batch = (x.cuda(), y.cuda())
+    for fn, kwargs in ((hessian_eigenvalues, {"k": 3, "tol": 1e-6}), (hessian_trace, {"num_samples": 30})):
+        cpu_res, gpu_res = fn(model, ce_loss, (x, y), **kwargs), fn(gpu, ce_loss, batch, **kwargs)
+        if fn is hessian_eigenvalues:
+            torch.testing.assert_close(gpu_res.eigenvalues, cpu_res.eigenvalues, rtol=1e-6, atol=1e-9)
+        else:
+            assert abs(gpu_res.estimate - cpu_res.estimate) < 5 * cpu_res.std_error
+    cov_cpu = gradient_covariance(model, ce_loss, (x, y), k=4)
+    cov_gpu = gradient_covariance(gpu, ce_loss, batch, k=4)
+    torch.testing.assert_close(cov_gpu.eigenvalues, cov_cpu.eigenvalues, rtol=1e-6, atol=1e-12)
+
+
+def test_cuda_rng_and_buffers_untouched() -> None:
+    model = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Dropout(0.3), nn.Linear(16, 10)).cuda().train()
+    x, y = digits(32, torch.float32)
+    before_rng = torch.cuda.get_rng_state()
+    before = [b.clone() for b in model.buffers()]
+    hessian_eigenvalues(model, ce_loss, (x.cuda(), y.cuda()), k=2)
+    assert torch.equal(torch.cuda.get_rng_state(), before_rng)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+
+
+def test_monitor_on_gpu_trainer(tmp_path) -> None:
+    from conftest import TinyClassifier, classification_loader, make_trainer, random_tensors
+
+    x, y = random_tensors(64)
+    monitor = HessianEigenvalueMonitor(every_n_steps=2, k=2, num_examples=32)
+    trainer = make_trainer(tmp_path, accelerator="gpu", max_steps=4, callbacks=[monitor])
+    trainer.fit(TinyClassifier(), classification_loader(x, y, seed=0))
+    assert monitor.last_sharpness is not None and monitor.last_sharpness > 0
