@@ -1,4 +1,4 @@
-"""Wall-time overhead of the curvature monitors at their default cadence on real Lightning training runs.
+"""Wall-time overhead of the curvature monitors at their default (adaptive) cadence on real Lightning runs.
 
 Two cases, as in ``benchmarks/cases.py``:
 
@@ -7,16 +7,25 @@ Two cases, as in ``benchmarks/cases.py``:
   images with random labels, batch 64, SGD.
 
 For each case, ``trainer.fit`` is timed without callbacks, with ``HessianEigenvalueMonitor()``, with
-``GradientCovarianceMonitor()`` and with both (all defaults: every 50 steps plus step 0, fixed batch of 256 /
-128 examples, k = 5 / 10), each ``--repeats`` times (the fastest run counts), with a TensorBoard logger as a user
-would have. Reported per configuration: fit time, overhead against the baseline (wall time), the monitors' own
-measured time (``measure_time_s``) as a share of the rest of the run (less noisy on a shared machine), time and
-Hessian-vector products per measurement, and the ``every_n_steps`` that would keep the monitor at 5%.
+``GradientCovarianceMonitor()``, with both, and with both at half the budget each (``max_overhead=0.025``: the
+budget is per monitor). All other arguments are the defaults: adaptive cadence with ``max_overhead=0.05`` (step 0,
+then ``ceil(t_measure / (0.05 t_step))`` steps after each measurement), fixed batch of 256 / 128 examples,
+k = 5 / 10, block warm start. Each configuration runs ``repeats`` times (the fastest counts), interleaved, with a
+TensorBoard logger as a user would have.
+
+Reported per configuration: fit time; ``wall_overhead`` (fit time / baseline - 1: everything the monitors add);
+``monitor_share`` (the monitors' own measuring time / the rest of the run: less noisy on a shared machine); the
+steps measured and measurements per 1,000 steps; time and Hessian-vector products of the first (cold) and later
+(warm-started) measurements; and the plan at the end of the run: the gap to the next measurement, the monitor's
+step-time average against the baseline's step time, the steady-state overhead of that plan
+(``t_measure / (gap * baseline step time)``) and its measurements per 1,000 steps. The step-0 measurement is paid
+for by no training time, so a run shorter than a few gaps shows a realised overhead above the steady state (on the
+CNN the first gap is thousands of steps: see ``projected`` for longer runs).
 
 Run::
 
     python benchmarks/bench_monitor_overhead.py            # prints a table, writes results/monitor_overhead.json
-    python benchmarks/bench_monitor_overhead.py --quick    # fewer steps, for a smoke test
+    python benchmarks/bench_monitor_overhead.py --quick    # a tenth of the steps, one repeat: a smoke test
 """
 
 from __future__ import annotations
@@ -85,40 +94,70 @@ def _data(case: str) -> TensorDataset:
 
 
 CASES: dict[str, dict[str, Any]] = {
-    "mlp_digits": {"net": _mlp, "lr": 0.1, "batch_size": 64, "steps": 1000},
-    "cnn": {"net": _cnn, "lr": 0.02, "batch_size": 64, "steps": 200},
+    "mlp_digits": {"net": _mlp, "lr": 0.1, "batch_size": 64, "steps": 10_000, "repeats": 2},
+    "cnn": {"net": _cnn, "lr": 0.02, "batch_size": 64, "steps": 800, "repeats": 1},
 }
+#: run lengths at which the realised overhead of the final plan is projected (the step-0 measurement amortised)
+PROJECT_STEPS = (10_000, 100_000)
 
 
 class _Counting:
-    """Mixin recording the Hessian-vector products of every measurement."""
+    """Mixin recording the step, wall time and Hessian-vector products of every measurement."""
 
-    hvps: list[float]
+    records: list[tuple[int, float, float]]
+    measure_time_s: float
 
-    def measure(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        out = super().measure(*args, **kwargs)  # type: ignore[misc]
-        self.hvps.append(out.get("curvature/num_hvp", float("nan")))
+    def measure(self, trainer: Any, pl_module: Any, current_batch: Any, step: int, prog_bar: bool) -> dict[str, float]:
+        before = self.measure_time_s
+        out = super().measure(trainer, pl_module, current_batch, step, prog_bar)  # type: ignore[misc]
+        self.records.append((step, self.measure_time_s - before, out.get("curvature/num_hvp", float("nan"))))
         return out
 
 
 class CountingHessian(_Counting, HessianEigenvalueMonitor):
-    def __init__(self) -> None:
-        super().__init__()
-        self.hvps = []
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.records = []
 
 
 class CountingCovariance(_Counting, GradientCovarianceMonitor):
-    def __init__(self) -> None:
-        super().__init__()
-        self.hvps = []
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.records = []
 
 
-CONFIGS = {
+HALF = {"max_overhead": 0.025}
+CONFIGS: dict[str, tuple[tuple[type, dict[str, Any]], ...]] = {
     "baseline": (),
-    "hessian": (CountingHessian,),
-    "covariance": (CountingCovariance,),
-    "both": (CountingHessian, CountingCovariance),
+    "hessian": ((CountingHessian, {}),),
+    "covariance": ((CountingCovariance, {}),),
+    "both": ((CountingHessian, {}), (CountingCovariance, {})),
+    "both_2.5pct": ((CountingHessian, HALF), (CountingCovariance, HALF)),
 }
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _monitor_summary(m: Any, steps: int) -> dict[str, Any]:
+    times = [t for _, t, _ in m.records]
+    hvps = [h for _, _, h in m.records if h == h]
+    gap = m.next_step - m.last_step
+    return {
+        "max_overhead": m.max_overhead,
+        "measured_steps": [s for s, _, _ in m.records],
+        "per_1000_steps": round(1000 * len(m.records) / steps, 2),
+        "first_measure_s": round(times[0], 4) if times else None,
+        "later_measure_s": None if len(times) < 2 else round(_mean(times[1:]), 4),  # type: ignore[arg-type]
+        "first_hvp": hvps[0] if hvps else None,
+        "later_hvp": None if len(hvps) < 2 else round(_mean(hvps[1:]), 2),  # type: ignore[arg-type]
+        "realised_overhead": None if m.overhead is None else round(m.overhead, 4),  # measuring / timed training
+        "step_time_ema_s": m.step_time_s,
+        "last_measure_s": round(m._last_measure_s, 4),
+        "planned_gap": gap,
+        "planned_provisional": m._provisional,
+    }
 
 
 def run_once(case: str, config: str, steps: int, workdir: Path) -> dict[str, Any]:
@@ -126,7 +165,7 @@ def run_once(case: str, config: str, steps: int, workdir: Path) -> dict[str, Any
     pl.seed_everything(0, verbose=False)
     model = Classifier(spec["net"](), spec["lr"])
     loader = DataLoader(_data(case), batch_size=spec["batch_size"], shuffle=True, drop_last=True)
-    monitors = [cls() for cls in CONFIGS[config]]
+    monitors = [cls(**kwargs) for cls, kwargs in CONFIGS[config]]
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, logger=TensorBoardLogger(workdir, name=f"{case}-{config}"),
         callbacks=monitors, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -134,35 +173,41 @@ def run_once(case: str, config: str, steps: int, workdir: Path) -> dict[str, Any
     t0 = time.perf_counter()
     trainer.fit(model, loader)
     wall = time.perf_counter() - t0
-    measure = sum(m.measure_time_s for m in monitors)
-    count = sum(m.num_measurements for m in monitors)
-    hvps = [h for m in monitors for h in m.hvps if h == h]
     return {
         "fit_s": wall,
-        "monitor_s": measure,
-        "measurements": count,
-        "per_measurement_s": {type(m).__name__: m.measure_time_s / max(1, m.num_measurements) for m in monitors},
-        "hvp_per_measurement": sum(hvps) / len(hvps) if hvps else None,
+        "monitor_s": sum(m.measure_time_s for m in monitors),
+        "measurements": sum(m.num_measurements for m in monitors),
+        "monitors": {type(m).__name__.replace("Counting", ""): _monitor_summary(m, steps) for m in monitors},
         "num_params": sum(p.numel() for p in model.parameters()),
     }
+
+
+def _project(mon: dict[str, Any], step_s: float, steps: int) -> float:
+    """Overhead of a ``steps``-step run: step 0 at the first measurement's cost, then the final plan's cadence."""
+    first, later = mon["first_measure_s"], mon["last_measure_s"]
+    gap = mon["planned_gap"]
+    n_later = steps // gap
+    return (first + n_later * later) / (steps * step_s)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=None, help="override the per-case repeats")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable on a shared box)")
-    parser.add_argument("--quick", action="store_true", help="a tenth of the steps")
+    parser.add_argument("--quick", action="store_true", help="a tenth of the steps, one repeat")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:
             steps = CASES[case]["steps"] // (10 if args.quick else 1)
+            repeats = 1 if args.quick else (args.repeats or CASES[case]["repeats"])
             best: dict[str, dict[str, Any]] = {}
             run_once(case, "both", 2, Path(tmp))  # warm-up (imports, allocator, first-call costs), discarded
-            for _ in range(args.repeats):
+            for _ in range(repeats):
                 for config in CONFIGS:  # interleaved, so machine-load drifts hit every configuration
                     r = run_once(case, config, steps, Path(tmp))
                     if config not in best or r["fit_s"] < best[config]["fit_s"]:
@@ -171,37 +216,59 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             step_s = base / steps
             for config, r in best.items():
                 rest = r["fit_s"] - r["monitor_s"]
+                monitors = r["monitors"]
+                for mon in monitors.values():
+                    ema = mon["step_time_ema_s"]
+                    mon["ema_vs_baseline_step"] = None if ema is None else round(ema / step_s, 3)
+                    mon["steady_state_overhead"] = round(mon["last_measure_s"] / (mon["planned_gap"] * step_s), 4)
+                    mon["planned_per_1000_steps"] = round(1000 / mon["planned_gap"], 2)
+                    mon["projected"] = {str(n): round(_project(mon, step_s, n), 4) for n in PROJECT_STEPS}
                 row = {
-                    "case": case, "config": config, "steps": steps, "repeats": args.repeats,
-                    "num_params": r["num_params"],
+                    "case": case, "config": config, "steps": steps, "repeats": repeats,
+                    "num_params": r["num_params"], "baseline_step_s": round(step_s, 6),
                     "fit_s": round(r["fit_s"], 3), "wall_overhead": round(r["fit_s"] / base - 1.0, 4),
                     "monitor_s": round(r["monitor_s"], 3),
                     "monitor_share": round(r["monitor_s"] / rest, 4) if config != "baseline" else 0.0,
                     "measurements": r["measurements"],
-                    "per_measurement_s": {k: round(v, 4) for k, v in r["per_measurement_s"].items()},
-                    "hvp_per_measurement": r["hvp_per_measurement"],
+                    "per_1000_steps": round(1000 * r["measurements"] / steps, 2),
+                    "steady_state_overhead": round(sum(m["steady_state_overhead"] for m in monitors.values()), 4),
+                    "projected": {
+                        str(n): round(sum(m["projected"][str(n)] for m in monitors.values()), 4) for n in PROJECT_STEPS
+                    },
+                    "monitors": monitors,
                 }  # fmt: skip
-                # cadence at which the measured cost per measurement stays within the budget
-                per = sum(r["per_measurement_s"].values())
-                row["every_n_steps_for_5pct"] = int(per / (BUDGET * step_s)) + 1 if per > 0 else None
                 rows.append(row)
-    print(f"{'case':<11} {'config':<11} {'steps':>5} {'fit s':>8} {'wall ovh':>9} {'monitor':>8} "
-          f"{'s/meas':>8} {'HVP/meas':>8} {'n for 5%':>8}")  # fmt: skip
+    print(f"{'case':<11} {'config':<12} {'steps':>5} {'fit s':>7} {'wall ovh':>8} {'monitor':>8} {'meas/1k':>7} "
+          f"{'plan/1k':>7} {'steady':>7} {'@10k':>6} {'@100k':>6}  "
+          "per monitor: first/later s, HVP first/later")  # fmt: skip
     for r in rows:
-        per = sum(r["per_measurement_s"].values())
-        hvp = "" if r["hvp_per_measurement"] is None else f"{r['hvp_per_measurement']:.1f}"
-        print(f"{r['case']:<11} {r['config']:<11} {r['steps']:>5} {r['fit_s']:>8.2f} {r['wall_overhead']:>8.1%} "
-              f"{r['monitor_share']:>8.1%} {per:>8.3f} {hvp:>8} {r['every_n_steps_for_5pct'] or '':>8}")  # fmt: skip
+        mons = r["monitors"].values()
+        plan = sum(m["planned_per_1000_steps"] for m in mons)
+        detail = "; ".join(
+            f"{name}: {m['first_measure_s']}/{m['later_measure_s']} s"
+            + (f", HVP {m['first_hvp']:.0f}/{m['later_hvp']}" if m["first_hvp"] is not None else "")
+            for name, m in r["monitors"].items()
+        )
+        proj = r["projected"]
+        print(f"{r['case']:<11} {r['config']:<12} {r['steps']:>5} {r['fit_s']:>7.2f} {r['wall_overhead']:>8.1%} "
+              f"{r['monitor_share']:>8.1%} {r['per_1000_steps']:>7.2f} {plan:>7.2f} {r['steady_state_overhead']:>7.1%} "
+              f"{proj['10000']:>6.1%} {proj['100000']:>6.1%}  {detail}")  # fmt: skip
+    elapsed = time.perf_counter() - started
+    print(f"benchmark time: {elapsed:.0f} s")
     result = {
-        "description": "Overhead of HessianEigenvalueMonitor / GradientCovarianceMonitor at default settings "
-        "(every_n_steps=50 plus step 0) on Lightning fits; wall_overhead = fit time / baseline - 1 (best of "
-        "repeats), monitor_share = the monitors' own timed share of the rest of the run.",
+        "description": "Overhead of HessianEigenvalueMonitor / GradientCovarianceMonitor at their default adaptive "
+        "cadence (max_overhead=0.05 per monitor; both_2.5pct: 0.025 each) on Lightning fits. wall_overhead = fit "
+        "time / baseline - 1 (best of repeats); monitor_share = the monitors' own measuring time / the rest of the "
+        "run; per_1000_steps = measurements in this run per 1,000 steps; steady_state_overhead = last measurement "
+        "time / (planned gap * baseline step time), summed over monitors; projected = overhead of a run of that "
+        "many steps with the first (cold) measurement at step 0 and the final plan after it.",
         "budget": BUDGET,
         "torch": torch.__version__,
         "lightning": pl.__version__,
         "threads": args.threads,
         "cpu_count": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),
+        "benchmark_s": round(elapsed, 1),
         "platform": platform.platform(),
         "rows": rows,
     }

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 __all__ = [
+    "FakeClock",
     "TinyClassifier",
     "classification_loader",
     "digits_tensors",
@@ -147,6 +148,30 @@ def make_trainer(tmp_path: Path | str, **kwargs: Any) -> pl.Trainer:
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+class FakeClock:
+    """A clock that moves only when told to: ``clock()`` reads it, ``clock.advance(dt)`` moves it."""
+
+    def __init__(self, t: float = 0.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+
+
+@pytest.fixture
+def fake_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """Replace the curvature monitors' clock (``callbacks._common._now``) by a :class:`FakeClock` at 0."""
+    from lightning_curvature.callbacks import _common
+
+    clock = FakeClock()
+    monkeypatch.setattr(_common, "_now", clock)
+    monkeypatch.setattr(_common._MeasuringClock, "total_s", 0.0)
+    return clock
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 import torch
 from conftest import TinyClassifier, classification_loader, make_trainer, random_tensors
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DistributedSampler, TensorDataset
 
 from lightning_curvature import (
@@ -40,6 +42,27 @@ class RankAgreement(pl.Callback):
             values = torch.tensor([v for _, v in monitor.history], dtype=torch.float64)
             gathered = pl_module.all_gather(values)
             assert torch.equal(gathered[0], gathered[1]), gathered
+
+
+class RankSkewedHessian(HessianEigenvalueMonitor):
+    """Adaptive cadence whose local plans disagree: rank 0 asks for a gap of 3 steps, rank 1 for 2."""
+
+    min_gap = 1
+
+    def _gap(self, t_measure: float, t_step: float) -> int:
+        return 3 if torch.distributed.get_rank() == 0 else 2
+
+
+class StepAgreement(pl.Callback):
+    """Fails in a worker if the processes measured at different steps or hold different plans."""
+
+    def __init__(self, monitor: HessianEigenvalueMonitor) -> None:
+        self.monitor = monitor
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        steps = torch.tensor([s for s, _ in self.monitor.history] + [self.monitor.next_step], dtype=torch.float64)
+        gathered = pl_module.all_gather(steps)
+        assert torch.equal(gathered[0], gathered[1]), gathered
 
 
 def _shard(rank: int) -> Any:
@@ -82,3 +105,21 @@ def test_ddp_spawn_measures_the_global_batch(tmp_path: Path) -> None:
     assert "grad_cov/frobenius_norm" not in logged  # needs cross-process pairs
     # the progress-bar value comes back from rank 0 with the callback metrics
     assert "curvature/sharpness" in trainer.callback_metrics
+
+
+def test_ddp_spawn_adaptive_cadence_follows_rank_zero(tmp_path: Path) -> None:
+    """Local plans differ per rank; rank 0's is broadcast, so both measure (and all-reduce) at the same steps."""
+    torch.manual_seed(0)
+    hess = RankSkewedHessian(k=1, num_examples=32)
+    logger = CSVLogger(tmp_path, name="ddp_adaptive")
+    strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=120))  # a disagreement would hang
+    trainer = make_trainer(
+        tmp_path, strategy=strategy, devices=2, max_steps=8, logger=logger, callbacks=[hess, StepAgreement(hess)]
+    )
+    x, y = random_tensors(n=64)
+    trainer.fit(TinyClassifier(), classification_loader(x, y, batch_size=8, shuffle=False))
+    (path,) = (tmp_path / "ddp_adaptive").glob("version_*/metrics.csv")
+    with open(path) as fh:
+        steps = sorted(int(r["step"]) for r in csv.DictReader(fh) if r.get("curvature/sharpness"))
+    # step 0; provisional re-plan at step 1 (min_gap) with rank 0's gap of 3; then every 3 steps
+    assert steps == [0, 3, 6]

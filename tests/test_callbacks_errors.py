@@ -23,6 +23,13 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 HESSIAN_BAD = [
     ({"every_n_steps": 0}, "every_n_steps"),
     ({"every_n_steps": 2.5}, "2.5"),
+    ({"every_n_steps": -3}, "-3"),
+    ({"max_overhead": 0}, "max_overhead"),
+    ({"max_overhead": -0.1}, "-0.1"),
+    ({"max_overhead": 1.5}, "1.5"),
+    ({"max_overhead": float("nan")}, "nan"),
+    ({"max_overhead": "5%"}, "'5%'"),
+    ({"max_overhead": True}, "True"),
     ({"k": 0}, "`k`"),
     ({"tol": -1.0}, "-1.0"),
     ({"max_iter": 0}, "max_iter"),
@@ -41,6 +48,9 @@ COVARIANCE_BAD = [
     ({"mode": "fast"}, "'fast'"),
     ({"chunk_size": 0}, "chunk_size"),
     ({"max_memory_bytes": 0}, "max_memory_bytes"),
+    ({"every_n_steps": 0}, "every_n_steps"),
+    ({"max_overhead": 0.0}, "max_overhead"),
+    ({"max_overhead": 2}, "2"),
 ]
 
 
@@ -124,7 +134,7 @@ def test_nan_is_logged_with_a_warning_and_training_continues(tmp_path: Path) -> 
     text = (Path(logger.log_dir) / "metrics.csv").read_text()
     assert "nan" in text.lower()
     # the warm start was dropped: the next finite measurement starts fresh (no stale vectors kept)
-    assert hess._eigenvectors is None
+    assert hess._warm_start is None
 
 
 def test_lightning_cli_config_instantiates_the_callbacks(tmp_path: Path) -> None:
@@ -145,7 +155,7 @@ def test_lightning_cli_config_instantiates_the_callbacks(tmp_path: Path) -> None
                 },
                 {
                     "class_path": "lightning_curvature.GradientCovarianceMonitor",
-                    "init_args": {"k": 4, "mode": "eval", "num_examples": 32},
+                    "init_args": {"k": 4, "mode": "eval", "num_examples": 32, "max_overhead": 0.1},
                 },
             ],
         },
@@ -156,3 +166,4 @@ def test_lightning_cli_config_instantiates_the_callbacks(tmp_path: Path) -> None
     cov = next(c for c in cli.trainer.callbacks if isinstance(c, GradientCovarianceMonitor))
     assert (hess.every_n_steps, hess.k, hess._source.kind, hess.compute_trace) == (10, 3, "current", True)
     assert (cov.k, cov.mode, cov._source.num_examples) == (4, "eval", 32)
+    assert (cov.every_n_steps, cov.max_overhead, hess.max_overhead) == (None, 0.1, 0.05)

@@ -71,6 +71,21 @@ def test_bit_identical_with_batchnorm_and_dropout(batch: str) -> None:
     assert [s for s, _ in monitors[1].history] == [0, 2, 4, 6]
 
 
+def test_bit_identical_with_the_adaptive_default_cadence() -> None:
+    """Default cadence: which steps are measured depends on timing, the training never does."""
+    plain = _fit([])
+    monitors = [
+        HessianEigenvalueMonitor(k=2, num_examples=24, compute_overlap=True),
+        GradientCovarianceMonitor(k=2, num_examples=24),
+    ]
+    for monitor in monitors:
+        monitor.min_gap = 2  # several measurements within the 7 steps
+    watched = _fit(monitors)
+    _assert_identical(plain, watched)
+    for monitor in monitors:
+        assert monitor.every_n_steps is None and monitor.history[0][0] == 0 and monitor.step_time_s is not None
+
+
 def test_bit_identical_with_loader_generator_and_workers() -> None:
     """A loader with its own generator and worker processes: the fixed batch is drawn without touching either."""
     kwargs = dict(seed=7, num_workers=1, persistent_workers=True)

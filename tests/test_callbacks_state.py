@@ -59,7 +59,7 @@ def test_state_dict_round_trip_and_defaults() -> None:
     a.num_measurements, a.last_step, a.history = 2, 5, [(0, 1.5), (5, 2.5)]
     a.last_metrics = {"curvature/sharpness": 2.5, "curvature/stability_threshold": 20.0}
     state = a.state_dict()
-    assert all(isinstance(v, (int, float, list, dict)) for v in state.values())
+    assert all(v is None or isinstance(v, (int, float, list, dict)) for v in state.values())  # plain values
     b = HessianEigenvalueMonitor(every_n_steps=5, k=3)
     b.load_state_dict(state)
     assert b.state_dict() == state
@@ -71,13 +71,16 @@ def test_state_dict_round_trip_and_defaults() -> None:
 
 def test_state_keys_distinguish_instances() -> None:
     keys = {
+        HessianEigenvalueMonitor(k=5, every_n_steps=50).state_key,
         HessianEigenvalueMonitor(k=1).state_key,
         HessianEigenvalueMonitor(k=5).state_key,
         HessianEigenvalueMonitor(k=5, batch="current").state_key,
         GradientCovarianceMonitor(k=5).state_key,
     }
-    assert len(keys) == 4
+    assert len(keys) == 5
     assert HessianEigenvalueMonitor(k=5).state_key == HessianEigenvalueMonitor(k=5, tol=1e-2).state_key
+    # the budget is not part of the identity: a resumed run may change it and keep its series
+    assert HessianEigenvalueMonitor(k=5).state_key == HessianEigenvalueMonitor(k=5, max_overhead=0.2).state_key
 
 
 def test_a_new_fit_starts_a_new_step_axis(tmp_path: Path) -> None:

@@ -149,6 +149,43 @@ def test_threshold_and_preconditioned_sharpness(
     assert ("curvature/edge_ratio" in monitor.series[0]) is not adaptive
 
 
+def test_block_warm_start_saves_products_and_matches_a_cold_solve() -> None:
+    """Re-measurements start from the previous top k + 1 Ritz vectors: fewer Hessian-vector products than a cold
+    Lanczos, and the eigenvalues still agree with the engine's cold solve (to ``tol = 1e-8``) within ``tol``."""
+
+    class Reference(pl.Callback):
+        def __init__(self, monitor: HessianEigenvalueMonitor) -> None:
+            self.monitor, self.refs = monitor, {}
+
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
+            step = step_axis(trainer)
+            if step in (2, 4):
+                fixed = self.monitor._source.get(None)
+                self.refs[step] = hessian_eigenvalues(pl_module, _loss, fixed, k=2, tol=1e-8, max_iter=200).eigenvalues
+
+    def run(warm_start: bool) -> tuple[_SeriesHessian, Reference]:
+        torch.manual_seed(0)
+        model = TinyClassifier()
+        x, y = random_tensors(n=64)
+        monitor = _SeriesHessian(every_n_steps=2, k=2, tol=1e-3, num_examples=32, warm_start=warm_start)
+        ref = Reference(monitor)
+        trainer = make_trainer("unused", max_steps=5, callbacks=[ref, monitor])
+        trainer.fit(model, classification_loader(x, y, batch_size=16, shuffle=False))
+        return monitor, ref
+
+    (warm, ref), (cold, _) = run(True), run(False)
+    assert warm._warm_start is not None and warm._warm_start.shape == (3, 195)  # k + 1 Ritz vectors
+    assert cold._warm_start is None
+    hvp = "curvature/num_hvp"
+    assert warm.series[0][hvp] == cold.series[0][hvp]  # the first measurement is cold in both
+    for step in (2, 4):
+        assert warm.series[step][hvp] < cold.series[step][hvp], step
+        for i in (1, 2):
+            expected = float(ref.refs[step][i - 1])
+            assert monitor_value(warm, step, i) == pytest.approx(expected, rel=1e-3), (step, i)
+            assert monitor_value(cold, step, i) == pytest.approx(expected, rel=1e-3), (step, i)
+
+
 def _per_example_reference(model: torch.nn.Module, x: Tensor, y: Tensor, k: int) -> dict[str, float]:
     model = copy.deepcopy(model).eval()
     rows = []

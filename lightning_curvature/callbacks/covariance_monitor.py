@@ -36,7 +36,9 @@ from lightning_curvature.tensorboard import (
     grad_cov_eig_tag,
 )
 
-__all__ = ["GradientCovarianceMonitor", "has_batch_norm"]
+__all__ = ["GRAD_COV_OVERHEAD", "GradientCovarianceMonitor", "has_batch_norm"]
+
+GRAD_COV_OVERHEAD = "grad_cov/overhead"
 
 
 def has_batch_norm(module: nn.Module) -> bool:
@@ -52,14 +54,26 @@ class GradientCovarianceMonitor(CurvatureMonitorBase):
     over the per-example gradients :math:`g_i` of the curvature batch (Jastrzebski et al. 2020, arXiv
     2002.09572; noise scale :math:`\mathrm{tr}K/\|\bar g\|^2` of McCandlish et al. 2018, arXiv 1812.06162).
 
-    **When.** As :class:`~lightning_curvature.callbacks.HessianEigenvalueMonitor`: at step 0, then every
-    ``every_n_steps`` optimizer steps in ``on_train_batch_start`` (the parameters before that step's update),
-    optionally at epoch end, at ``LearningRateMonitor``'s step axis, through every logger at each measurement.
+    **When.** As :class:`~lightning_curvature.callbacks.HessianEigenvalueMonitor`: at step 0, then at the cadence
+    below, in ``on_train_batch_start`` (the parameters before that step's update), optionally at epoch end, at
+    ``LearningRateMonitor``'s step axis, through every logger at each measurement.
+
+    **Cadence.** By default (``every_n_steps=None``) the cadence is planned so that measuring costs about
+    ``max_overhead`` (5%) of the training wall time: after each measurement the next one comes
+    ``ceil(t_measure / (max_overhead · t_step))`` steps later (between 10 and 10,000), from the wall time of that
+    measurement and a moving average of the step time (see :mod:`lightning_curvature.callbacks._common`). The
+    measured steps therefore depend on timing; training is not affected, and the value at a measured step is a
+    deterministic function of the parameters of that step and the curvature batch. Pass an explicit
+    ``every_n_steps`` for an exactly reproducible series (the budget is then ignored). The step-0 measurement is
+    paid for by no training time, so the realised overhead (logged as ``grad_cov/overhead``) approaches the budget
+    from above as the run goes on. The budget is per monitor (with the Hessian monitor as well, give each 0.025 for
+    5% together).
 
     **What.** Logged tags: ``grad_cov/eig_{i}`` (i = 1..k, capped at ``N − 1``, largest first),
     ``grad_cov/condition_number`` (:math:`\lambda_1/\lambda_k` over the computed top-k), ``grad_cov/trace``,
-    ``grad_cov/noise_scale``, and ``grad_cov/frobenius_norm`` (single process only: under DDP it needs
-    cross-process pairs and is not logged).
+    ``grad_cov/noise_scale``, ``grad_cov/frobenius_norm`` (single process only: under DDP it needs
+    cross-process pairs and is not logged) and ``grad_cov/overhead`` (measuring time / training time in this fit,
+    from the second measurement on).
 
     **Mode.** Per-example gradients do not exist for BatchNorm in train mode (its output mixes the examples of
     the batch). ``mode="auto"`` (default) therefore measures in eval mode (running statistics, no dropout) when
@@ -70,7 +84,10 @@ class GradientCovarianceMonitor(CurvatureMonitorBase):
     **Distributed.** Under DDP the examples of all processes form the batch; only rank 0 writes.
 
     Args:
-        every_n_steps: measure every this many optimizer steps (and at step 0).
+        every_n_steps: measure every this many optimizer steps (and at step 0): an exactly reproducible series.
+            ``None`` (default): plan the cadence from ``max_overhead``.
+        max_overhead: wall-time budget of the adaptive cadence, measuring time / training time, in ``(0, 1]``
+            (ignored with an explicit ``every_n_steps``).
         k: number of top eigenvalues.
         batch: ``"fixed"``, ``"current"`` or a ``DataLoader`` (see the Hessian monitor).
         num_examples: size of the fixed batch (all processes together); per process for a ``DataLoader``
@@ -83,24 +100,26 @@ class GradientCovarianceMonitor(CurvatureMonitorBase):
         on_epoch_end: also measure after the last update of every training epoch.
 
     Raises:
-        MisconfigurationException: for ``every_n_steps``, ``k`` or ``chunk_size`` below 1, ``num_examples``
-            below 2, a non-positive ``max_memory_bytes``, an unknown ``batch`` or ``mode``, a non-callable
-            ``loss_fn``; at setup, for a sharded strategy.
+        MisconfigurationException: for ``every_n_steps`` (unless ``None``), ``k`` or ``chunk_size`` below 1, a
+            ``max_overhead`` outside ``(0, 1]``, ``num_examples`` below 2, a non-positive ``max_memory_bytes``, an
+            unknown ``batch`` or ``mode``, a non-callable ``loss_fn``; at setup, for a sharded strategy.
 
     Example::
 
-        >>> monitor = GradientCovarianceMonitor(every_n_steps=50, k=10)
-        >>> monitor.k, monitor.mode
-        (10, 'auto')
+        >>> monitor = GradientCovarianceMonitor(k=10)  # adaptive cadence, about 5% of the training time
+        >>> monitor.k, monitor.mode, monitor.every_n_steps, monitor.max_overhead
+        (10, 'auto', None, 0.05)
         >>> trainer = Trainer(callbacks=[monitor])  # doctest: +SKIP
     """
 
     _headline_key = GRAD_COV_EIG_1
     _may_be_infinite = frozenset({GRAD_COV_CONDITION_NUMBER, GRAD_COV_NOISE_SCALE})
+    _overhead_key = GRAD_COV_OVERHEAD
 
     def __init__(
         self,
-        every_n_steps: int = 50,
+        every_n_steps: int | None = None,
+        max_overhead: float = 0.05,
         k: int = 10,
         batch: Literal["fixed", "current"] | DataLoader = "fixed",
         num_examples: int | None = 128,
@@ -112,6 +131,7 @@ class GradientCovarianceMonitor(CurvatureMonitorBase):
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
+            max_overhead=max_overhead,
             batch=batch,
             num_examples=num_examples,
             loss_fn=loss_fn,

@@ -1,8 +1,9 @@
 r"""``HessianEigenvalueMonitor``: sharpness, top-k Hessian spectrum and stability threshold during training.
 
-The callback decides when (``every_n_steps``, optionally at epoch end), on which batch and in which mode to
-measure, and what to log; the numerics are :func:`~lightning_curvature.core.hessian_eigenvalues` (Lanczos,
-warm-started from the previous eigenvectors), :func:`~lightning_curvature.core.hessian_trace`,
+The callback decides when (a cadence planned from a wall-time budget, or every ``every_n_steps``; optionally at
+epoch end), on which batch and in which mode to measure, and what to log; the numerics are
+:func:`~lightning_curvature.core.hessian_eigenvalues` (Lanczos, warm-started from the previous measurement's Ritz
+vectors), :func:`~lightning_curvature.core.hessian_trace`,
 :func:`~lightning_curvature.core.hessian_spectral_density` and
 :func:`~lightning_curvature.core.top_subspace_overlap`.
 """
@@ -39,7 +40,6 @@ from lightning_curvature.core import (
     slq_density,
     stability_threshold,
     top_subspace_overlap,
-    warm_start_vector,
 )
 from lightning_curvature.tensorboard import (
     EDGE_RATIO,
@@ -54,9 +54,17 @@ from lightning_curvature.tensorboard import (
     log_spectrum_histogram,
 )
 
-__all__ = ["DENSITY_FIGURE", "HESSIAN_TRACE_STD_ERROR", "NUM_HVP", "SPECTRUM_HISTOGRAM", "HessianEigenvalueMonitor"]
+__all__ = [
+    "DENSITY_FIGURE",
+    "HESSIAN_OVERHEAD",
+    "HESSIAN_TRACE_STD_ERROR",
+    "NUM_HVP",
+    "SPECTRUM_HISTOGRAM",
+    "HessianEigenvalueMonitor",
+]
 
 NUM_HVP = "curvature/num_hvp"
+HESSIAN_OVERHEAD = "curvature/overhead"
 HESSIAN_TRACE_STD_ERROR = "curvature/trace_std_error"
 SPECTRUM_HISTOGRAM = "curvature/spectrum"
 DENSITY_FIGURE = "curvature/density"
@@ -65,24 +73,43 @@ DENSITY_FIGURE = "curvature/density"
 class HessianEigenvalueMonitor(CurvatureMonitorBase):
     r"""Log the sharpness :math:`\lambda_{\max}(H)`, the top-k Hessian eigenvalues and the stability threshold.
 
-    **When.** At step 0 (before the first update), then every ``every_n_steps`` optimizer steps, in
-    ``on_train_batch_start``: the value at step ``t`` is the curvature at the parameters the ``t``-th update starts
-    from, logged at the step axis of ``LearningRateMonitor`` and of the training loss. With ``on_epoch_end=True``
-    also after the last update of every epoch. Values are written through every logger's ``log_metrics`` at each
-    measurement, independently of ``log_every_n_steps``; ``curvature/sharpness`` is also shown in the progress
-    bar (and available in ``trainer.callback_metrics``).
+    **When.** In ``on_train_batch_start``, at step 0 (before the first update) and then at the cadence below: the
+    value at step ``t`` is the curvature at the parameters the ``t``-th update starts from, logged at the step axis
+    of ``LearningRateMonitor`` and of the training loss. With ``on_epoch_end=True`` also after the last update of
+    every epoch. Values are written through every logger's ``log_metrics`` at each measurement, independently of
+    ``log_every_n_steps``; ``curvature/sharpness`` is also shown in the progress bar (and available in
+    ``trainer.callback_metrics``).
+
+    **Cadence.** By default (``every_n_steps=None``) the cadence is planned so that measuring costs about
+    ``max_overhead`` (5%) of the training wall time, whatever the model: after each measurement the next one comes
+    ``ceil(t_measure / (max_overhead · t_step))`` steps later (between 10 and 10,000), with ``t_measure`` the wall
+    time of that measurement and ``t_step`` a moving average of the wall time of one training step (see
+    :mod:`lightning_curvature.callbacks._common`). The steps at which it measures therefore depend on timing and
+    differ between runs and machines; training itself is not affected (bit-identical with and without the
+    monitor), so a value measured at step ``t`` is always that of the parameters of step ``t``. Pass an explicit
+    ``every_n_steps`` for an exactly reproducible series (the same steps every run; the budget is then ignored).
+    The step-0 measurement is paid for by no training time, so over a run shorter than the first gap the realised
+    overhead exceeds the budget; it approaches ``max_overhead`` from above as the run goes on.
+    ``curvature/overhead`` logs the realised fraction. The budget is per monitor: with a
+    :class:`~lightning_curvature.callbacks.GradientCovarianceMonitor` as well, give each ``max_overhead=0.025`` for
+    5% together.
 
     **How.** One :class:`~lightning_curvature.core.HessianOperator` per measurement serves Lanczos
-    (:func:`~lightning_curvature.core.lanczos`, started from :func:`~lightning_curvature.core.warm_start_vector`
-    of the previous eigenvectors), Hutch++ (:func:`~lightning_curvature.core.hutchpp_trace`), stochastic Lanczos
-    quadrature (:func:`~lightning_curvature.core.slq_density`) and the mean gradient, so the gradient graph is
-    built once.
+    (:func:`~lightning_curvature.core.lanczos`), Hutch++ (:func:`~lightning_curvature.core.hutchpp_trace`),
+    stochastic Lanczos quadrature (:func:`~lightning_curvature.core.slq_density`) and the mean gradient, so the
+    gradient graph is built once. With ``warm_start=True`` the eigenvalue solve starts from the previous
+    measurement's top ``k + 1`` Ritz vectors (``LanczosResult.warm_start``: Rayleigh–Ritz on them, then residual
+    expansion), which needs fewer Hessian-vector products while the spectrum moves slowly; the vectors are kept in
+    memory only (every fit, resumed or not, starts cold) and dropped after a failed measurement. The result still
+    meets ``tol``, but its last digits depend on the start: with the adaptive cadence, on which earlier steps were
+    measured.
 
     **What.** Logged tags: ``curvature/sharpness``, ``curvature/eig_{i}`` (i = 1..k, largest first),
     ``curvature/stability_threshold`` (of ``trainer.optimizers[0]`` at the learning rate of its first parameter
     group: ``2/lr`` for SGD, ``(2+2β)/lr`` with momentum β, ``(2+2β₁)/((1−β₁)lr)`` for Adam/AdamW, ``(2+2β)/lr``
     for RMSprop), ``curvature/edge_ratio`` (sharpness / threshold; 1 is the edge of stability),
-    ``curvature/num_hvp`` (Hessian-vector products of the measurement), optionally ``curvature/trace`` and
+    ``curvature/num_hvp`` (Hessian-vector products of the measurement), ``curvature/overhead`` (realised overhead:
+    measuring time / training time in this fit; from the second measurement on), optionally ``curvature/trace`` and
     ``curvature/trace_std_error``, ``curvature/subspace_overlap``; on TensorBoard also the spectrum as a histogram
     (``curvature/spectrum``), the spectral density as a figure (``curvature/density``, with the threshold marked)
     and, once at the start of training, a custom-scalars layout putting sharpness and threshold on one chart.
@@ -121,7 +148,10 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     **Failures.** A NaN or infinite measurement is logged as NaN/inf with a warning and never stops training.
 
     Args:
-        every_n_steps: measure every this many optimizer steps (and at step 0).
+        every_n_steps: measure every this many optimizer steps (and at step 0): an exactly reproducible series.
+            ``None`` (default): plan the cadence from ``max_overhead``.
+        max_overhead: wall-time budget of the adaptive cadence, measuring time / training time, in ``(0, 1]``
+            (ignored with an explicit ``every_n_steps``).
         k: number of top eigenvalues.
         tol: relative tolerance of each eigenvalue (Lanczos stopping rule).
         max_iter: maximum Hessian-vector products of the eigenvalue solve.
@@ -137,7 +167,8 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         density_num_probes: SLQ probe vectors.
         density_num_iters: Lanczos steps per SLQ probe.
         compute_overlap: also log the share of the mean gradient in the top-k eigenspace.
-        warm_start: start Lanczos from the previous eigenvectors (kept in memory, not in checkpoints).
+        warm_start: start the eigenvalue solve from the previous measurement's Ritz vectors (kept in memory, not in
+            checkpoints).
         on_epoch_end: also measure after the last update of every training epoch.
         log_histogram: write the top-k spectrum as a TensorBoard histogram.
         prog_bar: show ``curvature/sharpness`` in the progress bar.
@@ -147,7 +178,8 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             twice the compute).
 
     Raises:
-        MisconfigurationException: for ``every_n_steps``, ``k``, ``max_iter`` below 1, ``trace_samples`` below 3,
+        MisconfigurationException: for ``every_n_steps`` (unless ``None``), ``k``, ``max_iter`` below 1, a
+            ``max_overhead`` outside ``(0, 1]``, ``trace_samples`` below 3,
             ``density_num_probes`` or ``density_num_iters`` below 1, a non-positive ``tol``, an unknown ``batch``
             or ``mode``, a bad ``num_examples``, a non-callable ``loss_fn``; at setup, for a sharded strategy or a
             module with manual optimization and no ``curvature_loss``.
@@ -155,9 +187,11 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     Example::
 
         >>> from lightning.pytorch import Trainer
-        >>> monitor = HessianEigenvalueMonitor(every_n_steps=50, k=5)
-        >>> monitor.every_n_steps, monitor.k
-        (50, 5)
+        >>> monitor = HessianEigenvalueMonitor(k=5)  # adaptive cadence: about 5% of the training time
+        >>> monitor.every_n_steps, monitor.max_overhead, monitor.k
+        (None, 0.05, 5)
+        >>> HessianEigenvalueMonitor(every_n_steps=50).every_n_steps  # fixed cadence: a reproducible series
+        50
         >>> trainer = Trainer(callbacks=[monitor], max_steps=200)  # doctest: +SKIP
         >>> trainer.fit(model)  # doctest: +SKIP
         >>> monitor.last_sharpness, monitor.last_threshold  # doctest: +SKIP
@@ -165,10 +199,12 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
 
     _prog_bar_key = SHARPNESS
     _headline_key = SHARPNESS
+    _overhead_key = HESSIAN_OVERHEAD
 
     def __init__(
         self,
-        every_n_steps: int = 50,
+        every_n_steps: int | None = None,
+        max_overhead: float = 0.05,
         k: int = 5,
         tol: float = 1e-3,
         max_iter: int = 100,
@@ -190,6 +226,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
+            max_overhead=max_overhead,
             batch=batch,
             num_examples=num_examples,
             loss_fn=loss_fn,
@@ -209,7 +246,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         self.warm_start = bool(warm_start)
         self.log_histogram = bool(log_histogram)
         self.reuse_graph = bool(reuse_graph)
-        self._eigenvectors: Tensor | None = None  # previous eigenvectors (warm start); never checkpointed
+        self._warm_start: Tensor | None = None  # previous top k + 1 Ritz vectors (warm start); never checkpointed
         self._warned: set[str] = set()
         self._feedable = False  # the latest measurement may be passed to schedulers
 
@@ -229,6 +266,12 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         return {**super()._identity(), "k": self.k, "mode": self.mode}
 
     # -- hooks ----------------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._warm_start = None  # a fit starts cold: the vectors may belong to another model or batch
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for config in trainer.lr_scheduler_configs:
@@ -265,7 +308,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         if threshold is not None:
             metrics[STABILITY_THRESHOLD] = threshold
             metrics[EDGE_RATIO] = nan
-        self._eigenvectors = None
+        self._warm_start = None
         self._feedable = False
         return metrics
 
@@ -314,7 +357,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         return metrics
 
     def _eigenpairs(self, H: HessianOperator, precond: Tensor | None) -> LanczosResult:
-        """Top-k eigenpairs of ``H`` (or of ``P^{-1/2} H P^{-1/2}``), warm-started from the previous ones."""
+        """Top-k eigenpairs of ``H`` (or of ``P^{-1/2} H P^{-1/2}``), warm-started from the previous Ritz vectors."""
         matvec = H.matvec
         if precond is not None:
             d = precond.reshape(-1).to(device=H.device, dtype=H.dtype).rsqrt()
@@ -325,13 +368,15 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         k = min(self.k, H.dim)
         if k < self.k:
             self._warn_once("k", f"{type(self).__name__}: k={self.k} exceeds the {H.dim} parameters; using k={k}.")
-        prev = self._eigenvectors
-        v0 = warm_start_vector(prev) if self.warm_start and prev is not None and prev.shape[-1] == H.dim else None
+        prev = self._warm_start
+        # the previous block, if it lives in the same parameter space (the block start needs at least k vectors)
+        v0 = prev if self.warm_start and prev is not None and prev.shape[-1] == H.dim and len(prev) >= k else None
         res = lanczos(
             matvec, H.dim, k=k, tol=self.tol, max_iter=max(self.max_iter, k), v0=v0,
-            return_eigenvectors=self.warm_start or self.compute_overlap, dtype=H.dtype, device=H.device,
+            return_eigenvectors=self.compute_overlap, return_warm_start=self.warm_start, dtype=H.dtype,
+            device=H.device,
         )  # fmt: skip
-        self._eigenvectors = res.eigenvectors if self.warm_start else None
+        self._warm_start = res.warm_start if self.warm_start else None
         return res
 
     @override
