@@ -288,3 +288,24 @@ def test_measuring_under_no_grad_and_inference_mode() -> None:
     # validation runs the model in eval mode and mode="train" keeps the flags it finds: running statistics
     expected = hessian_eigenvalues(model, _loss, (x[:16], y[:16]), k=1, tol=1e-6, mode="eval").sharpness
     assert monitor.history[-1][1] == pytest.approx(expected, rel=1e-3)
+
+
+def test_periodic_cold_start(tmp_path, monkeypatch) -> None:
+    """With cold_start_every=2, every third measurement starts cold (no v0) instead of from the previous block."""
+    from conftest import TinyClassifier, classification_loader, make_trainer, random_tensors
+
+    import lightning_curvature.callbacks.hessian_monitor as hm
+
+    seen: list[bool] = []
+    original = hm.lanczos
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("v0") is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hm, "lanczos", spy)
+    x, y = random_tensors(64)
+    monitor = hm.HessianEigenvalueMonitor(every_n_steps=1, k=2, num_examples=32, cold_start_every=2)
+    make_trainer(tmp_path, max_steps=6, callbacks=[monitor]).fit(TinyClassifier(), classification_loader(x, y, seed=0))
+    assert len(seen) >= 6
+    assert seen[:6] == [False, True, True, False, True, True]

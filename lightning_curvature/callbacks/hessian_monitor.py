@@ -169,6 +169,9 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         compute_overlap: also log the share of the mean gradient in the top-k eigenspace.
         warm_start: start the eigenvalue solve from the previous measurement's Ritz vectors (kept in memory, not in
             checkpoints).
+        cold_start_every: with ``warm_start``, every this many warm measurements one starts cold from a random
+            vector instead: a direction that became dominant outside the previous top ``k + 1`` eigenspace is then
+            found at the latest that many measurements later.
         on_epoch_end: also measure after the last update of every training epoch.
         log_histogram: write the top-k spectrum as a TensorBoard histogram.
         prog_bar: show ``curvature/sharpness`` in the progress bar.
@@ -219,6 +222,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         density_num_iters: int = 60,
         compute_overlap: bool = False,
         warm_start: bool = True,
+        cold_start_every: int = 10,
         on_epoch_end: bool = False,
         log_histogram: bool = True,
         prog_bar: bool = True,
@@ -244,6 +248,8 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         self.density_num_iters = check_positive_int("density_num_iters", density_num_iters)
         self.compute_overlap = bool(compute_overlap)
         self.warm_start = bool(warm_start)
+        self.cold_start_every = check_positive_int("cold_start_every", cold_start_every)
+        self._warm_in_a_row = 0
         self.log_histogram = bool(log_histogram)
         self.reuse_graph = bool(reuse_graph)
         self._warm_start: Tensor | None = None  # previous top k + 1 Ritz vectors (warm start); never checkpointed
@@ -371,6 +377,9 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         prev = self._warm_start
         # the previous block, if it lives in the same parameter space (the block start needs at least k vectors)
         v0 = prev if self.warm_start and prev is not None and prev.shape[-1] == H.dim and len(prev) >= k else None
+        if v0 is not None and self._warm_in_a_row >= self.cold_start_every:
+            v0 = None  # the periodic cold start (see `cold_start_every`)
+        self._warm_in_a_row = 0 if v0 is None else self._warm_in_a_row + 1
         res = lanczos(
             matvec, H.dim, k=k, tol=self.tol, max_iter=max(self.max_iter, k), v0=v0,
             return_eigenvectors=self.compute_overlap, return_warm_start=self.warm_start, dtype=H.dtype,
