@@ -135,4 +135,3 @@ def test_non_finite_product_raises() -> None:
         lanczos(lambda v: v * float("nan"), 5, k=1)
     with pytest.raises(ValueError, match="non-zero"):
         lanczos(torch.eye(3), k=1, v0=torch.zeros(3))
-
