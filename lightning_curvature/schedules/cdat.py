@@ -28,11 +28,11 @@ Reference:
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
-from torch.optim.lr_scheduler import LRScheduler
+
+from lightning_curvature.schedules._fed import FedScheduler
 
 __all__ = ["CurvatureDynamicsAwareLR", "cdat_learning_rate", "ema_update"]
 
@@ -88,7 +88,7 @@ def ema_update(average: float, value: float, beta: float) -> float:
     return beta * average + (1.0 - beta) * value
 
 
-class CurvatureDynamicsAwareLR(LRScheduler):
+class CurvatureDynamicsAwareLR(FedScheduler):
     r"""Set the learning rate at every step from the curvature along the optimizer's own update direction.
 
     .. math::
@@ -193,21 +193,10 @@ class CurvatureDynamicsAwareLR(LRScheduler):
         self.last_denominator: float | None = None
         self.last_step: int | None = None
         self.eta: float | None = None
-        self._warned_bad = False
-        self._monitor_attached = False
+        self._init_feed()
         super().__init__(optimizer, last_epoch)  # last: it runs the first step (get_lr)
 
     # -- feeding --------------------------------------------------------------------------------------------------
-    def attach_monitor(self, monitor: object) -> None:
-        """Record that a callback will feed this scheduler (called by the monitor at fit start)."""
-        del monitor
-        self._monitor_attached = True
-
-    @property
-    def monitor_attached(self) -> bool:
-        """Whether a monitor called :meth:`attach_monitor`."""
-        return self._monitor_attached
-
     def group_scales(self) -> list[float]:
         """:math:`r_i`: each group's initial lr over group 0's; group ``i`` gets ``η · r_i``."""
         ref = float(self.base_lrs[0])
@@ -254,14 +243,10 @@ class CurvatureDynamicsAwareLR(LRScheduler):
         self.last_step = None if step is None else int(step)
         if not (math.isfinite(n) and math.isfinite(d)):
             self.num_skipped += 1
-            if not self._warned_bad:
-                self._warned_bad = True
-                warnings.warn(
-                    f"CurvatureDynamicsAwareLR skipped a non-finite measurement (numerator={n!r}, "
-                    f"denominator={d!r}) and keeps the previous lr; further ones are skipped silently.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            self._warn_bad_once(
+                f"CurvatureDynamicsAwareLR skipped a non-finite measurement (numerator={n!r}, "
+                f"denominator={d!r}) and keeps the previous lr; further ones are skipped silently."
+            )
             return
         n, d = max(n, 0.0), abs(d)
         self.last_numerator, self.last_denominator = n, d
@@ -281,18 +266,10 @@ class CurvatureDynamicsAwareLR(LRScheduler):
         self.eta = eta
         self._apply([eta * r for r in self.group_scales()])
 
-    def _apply(self, lrs: list[float]) -> None:
-        for g, lr in zip(self.optimizer.param_groups, lrs):
-            if isinstance(g["lr"], torch.Tensor):
-                g["lr"].fill_(lr)
-            else:
-                g["lr"] = lr
-        self._last_lr = list(lrs)
-
     def get_lr(self) -> list[float]:  # type: ignore[override]
         """The lrs set by the last :meth:`observe_direction` (the initial lrs before any)."""
-        if not self._is_initial and self.warn_missing and not self._monitor_attached and self.num_observations == 0:
-            raise RuntimeError(_MISSING_FEED)
+        if not self._is_initial:
+            self._raise_if_never_fed(_MISSING_FEED)
         return [float(g["lr"]) for g in self.optimizer.param_groups]
 
     # -- state ----------------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ References:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from lightning_curvature.core.stability import max_stable_lr
+from lightning_curvature.schedules._fed import FedScheduler
 
 __all__ = ["SharpnessAwareLR", "sharpness_aware_lr"]
 
@@ -100,7 +100,7 @@ def _as_float(x: Any) -> float:
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
 
-class SharpnessAwareLR(LRScheduler):
+class SharpnessAwareLR(FedScheduler):
     r"""Cap any base schedule at ``safety`` times the largest stable learning rate of the measured sharpness.
 
     Per parameter group ``i`` and step ``t``:
@@ -218,22 +218,11 @@ class SharpnessAwareLR(LRScheduler):
         self.sharpness_step: int | None = None
         self.num_observations = 0
         self.num_rejected = 0
-        self._warned_bad = False
-        self._monitor_attached = False
+        self._init_feed()
         self.base_values: list[float] = [_as_float(g["lr"]) for g in optimizer.param_groups]
         super().__init__(optimizer, last_epoch)  # last: it runs the first step (get_lr)
 
     # -- feeding --------------------------------------------------------------------------------------------------
-    def attach_monitor(self, monitor: object) -> None:
-        """Record that a monitor will feed this scheduler (called by the monitor at fit start)."""
-        del monitor
-        self._monitor_attached = True
-
-    @property
-    def monitor_attached(self) -> bool:
-        """Whether a monitor called :meth:`attach_monitor`."""
-        return self._monitor_attached
-
     def observe_sharpness(self, sharpness: float | torch.Tensor, step: int | None = None) -> None:
         """Feed a sharpness measurement; the new cap is written to the optimizer at once.
 
@@ -248,14 +237,10 @@ class SharpnessAwareLR(LRScheduler):
         self.num_observations += 1
         if not (value > 0 and math.isfinite(value)):
             self.num_rejected += 1
-            if not self._warned_bad:
-                self._warned_bad = True
-                warnings.warn(
-                    f"SharpnessAwareLR ignored a sharpness of {value!r} (non-finite, zero or negative) and keeps "
-                    f"the last good value {self.sharpness!r}; further bad values are ignored silently.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            self._warn_bad_once(
+                f"SharpnessAwareLR ignored a sharpness of {value!r} (non-finite, zero or negative) and keeps "
+                f"the last good value {self.sharpness!r}; further bad values are ignored silently."
+            )
             return
         self.sharpness = value
         self.sharpness_step = None if step is None else int(step)
@@ -289,19 +274,10 @@ class SharpnessAwareLR(LRScheduler):
             out.append(sharpness_aware_lr(base_lr, self.sharpness, c, safety=self.safety, min_lr=floor))
         return out
 
-    def _apply(self, lrs: list[float]) -> None:
-        for g, lr in zip(self.optimizer.param_groups, lrs):
-            if isinstance(g["lr"], torch.Tensor):
-                g["lr"].fill_(lr)
-            else:
-                g["lr"] = lr
-        self._last_lr = list(lrs)
-
     def get_lr(self) -> list[float]:  # type: ignore[override]
         """Step the base schedule (not on the initial call) and return the clamped lrs."""
         if not self._is_initial:
-            if self.warn_missing and not self._monitor_attached and self.num_observations == 0:
-                raise RuntimeError(_MISSING_FEED)
+            self._raise_if_never_fed(_MISSING_FEED)
             if self._base_scheduler is not None:
                 # the base sees its own unclamped values, so chainable schedules do not compound the clamp
                 self._apply(self.base_values)

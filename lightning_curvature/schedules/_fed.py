@@ -1,0 +1,55 @@
+"""What both curvature-fed schedulers share: the monitor handshake, one warning for bad values, setting lrs."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.optim.lr_scheduler import LRScheduler
+
+
+class FedScheduler(LRScheduler):
+    """An ``LRScheduler`` whose learning rates come from measurements fed by a callback or a plain loop.
+
+    Subclasses set ``warn_missing``, ``num_observations`` and call :meth:`_init_feed` before
+    ``super().__init__``.
+    """
+
+    warn_missing: bool
+    num_observations: int
+    _monitor_attached: bool
+    _warned_bad: bool
+
+    def _init_feed(self) -> None:
+        self._warned_bad = False
+        self._monitor_attached = False
+
+    def attach_monitor(self, monitor: object) -> None:
+        """Record that a monitor will feed this scheduler (called by the monitor at fit start)."""
+        del monitor
+        self._monitor_attached = True
+
+    @property
+    def monitor_attached(self) -> bool:
+        """Whether a monitor called :meth:`attach_monitor`."""
+        return self._monitor_attached
+
+    def _warn_bad_once(self, message: str) -> None:
+        """Warn about an ignored measurement the first time only."""
+        if not self._warned_bad:
+            self._warned_bad = True
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _raise_if_never_fed(self, message: str) -> None:
+        """Raise ``RuntimeError(message)`` if stepped with no monitor attached and no measurement ever observed."""
+        if self.warn_missing and not self._monitor_attached and self.num_observations == 0:
+            raise RuntimeError(message)
+
+    def _apply(self, lrs: list[float]) -> None:
+        """Write ``lrs`` into the parameter groups (tensor lrs are filled in place)."""
+        for g, lr in zip(self.optimizer.param_groups, lrs):
+            if isinstance(g["lr"], torch.Tensor):
+                g["lr"].fill_(lr)
+            else:
+                g["lr"] = lr
+        self._last_lr = list(lrs)
