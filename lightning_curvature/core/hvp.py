@@ -276,22 +276,26 @@ class HessianOperator:
             raise ValueError(f"Expected a flat vector of size {self.dim}, got shape {tuple(v.shape)}.")
         v = v.to(device=self.device, dtype=self.dtype)
         vs = self.unflatten(v)
-        out = torch.zeros(self.dim, device=self.device, dtype=self.dtype)
-        for i, (b, n) in enumerate(zip(self._batches, self._sizes)):
-            if self.method == "forward_over_reverse":
-                hv = self._hvp_forward_over_reverse(b, vs)
-            else:
-                if self._graphs is not None:
-                    params, grads = self._graphs[i]
-                    retain = True
-                else:
-                    params, grads = self._grad_with_graph(b)
-                    retain = False
-                hv_parts = torch.autograd.grad(grads, params, vs, retain_graph=retain, allow_unused=True)
-                hv = self.flatten([h if h is not None else torch.zeros_like(p) for h, p in zip(hv_parts, params)])
-            out.add_(hv.detach(), alpha=float(n))
         self.num_hvp += 1
+        if len(self._batches) == 1 and self.reduce_fn is None:
+            return self._batch_hvp(0, vs)  # one batch, one process: no weighting needed
+        out = torch.zeros(self.dim, device=self.device, dtype=self.dtype)
+        for i, n in enumerate(self._sizes):
+            out.add_(self._batch_hvp(i, vs), alpha=float(n))
         return self._finish(out, "Hessian-vector product")
+
+    def _batch_hvp(self, i: int, vs: Sequence[Tensor]) -> Tensor:
+        """The product with the Hessian of physical batch ``i``'s mean loss, flat and detached."""
+        if self.method == "forward_over_reverse":
+            return self._hvp_forward_over_reverse(self._batches[i], vs).detach()
+        if self._graphs is not None:
+            params, grads = self._graphs[i]
+            retain = True
+        else:
+            params, grads = self._grad_with_graph(self._batches[i])
+            retain = False
+        hv_parts = torch.autograd.grad(grads, params, vs, retain_graph=retain, allow_unused=True)
+        return self.flatten([h if h is not None else torch.zeros_like(p) for h, p in zip(hv_parts, params)]).detach()
 
     __call__ = matvec
 
