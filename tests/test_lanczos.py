@@ -135,3 +135,13 @@ def test_non_finite_product_raises() -> None:
         lanczos(lambda v: v * float("nan"), 5, k=1)
     with pytest.raises(ValueError, match="non-zero"):
         lanczos(torch.eye(3), k=1, v0=torch.zeros(3))
+
+
+def test_basis_stays_orthonormal_in_float32() -> None:
+    """Full reorthogonalisation keeps the Lanczos basis orthonormal over many steps, even in float32."""
+    from lightning_curvature.core.lanczos import lanczos_tridiagonal
+
+    A = _sym(_outlier_spectrum(600, 1), 0).float()
+    _, _, V = lanczos_tridiagonal(A, torch.randn(600, generator=torch.Generator().manual_seed(0)), 150)
+    assert V.shape[0] == 150
+    assert (V @ V.T - torch.eye(150)).abs().max().item() < 1e-5

@@ -116,12 +116,14 @@ def lanczos_tridiagonal(
     for j in range(m_max):
         w = matvec(V[j]).reshape(-1).to(V.dtype)
         a = torch.dot(w, V[j])
-        # full reorthogonalisation, classical Gram–Schmidt applied twice ("twice is enough", Parlett §6.9);
-        # addmv_ on the row-major basis avoids materialising a transposed copy
+        # the three-term recurrence, then one classical Gram–Schmidt pass against the whole basis (full
+        # reorthogonalisation; after the recurrence one pass suffices, Parlett §13.8); addmv_ on the row-major basis
+        # avoids materialising a transposed copy
+        w = w - a * V[j]
+        if j > 0:
+            w.sub_(V[j - 1], alpha=betas[-1])
         basis = V[: j + 1]
-        w = w.clone()
-        for _ in range(2):
-            w.addmv_(basis.t(), torch.mv(basis, w), alpha=-1.0)
+        w.addmv_(basis.t(), torch.mv(basis, w), alpha=-1.0)
         b = torch.linalg.vector_norm(w)
         ab = torch.stack([a, b]).double().cpu()  # one host sync per step
         alpha, beta = float(ab[0]), float(ab[1])
