@@ -145,3 +145,17 @@ def test_basis_stays_orthonormal_in_float32() -> None:
     _, _, V = lanczos_tridiagonal(A, torch.randn(600, generator=torch.Generator().manual_seed(0)), 150)
     assert V.shape[0] == 150
     assert (V @ V.T - torch.eye(150)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("eps", [1e-3, 1e-2, 5e-2], ids=lambda e: f"drift={e}")
+@pytest.mark.parametrize("k", [1, 5], ids=lambda k: f"k={k}")
+def test_warm_start_accuracy_under_drift(k: int, eps: float) -> None:
+    """Warm starts from the previous Ritz block stay within tol of eigvalsh as the operator drifts."""
+    A = _sym(_outlier_spectrum(300, 3), 3)
+    first = lanczos(A, k=k, tol=1e-3, max_iter=200, return_warm_start=True)
+    B = A + eps * _sym(torch.randn(300, generator=torch.Generator().manual_seed(7)), 4)
+    ref = torch.linalg.eigvalsh(B).flip(0)[:k]
+    warm = lanczos(B, k=k, tol=1e-3, max_iter=200, v0=first.warm_start)
+    assert warm.converged
+    assert ((warm.eigenvalues - ref).abs() / ref).max() <= 1e-3
+    assert warm.num_matvecs < lanczos(B, k=k, tol=1e-3, max_iter=200).num_matvecs

@@ -255,6 +255,7 @@ def lanczos(
     rule_state = _StoppingRule(k, tol, abs_floor, rule, min(min_iter, dim))
 
     if v0.dim() == 2:
+        rule_state.warm = True
         return _block_warm_start(
             as_matvec(A), v0, k, which, max_iter, rule_state, return_eigenvectors, return_warm_start
         )
@@ -310,10 +311,13 @@ class _StoppingRule:
         self.k, self.tol, self.abs_floor, self.rule, self.min_iter = k, tol, abs_floor, rule, min_iter
         self.history: list[Tensor] = []
         self.converged = False
+        self.warm = False
 
     def __call__(self, theta: Tensor, resid: Tensor, bounds: Tensor, m: int) -> bool:
         k = self.k
         window, guard = _window_and_guard(k)
+        if self.warm:
+            window = 1  # a block warm start begins in a nearly invariant subspace: one settled step suffices
         kk = min(k + guard, m)
         self.history.append(theta[:kk])
         if m < self.min_iter:
