@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_curvature._digits import make_mlp
 from lightning_curvature.core.eigen import hessian_eigenvalues
 from lightning_curvature.core.errors import NonFiniteCurvatureError
 from lightning_curvature.core.hvp import HessianOperator
@@ -85,22 +86,7 @@ def digits_problem(num_examples: int | None = None, seed: int = 0) -> Batch:
 
 def make_tanh_mlp(width: int = 64, depth: int = 2, output_scale: float = 1.0, seed: int = 0) -> nn.Module:
     """``depth`` tanh hidden layers of ``width`` units (PyTorch's default init), read-out scaled by ``output_scale``."""
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        layers: list[nn.Module] = []
-        d_in = 64
-        for _ in range(depth):
-            layers += [nn.Linear(d_in, width), nn.Tanh()]
-            d_in = width
-        layers.append(nn.Linear(d_in, 10))
-        model = nn.Sequential(*layers)
-        with torch.no_grad():
-            for p in model[-1].parameters():
-                p.mul_(output_scale)
-    finally:
-        torch.random.set_rng_state(gen_state)
-    return model
+    return make_mlp(depth, width, output_scale=output_scale, seed=seed)
 
 
 def mse_onehot(model: nn.Module, batch: Batch) -> Tensor:
