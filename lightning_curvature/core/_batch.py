@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -107,23 +107,3 @@ def slice_batch(batch: Any, start: int, stop: int) -> Any:
         return t[start:stop] if t.dim() > 0 and t.shape[0] == n else t
 
     return _map_tensors(batch, fn)
-
-
-def concat_batches(batches: Sequence[Any]) -> Any:
-    """Concatenate batches of the same structure along the first dimension."""
-    first = batches[0]
-    if isinstance(first, Tensor):
-        return torch.cat(list(batches))
-    if isinstance(first, Mapping):
-        return type(first)({k: concat_batches([b[k] for b in batches]) for k in first})  # type: ignore[call-arg]
-    if isinstance(first, (tuple, list)):
-        parts = [concat_batches([b[i] for b in batches]) for i in range(len(first))]
-        if isinstance(first, tuple) and hasattr(first, "_fields"):
-            return type(first)(*parts)
-        return type(first)(parts)
-    return first
-
-
-def total_size(batches: Iterable[Any]) -> int:
-    """Sum of the sizes of ``batches``."""
-    return sum(batch_size(b) for b in batches)

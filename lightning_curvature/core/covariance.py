@@ -67,11 +67,6 @@ class CovarianceResult:
     num_examples: int
 
 
-def _flat_examples(batch: Any) -> list[Any]:
-    """Split every physical batch of ``batch`` into chunkable pieces (kept as given)."""
-    return list(iter_batches(batch))
-
-
 def gradient_covariance(
     model: nn.Module,
     loss_fn: LossFn,
