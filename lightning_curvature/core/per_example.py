@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_curvature.core._batch import batch_size, iter_batches, slice_batch, to_compute
+from lightning_curvature.core._batch import _map_tensors, batch_size, iter_batches, slice_batch, to_compute
 from lightning_curvature.core.hvp import LossFn, _LossModule, compute_dtype_for, select_parameters
 
 __all__ = ["check_per_example_safe", "default_chunk_size", "per_example_gradient_chunks"]
@@ -45,15 +45,8 @@ def default_chunk_size(num_params: int, num_examples: int, max_memory_bytes: flo
 
 
 def _unsqueeze(batch: Any) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.unsqueeze(0)
-    if isinstance(batch, dict):
-        return {k: _unsqueeze(v) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_unsqueeze(v) for v in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_unsqueeze(v) for v in batch)
-    return batch
+    """One example (its batch dimension removed by ``vmap``) as a batch of one."""
+    return _map_tensors(batch, lambda t: t.unsqueeze(0))
 
 
 def per_example_gradient_chunks(
