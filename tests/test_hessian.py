@@ -15,10 +15,12 @@ from lightning_curvature import (
     MultiBatch,
     NonFiniteCurvatureError,
     adaptive_preconditioner,
+    gradient_start_vector,
     hessian_eigenvalues,
     hessian_spectral_density,
     hessian_trace,
     hessian_vector_product,
+    lanczos,
     preconditioned_sharpness,
     top_subspace_overlap,
 )
@@ -63,11 +65,12 @@ def test_hvp_matches_dense(case: tuple, method: str) -> None:
     torch.testing.assert_close(hv, H @ v, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("start", ["gradient", "random"])
 @pytest.mark.parametrize("k", [1, 5], ids=lambda k: f"k={k}")
-def test_top_k_matches_dense(case: tuple, k: int) -> None:
+def test_top_k_matches_dense(case: tuple, k: int, start: str) -> None:
     model, loss_fn, batch, H = case
     ref = torch.linalg.eigvalsh(H).flip(0)[:k]
-    res = hessian_eigenvalues(model, loss_fn, batch, k=k, tol=1e-3, max_iter=200)
+    res = hessian_eigenvalues(model, loss_fn, batch, k=k, tol=1e-3, max_iter=200, start=start)
     assert res.converged
     assert ((res.eigenvalues - ref).abs() / ref.abs()).max() <= 1e-3
     assert res.num_hvp >= k
@@ -78,6 +81,41 @@ def test_most_negative(case: tuple) -> None:
     ref = torch.linalg.eigvalsh(H)[:1]
     res = hessian_eigenvalues(model, loss_fn, batch, k=1, which="smallest", tol=1e-6, max_iter=H.shape[0])
     torch.testing.assert_close(res.eigenvalues, ref, rtol=1e-4, atol=1e-8)
+
+
+def test_gradient_start_vector_mixes_gradient_and_the_default_random_start() -> None:
+    g = torch.tensor([3.0, 0.0, 4.0, 0.0, 0.0], dtype=torch.float64)
+    z = torch.randn(5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    torch.testing.assert_close(gradient_start_vector(g, seed=4), g / 5 + z / z.norm())
+    # a zero gradient leaves the random half alone: the same vector lanczos draws for that seed
+    A = torch.diag(torch.arange(5.0, dtype=torch.float64))
+    zero = gradient_start_vector(torch.zeros(5, dtype=torch.float64), seed=4)
+    assert torch.equal(lanczos(A, k=1, v0=zero, seed=4).eigenvalues, lanczos(A, k=1, seed=4).eigenvalues)
+    with pytest.raises(ValueError, match="flat gradient"):
+        gradient_start_vector(torch.zeros(2, 2))
+
+
+def test_gradient_start_needs_fewer_products_when_the_gradient_is_along_the_top() -> None:
+    """Quadratic ½(w−w*)ᵀA(w−w*) with w−w* mostly along A's top eigenvector: the gradient start finds λ₁ sooner."""
+    n = 200
+    gen = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    lam = torch.cat([torch.tensor([10.0, 9.7, 9.5]), torch.rand(n - 3, generator=gen, dtype=torch.float64) * 9])
+    A = Q @ torch.diag(lam) @ Q.T
+    model = nn.Linear(n, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(Q[:, 0] + 0.01 * torch.randn(n, generator=gen, dtype=torch.float64))
+
+    def loss_fn(m: nn.Module, _: Any) -> torch.Tensor:
+        w = m.weight.reshape(-1)
+        return 0.5 * w @ A @ w
+
+    batch = torch.zeros(1, n, dtype=torch.float64)
+    by_grad = hessian_eigenvalues(model, loss_fn, batch, k=1, tol=1e-6, max_iter=n)
+    by_rand = hessian_eigenvalues(model, loss_fn, batch, k=1, tol=1e-6, max_iter=n, start="random")
+    for res in (by_grad, by_rand):
+        assert abs(res.sharpness - 10.0) <= 1e-5
+    assert by_grad.num_hvp < by_rand.num_hvp, (by_grad.num_hvp, by_rand.num_hvp)
 
 
 def test_trace_estimators_cover_truth(case: tuple) -> None:
@@ -287,9 +325,10 @@ class _Counter(nn.Module):
         (lambda m, b: hessian_eigenvalues(m, ce_loss, b, mode="test"), ValueError, "mode"),
         (lambda m, b: hessian_eigenvalues(m, ce_loss, b, method="finite"), ValueError, "method"),
         (lambda m, b: hessian_eigenvalues(m, ce_loss, b, v0=torch.ones(3)), ValueError, "v0"),
+        (lambda m, b: hessian_eigenvalues(m, ce_loss, b, start="ones"), ValueError, "start"),
         (lambda m, b: hessian_trace(m, ce_loss, b, estimator="exact"), ValueError, "estimator"),
     ],
-    ids=["k-too-large", "empty-batch", "power-k", "mode", "method", "v0-size", "estimator"],
+    ids=["k-too-large", "empty-batch", "power-k", "mode", "method", "v0-size", "start", "estimator"],
 )
 def test_bad_input_names_the_value(make: Any, error: type, match: str) -> None:
     model, _, batch = _mlp_case()

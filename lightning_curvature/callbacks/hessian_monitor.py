@@ -34,6 +34,7 @@ from lightning_curvature.core import (
     LanczosResult,
     NonFiniteCurvatureError,
     adaptive_preconditioner,
+    gradient_start_vector,
     hutchpp_trace,
     is_adaptive,
     lanczos,
@@ -100,9 +101,10 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     gradient graph is built once. With ``warm_start=True`` the eigenvalue solve starts from the previous
     measurement's top ``k + 1`` Ritz vectors (``LanczosResult.warm_start``: Rayleigh–Ritz on them, then residual
     expansion), which needs fewer Hessian-vector products while the spectrum moves slowly; the vectors are kept in
-    memory only (every fit, resumed or not, starts cold) and dropped after a failed measurement. The result still
-    meets ``tol``, but its last digits depend on the start: with the adaptive cadence, on which earlier steps were
-    measured.
+    memory only (every fit, resumed or not, starts cold) and dropped after a failed measurement. A cold start
+    begins from the gradient mixed with a seeded Gaussian (:func:`~lightning_curvature.core.gradient_start_vector`).
+    The result still meets ``tol``, but its last digits depend on the start: with the adaptive cadence, on which
+    earlier steps were measured.
 
     **What.** Logged tags: ``curvature/sharpness``, ``curvature/eig_{i}`` (i = 1..k, largest first),
     ``curvature/stability_threshold`` (of ``trainer.optimizers[0]`` at the learning rate of its first parameter
@@ -380,6 +382,9 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         if v0 is not None and self._warm_in_a_row >= self.cold_start_every:
             v0 = None  # the periodic cold start (see `cold_start_every`)
         self._warm_in_a_row = 0 if v0 is None else self._warm_in_a_row + 1
+        if v0 is None:  # cold start from the gradient mixed with a seeded Gaussian (free: the graph is built)
+            g = H.gradient()
+            v0 = gradient_start_vector(g if precond is None else d * g)
         res = lanczos(
             matvec, H.dim, k=k, tol=self.tol, max_iter=max(self.max_iter, k), v0=v0,
             return_eigenvectors=self.compute_overlap, return_warm_start=self.warm_start, dtype=H.dtype,

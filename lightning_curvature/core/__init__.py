@@ -11,6 +11,7 @@ from lightning_curvature.core.covariance import CovarianceResult, gradient_covar
 from lightning_curvature.core.density import DensityResult, hessian_spectral_density, slq_density
 from lightning_curvature.core.eigen import (
     EigenResult,
+    gradient_start_vector,
     hessian_eigenvalues,
     preconditioned_sharpness,
     warm_start_vector,
@@ -46,6 +47,7 @@ __all__ = [
     "all_reduce_sum",
     "directional_terms",
     "gradient_covariance",
+    "gradient_start_vector",
     "hessian_eigenvalues",
     "hessian_spectral_density",
     "hessian_trace",

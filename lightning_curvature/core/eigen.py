@@ -22,7 +22,17 @@ from lightning_curvature.core.hvp import HessianOperator, HVPMethod, LossFn, Red
 from lightning_curvature.core.lanczos import Which, lanczos, power_iteration
 from lightning_curvature.core.preconditioner import adaptive_preconditioner
 
-__all__ = ["EigenResult", "hessian_eigenvalues", "preconditioned_sharpness", "warm_start_vector"]
+__all__ = [
+    "EigenResult",
+    "StartVector",
+    "gradient_start_vector",
+    "hessian_eigenvalues",
+    "preconditioned_sharpness",
+    "warm_start_vector",
+]
+
+StartVector = Literal["gradient", "random"]
+_STARTS = ("gradient", "random")
 
 
 @dataclass
@@ -78,6 +88,35 @@ def warm_start_vector(eigenvectors: Tensor, seed: int = 0, noise: float = 0.01) 
     return v + noise * r / torch.linalg.vector_norm(r)
 
 
+def gradient_start_vector(gradient: Tensor, seed: int = 0) -> Tensor:
+    r"""Lanczos start vector :math:`v_0 = g/\|g\| + z/\|z\|`: the gradient mixed with a seeded Gaussian ``z``.
+
+    The gradient of a network's loss lies mostly in the span of the top Hessian eigenvectors (Gur-Ari, Roberts and
+    Dyer, "Gradient Descent Happens in a Tiny Subspace", arXiv 1812.04754), so a Krylov space started from it
+    resolves the largest eigenvalues in fewer products. The Gaussian half keeps a component along every
+    eigenvector at least :math:`1/\sqrt{2}` of a purely random start's, so nothing becomes unreachable; a zero or
+    non-finite gradient gives the random vector alone. ``z`` is the same vector :func:`~.lanczos.lanczos` draws
+    for ``seed``.
+
+    Measured (``benchmarks/bench_engine.py``, top-1 to ``tol=1e-3``, 3 seeds): ~1M-parameter CNN 9 products
+    instead of 13–14; digits MLP 9 instead of 10–12; small transformer 12 instead of 10–11. Top-5 is unchanged
+    within ±2 products.
+
+    Raises:
+        ValueError: if ``gradient`` is not a 1-D tensor.
+    """
+    if gradient.dim() != 1:
+        raise ValueError(f"Expected a flat gradient, got shape {tuple(gradient.shape)}.")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    z = torch.randn(gradient.numel(), generator=gen, dtype=torch.float64)
+    z = z.to(device=gradient.device, dtype=gradient.dtype)
+    z = z / torch.linalg.vector_norm(z)
+    g_norm = torch.linalg.vector_norm(gradient)
+    if not bool(torch.isfinite(g_norm)) or float(g_norm) == 0.0:
+        return z
+    return gradient / g_norm + z
+
+
 def hessian_eigenvalues(
     model: nn.Module,
     loss_fn: LossFn,
@@ -90,6 +129,7 @@ def hessian_eigenvalues(
     return_eigenvectors: bool = False,
     return_warm_start: bool = False,
     v0: Tensor | None = None,
+    start: StartVector = "gradient",
     abs_tol: float = 1e-6,
     algorithm: Literal["lanczos", "power"] = "lanczos",
     preconditioner: Tensor | None = None,
@@ -113,6 +153,9 @@ def hessian_eigenvalues(
         return_warm_start: keep the top ``k + 1`` Ritz vectors to warm-start the next measurement
             (``result.warm_start``); a re-measurement after a few training steps then needs far fewer products.
         v0: start vector (flat, length P), or a ``(m, P)`` block such as the previous ``result.warm_start``.
+        start: start vector when ``v0`` is not given: ``"gradient"`` (default; the gradient mixed with a seeded
+            Gaussian, see :func:`gradient_start_vector`; used for ``which="largest"`` only, where it helps, and free
+            because the ``create_graph`` gradient is built anyway) or ``"random"`` (a seeded Gaussian).
         abs_tol: absolute floor of the tolerance scale (spectra can be ~0 at initialisation).
         algorithm: ``"lanczos"`` or ``"power"`` (power iteration, ``k=1`` only, largest magnitude).
         preconditioner: flat positive diagonal ``P``; the spectrum of :math:`P^{-1/2}HP^{-1/2}` is returned.
@@ -126,8 +169,8 @@ def hessian_eigenvalues(
         :class:`EigenResult`.
 
     Raises:
-        ValueError: for bad ``k``, ``tol``, ``max_iter``, ``which``, ``algorithm`` or a wrongly sized ``v0``
-            or ``preconditioner``.
+        ValueError: for bad ``k``, ``tol``, ``max_iter``, ``which``, ``algorithm``, ``start`` or a wrongly sized
+            ``v0`` or ``preconditioner``.
         NonFiniteCurvatureError: if the loss or a product is NaN or infinite.
 
     Example::
@@ -140,6 +183,8 @@ def hessian_eigenvalues(
     """
     if algorithm not in ("lanczos", "power"):
         raise ValueError(f"`algorithm` must be 'lanczos' or 'power', got {algorithm!r}.")
+    if start not in _STARTS:
+        raise ValueError(f"`start` must be one of {_STARTS}, got {start!r}.")
     if algorithm == "power" and (k != 1 or which != "largest"):
         raise ValueError(f"Power iteration finds only the dominant eigenvalue; got k={k}, which={which!r}.")
     with HessianOperator(
@@ -160,6 +205,9 @@ def hessian_eigenvalues(
             raise ValueError(f"`v0` has shape {tuple(v0.shape)}, expected vectors of {H.dim} entries.")
         if k > H.dim:
             raise ValueError(f"`k`={k} exceeds the number of parameters {H.dim}.")
+        if v0 is None and start == "gradient" and which == "largest":
+            g = H.gradient()
+            v0 = gradient_start_vector(g if preconditioner is None else d * g, seed=seed)
         if algorithm == "power":
             res = power_iteration(
                 matvec, H.dim, tol=tol, max_iter=max_iter, v0=v0, seed=seed, dtype=H.dtype, device=H.device
