@@ -142,8 +142,9 @@ def test_basis_stays_orthonormal_in_float32() -> None:
     from lightning_curvature.core.lanczos import lanczos_tridiagonal
 
     A = _sym(_outlier_spectrum(600, 1), 0).float()
-    _, _, V = lanczos_tridiagonal(A, torch.randn(600, generator=torch.Generator().manual_seed(0)), 150)
-    assert V.shape[0] == 150
+    _, _, basis = lanczos_tridiagonal(A, torch.randn(600, generator=torch.Generator().manual_seed(0)), 150)
+    V = basis.matrix()
+    assert V.shape == (150, 600) and len(basis) == 150
     assert (V @ V.T - torch.eye(150)).abs().max().item() < 1e-5
 
 
@@ -159,3 +160,40 @@ def test_warm_start_accuracy_under_drift(k: int, eps: float) -> None:
     assert warm.converged
     assert ((warm.eigenvalues - ref).abs() / ref).max() <= 1e-3
     assert warm.num_matvecs < lanczos(B, k=k, tol=1e-3, max_iter=200).num_matvecs
+
+
+def test_krylov_basis_grows_in_blocks_and_combines_exactly() -> None:
+    """Memory follows the steps taken (blocks of 16 rows), and Ritz vectors from the blocks equal S^T V."""
+    from lightning_curvature.core.lanczos import lanczos_tridiagonal
+
+    A = _sym(_outlier_spectrum(300, 1), 0)
+    alpha, beta, basis = lanczos_tridiagonal(A, torch.ones(300, dtype=torch.float64), 20)
+    assert len(basis) == alpha.numel() == 20
+    assert len(basis._blocks) == 2  # 16 + 4 rows used, not a (20, n) or (max_iter, n) preallocation
+    V = basis.matrix()
+    torch.testing.assert_close(V @ V.T, torch.eye(20, dtype=torch.float64), atol=1e-12, rtol=0)
+    C = torch.randn(3, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(basis.combine(C), C @ V)
+    # the basis satisfies the Lanczos relation A V_m^T = V_m^T T_m + β_m v_{m+1} e_m^T: check its first m - 1 columns
+    T = torch.diag(alpha) + torch.diag(beta[:-1], 1) + torch.diag(beta[:-1], -1)
+    torch.testing.assert_close((A @ V.T)[:, :-1], (V.T @ T)[:, :-1], atol=1e-10, rtol=0)
+
+
+def test_slq_without_reorthogonalisation_keeps_two_vectors_and_the_density() -> None:
+    """The bare recurrence loses orthogonality (ghosts) but Gauss quadrature keeps the spectral measure."""
+    from lightning_curvature import slq_density
+    from lightning_curvature.core.lanczos import lanczos_tridiagonal
+
+    A = _sym(_outlier_spectrum(400, 2), 5)
+    _, _, bare = lanczos_tridiagonal(A, torch.ones(400, dtype=torch.float64), 120, reorthogonalize=False)
+    assert len(bare) == 120 and len(bare._last) == 2
+    with pytest.raises(RuntimeError, match="not kept"):
+        bare.combine(torch.ones(1, 120))
+    full = slq_density(A, num_probes=4, num_iters=120, sigma=0.3, seed=1)
+    cheap = slq_density(A, num_probes=4, num_iters=120, sigma=0.3, seed=1, reorthogonalize=False)
+    true = float(torch.trace(A))
+    assert abs(cheap.trace - full.trace) <= 0.02 * abs(true) + 1e-9
+    dt = float(full.grid[1] - full.grid[0])
+    grid_cheap = torch.tensor([float(cheap.density[(cheap.grid - t).abs().argmin()]) for t in full.grid])
+    assert float((grid_cheap - full.density).abs().sum()) * dt <= 0.05  # L1 distance of two unit-mass densities
+    torch.testing.assert_close(cheap.weights.sum(1), torch.ones(4, dtype=torch.float64))
