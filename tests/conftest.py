@@ -150,6 +150,20 @@ def make_trainer(tmp_path: Path | str, **kwargs: Any) -> pl.Trainer:
     return pl.Trainer(**defaults)
 
 
+class DestroyProcessGroup(pl.Callback):
+    """Destroys the default process group at teardown, in each ``ddp_spawn`` worker; put it last.
+
+    Lightning leaves a gloo group alive when a spawned CPU worker returns, and with torch 2.13 the worker then
+    sometimes aborts in C++ teardown ("terminate called without an active exception", SIGABRT) after training has
+    finished. Measured here with plain Lightning and none of this library's callbacks: 1 abort in 12 runs without
+    this callback, 0 in 16 with it.
+    """
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 class FakeClock:
     """A clock that moves only when told to: ``clock()`` reads it, ``clock.advance(dt)`` moves it."""
 

@@ -16,7 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyClassifier, classification_loader, make_trainer, random_tensors
+from conftest import DestroyProcessGroup, TinyClassifier, classification_loader, make_trainer, random_tensors
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DistributedSampler, TensorDataset
@@ -83,7 +83,7 @@ def test_ddp_spawn_measures_the_global_batch(tmp_path: Path) -> None:
     logger = CSVLogger(tmp_path, name="ddp")
     trainer = make_trainer(
         tmp_path, strategy="ddp_spawn", devices=2, max_steps=3, logger=logger,
-        callbacks=[hess, cov, RankAgreement(hess, cov)],
+        callbacks=[hess, cov, RankAgreement(hess, cov), DestroyProcessGroup()],
     )  # fmt: skip
     trainer.fit(model, classification_loader(x, y, batch_size=8, shuffle=False))
     (path,) = (tmp_path / "ddp").glob("version_*/metrics.csv")  # written by rank 0 only
@@ -114,7 +114,12 @@ def test_ddp_spawn_adaptive_cadence_follows_rank_zero(tmp_path: Path) -> None:
     logger = CSVLogger(tmp_path, name="ddp_adaptive")
     strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=120))  # a disagreement would hang
     trainer = make_trainer(
-        tmp_path, strategy=strategy, devices=2, max_steps=8, logger=logger, callbacks=[hess, StepAgreement(hess)]
+        tmp_path,
+        strategy=strategy,
+        devices=2,
+        max_steps=8,
+        logger=logger,
+        callbacks=[hess, StepAgreement(hess), DestroyProcessGroup()],
     )
     x, y = random_tensors(n=64)
     trainer.fit(TinyClassifier(), classification_loader(x, y, batch_size=8, shuffle=False))

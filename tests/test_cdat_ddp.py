@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import DestroyProcessGroup
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -80,7 +81,7 @@ def test_ddp_spawn_ranks_share_the_lr(tmp_path: Any) -> None:
         strategy="ddp_spawn",
         devices=2,
         max_steps=3,
-        callbacks=[monitor, RankCheck(monitor)],
+        callbacks=[monitor, RankCheck(monitor), DestroyProcessGroup()],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -102,7 +102,9 @@ def gradient_start_vector(gradient: Tensor, seed: int = 0) -> Tensor:
     9 products instead of 13–14 (3 seeds), on the digits MLP 9 instead of 10–12, on the small transformer 12
     instead of 10–11. Top-5 on the CNN over seeds 0–9: 52 products every time, all five within 2.1e-5 of the
     float64 reference, against 41–55 (mean 48.6) from the Gaussian alone, where seed 2 misses λ₅ (see
-    :mod:`.lanczos`, "What no stopping rule can see").
+    :mod:`.lanczos`, "What no stopping rule can see"). On four small test networks (MLPs, CNN, transformer; at
+    initialisation and after 30 SGD steps; 5 seeds each) top-1 took 10.8 products on average against 11.5, with
+    less spread, and top-5 26.2 against 26.3.
 
     Raises:
         ValueError: if ``gradient`` is not a 1-D tensor.
