@@ -65,7 +65,7 @@ def test_hvp_matches_dense(case: tuple, method: str) -> None:
     torch.testing.assert_close(hv, H @ v, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("start", ["gradient", "random"])
+@pytest.mark.parametrize("start", ["auto", "gradient", "random"])
 @pytest.mark.parametrize("k", [1, 5], ids=lambda k: f"k={k}")
 def test_top_k_matches_dense(case: tuple, k: int, start: str) -> None:
     model, loss_fn, batch, H = case
@@ -93,6 +93,18 @@ def test_gradient_start_vector_mixes_gradient_and_the_default_random_start() -> 
     assert torch.equal(lanczos(A, k=1, v0=zero, seed=4).eigenvalues, lanczos(A, k=1, seed=4).eigenvalues)
     with pytest.raises(ValueError, match="flat gradient"):
         gradient_start_vector(torch.zeros(2, 2))
+
+
+def test_auto_start_is_the_gradient_for_k1_and_a_gaussian_for_more() -> None:
+    model, loss_fn, batch = _mlp_case()
+    for k, expected in ((1, "gradient"), (5, "random")):
+        auto = hessian_eigenvalues(model, loss_fn, batch, k=k, seed=3)
+        chosen = hessian_eigenvalues(model, loss_fn, batch, k=k, seed=3, start=expected)
+        other = hessian_eigenvalues(
+            model, loss_fn, batch, k=k, seed=3, start={"gradient": "random"}.get(expected, "gradient")
+        )
+        assert torch.equal(auto.eigenvalues, chosen.eigenvalues) and auto.num_hvp == chosen.num_hvp
+        assert not torch.equal(auto.eigenvalues, other.eigenvalues)  # the two starts give different last digits
 
 
 def test_gradient_start_needs_fewer_products_when_the_gradient_is_along_the_top() -> None:

@@ -101,8 +101,9 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     gradient graph is built once. With ``warm_start=True`` the eigenvalue solve starts from the previous
     measurement's top ``k + 1`` Ritz vectors (``LanczosResult.warm_start``: Rayleigh–Ritz on them, then residual
     expansion), which needs fewer Hessian-vector products while the spectrum moves slowly; the vectors are kept in
-    memory only (every fit, resumed or not, starts cold) and dropped after a failed measurement. A cold start
-    begins from the gradient mixed with a seeded Gaussian (:func:`~lightning_curvature.core.gradient_start_vector`).
+    memory only (every fit, resumed or not, starts cold) and dropped after a failed measurement. A cold start for
+    ``k=1`` begins from the gradient mixed with a seeded Gaussian
+    (:func:`~lightning_curvature.core.gradient_start_vector`), for ``k > 1`` from a Gaussian.
     The result still meets ``tol``, but its last digits depend on the start: with the adaptive cadence, on which
     earlier steps were measured.
 
@@ -382,7 +383,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         if v0 is not None and self._warm_in_a_row >= self.cold_start_every:
             v0 = None  # the periodic cold start (see `cold_start_every`)
         self._warm_in_a_row = 0 if v0 is None else self._warm_in_a_row + 1
-        if v0 is None:  # cold start from the gradient mixed with a seeded Gaussian (free: the graph is built)
+        if v0 is None and k == 1:  # cold start from the gradient mixed with a Gaussian (see `gradient_start_vector`)
             g = H.gradient()
             v0 = gradient_start_vector(g if precond is None else d * g)
         res = lanczos(

@@ -20,12 +20,12 @@ prove that no eigenvalue is missing. An eigenvector almost absent from the start
 benchmark CNN (``benchmarks/bench_engine.py``) the Gaussian start of seed 2 resolves λ₁..λ₄ and λ₆ by step 44
 and λ₅ only at step 56, so ``k=5`` returns λ₆ = 1.926 as the fifth value (9.6e-3 off λ₅ = 1.944) with a bound
 of 7.6e-5; seeds 0 and 1 return all five within 2.1e-5. This is a property of every single-vector Krylov method
-(ARPACK included); where it matters, compare two ``seed`` values or ask for a larger ``k``. Inside a dense cluster
-no Krylov method can certify more.
+(ARPACK included); where the k-th value matters, compare two ``seed`` values. Inside a dense cluster no Krylov
+method can certify more.
 
 Warm start. Passing the previous result's ``warm_start`` block as ``v0`` replaces the Krylov recurrence by
-Rayleigh–Ritz on that block, expanded with the residuals of the pairs not yet within ``tol`` (a block Davidson step
-without preconditioner); one settled step suffices there.
+Rayleigh–Ritz on that block, expanded with the residuals of the wanted pairs not yet within ``tol`` (a block
+Davidson step without preconditioner); one settled step suffices there.
 
 References:
     C. Lanczos, "An iteration method for the solution of the eigenvalue problem of linear differential and
