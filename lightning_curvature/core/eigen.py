@@ -98,17 +98,19 @@ def gradient_start_vector(gradient: Tensor, seed: int = 0) -> Tensor:
     non-finite gradient gives the random vector alone. ``z`` is the same vector :func:`~.lanczos.lanczos` draws
     for ``seed``.
 
-    For the top eigenvalue alone it helps. Measured on the benchmark cases (``benchmarks/cases.py``,
-    ``tol=1e-3``, seeds 0–2, at initialisation and after 3, 10, 30 and 60 SGD steps): always within 4e-5 of a
-    tight reference; on the ~1M-parameter CNN 9–13 products against 9–17 from the Gaussian alone (9 against 13–14
-    at initialisation), on the digits MLP and the small transformer about the same. On four small test networks
-    (dense float64 references, 160 runs) it was never off by more than ``tol``.
+    For the top eigenvalue alone it helps. ``benchmarks/bench_start_vector.py`` (the three benchmark cases along
+    short SGD runs, 0–60 steps, seeds 0–2, ``tol=1e-3``, against a tight reference): no run off by more than
+    ``tol`` from either start; on the ~1M-parameter CNN 10.1 products on average against 12.4 from the Gaussian
+    alone (9 against 13–14 at initialisation), on the digits MLP 11.4 against 12.3, on the small transformer 9.8
+    against 9.6. On four small test networks (dense float64 references, 160 runs) it never missed ``tol`` either.
 
-    For several eigenvalues it can hurt: it speeds up exactly the directions the gradient contains, so Lanczos
-    settles before an eigenvector the gradient lacks has emerged (see :mod:`.lanczos`, "What no stopping rule can
-    see"). On the benchmark CNN after 3 SGD steps at lr 0.01, top-5 from this start returned λ₆ in place of λ₅
-    (7.8e-3 off) for 4 seeds of 4; from Gaussian starts 0 of 4. :func:`hessian_eigenvalues` therefore uses it for
-    ``k = 1`` only (``start="auto"``).
+    For several eigenvalues it is no better and fails worse: it speeds up exactly the directions the gradient
+    contains, so Lanczos can settle before an eigenvector the gradient lacks has emerged (see :mod:`.lanczos`,
+    "What no stopping rule can see"). At k=5 on the CNN both starts missed ``tol`` in 2–3 runs of 30, but the
+    gradient start's misses are systematic: after 3 SGD steps at lr 0.01 it returned λ₆ in place of λ₅ (7.8e-3
+    off) for every seed, since the gradient half is the same, so comparing seeds cannot reveal it; a Gaussian
+    start's misses are independent across seeds. :func:`hessian_eigenvalues` therefore uses it for ``k = 1``
+    only (``start="auto"``).
 
     Raises:
         ValueError: if ``gradient`` is not a 1-D tensor.
