@@ -34,7 +34,6 @@ from lightning_curvature.core import (
     LanczosResult,
     NonFiniteCurvatureError,
     adaptive_preconditioner,
-    gradient_start_vector,
     hutchpp_trace,
     is_adaptive,
     lanczos,
@@ -42,6 +41,7 @@ from lightning_curvature.core import (
     stability_threshold,
     top_subspace_overlap,
 )
+from lightning_curvature.core.eigen import cold_start_vector, preconditioned_operator
 from lightning_curvature.tensorboard import (
     EDGE_RATIO,
     HESSIAN_TRACE,
@@ -367,13 +367,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
 
     def _eigenpairs(self, H: HessianOperator, precond: Tensor | None) -> LanczosResult:
         """Top-k eigenpairs of ``H`` (or of ``P^{-1/2} H P^{-1/2}``), warm-started from the previous Ritz vectors."""
-        matvec = H.matvec
-        if precond is not None:
-            d = precond.reshape(-1).to(device=H.device, dtype=H.dtype).rsqrt()
-
-            def matvec(v: Tensor) -> Tensor:
-                return d * H.matvec(d * v)
-
+        matvec, d = preconditioned_operator(H, precond)
         k = min(self.k, H.dim)
         if k < self.k:
             self._warn_once("k", f"{type(self).__name__}: k={self.k} exceeds the {H.dim} parameters; using k={k}.")
@@ -383,9 +377,8 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         if v0 is not None and self._warm_in_a_row >= self.cold_start_every:
             v0 = None  # the periodic cold start (see `cold_start_every`)
         self._warm_in_a_row = 0 if v0 is None else self._warm_in_a_row + 1
-        if v0 is None and k == 1:  # cold start from the gradient mixed with a Gaussian (see `gradient_start_vector`)
-            g = H.gradient()
-            v0 = gradient_start_vector(g if precond is None else d * g)
+        if v0 is None:
+            v0 = cold_start_vector(H, k, scale=d)  # the gradient start for k = 1, as in `hessian_eigenvalues`
         res = lanczos(
             matvec, H.dim, k=k, tol=self.tol, max_iter=max(self.max_iter, k), v0=v0,
             return_eigenvectors=self.compute_overlap, return_warm_start=self.warm_start, dtype=H.dtype,

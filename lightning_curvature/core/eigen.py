@@ -11,7 +11,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -127,6 +127,39 @@ def gradient_start_vector(gradient: Tensor, seed: int = 0) -> Tensor:
     return gradient / g_norm + z
 
 
+def preconditioned_operator(
+    H: HessianOperator, preconditioner: Tensor | None
+) -> tuple[Callable[[Tensor], Tensor], Tensor | None]:
+    r"""``v -> P^{-1/2} H P^{-1/2} v`` and the scaling :math:`d = P^{-1/2}`; ``(H.matvec, None)`` without ``P``."""
+    if preconditioner is None:
+        return H.matvec, None
+    d = preconditioner.reshape(-1).to(device=H.device, dtype=H.dtype).rsqrt()
+
+    def matvec(v: Tensor) -> Tensor:
+        return d * H.matvec(d * v)
+
+    return matvec, d
+
+
+def cold_start_vector(
+    H: HessianOperator,
+    k: int,
+    *,
+    start: StartVector = "auto",
+    which: Which = "largest",
+    scale: Tensor | None = None,
+    seed: int = 0,
+) -> Tensor | None:
+    """The start vector ``start`` asks for (see :func:`hessian_eigenvalues`), or ``None`` for the seeded Gaussian
+    :func:`~.lanczos.lanczos` draws itself. ``scale`` is :math:`P^{-1/2}` for a preconditioned operator, whose
+    gradient in the scaled coordinates is :math:`P^{-1/2} g`.
+    """
+    if which != "largest" or not (start == "gradient" or (start == "auto" and k == 1)):
+        return None
+    g = H.gradient()
+    return gradient_start_vector(g if scale is None else scale * g, seed=seed)
+
+
 def hessian_eigenvalues(
     model: nn.Module,
     loss_fn: LossFn,
@@ -201,24 +234,18 @@ def hessian_eigenvalues(
     with HessianOperator(
         model, loss_fn, batch, params=params, method=method, mode=mode, reduce_fn=reduce_fn, seed=seed
     ) as H:
-        matvec = H.matvec
         if preconditioner is not None:
             if preconditioner.numel() != H.dim:
                 raise ValueError(f"`preconditioner` has {preconditioner.numel()} entries, expected {H.dim}.")
             if not bool((preconditioner > 0).all()):
                 raise ValueError("`preconditioner` must be positive.")
-            d = preconditioner.reshape(-1).to(device=H.device, dtype=H.dtype).rsqrt()
-
-            def matvec(v: Tensor) -> Tensor:
-                return d * H.matvec(d * v)
-
+        matvec, d = preconditioned_operator(H, preconditioner)
         if v0 is not None and v0.shape[-1] != H.dim:
             raise ValueError(f"`v0` has shape {tuple(v0.shape)}, expected vectors of {H.dim} entries.")
         if k > H.dim:
             raise ValueError(f"`k`={k} exceeds the number of parameters {H.dim}.")
-        if v0 is None and which == "largest" and (start == "gradient" or (start == "auto" and k == 1)):
-            g = H.gradient()
-            v0 = gradient_start_vector(g if preconditioner is None else d * g, seed=seed)
+        if v0 is None:
+            v0 = cold_start_vector(H, k, start=start, which=which, scale=d, seed=seed)
         if algorithm == "power":
             res = power_iteration(
                 matvec, H.dim, tol=tol, max_iter=max_iter, v0=v0, seed=seed, dtype=H.dtype, device=H.device
