@@ -155,10 +155,11 @@ class KrylovBasis:
 
     def project_out(self, w: Tensor) -> None:
         """One classical Gram–Schmidt pass in place: ``w ← w − V^T (V w)`` over the whole basis."""
-        blocks = self._filled()
-        coeffs = [torch.mv(B, w) for B in blocks]  # all projections first: classical, not modified, Gram–Schmidt
-        for B, c in zip(blocks, coeffs):
-            w.addmv_(B.t(), c, alpha=-1.0)  # addmv_ on the row-major block avoids a transposed copy
+        coeffs = self.dots(w)  # all projections first: classical, not modified, Gram–Schmidt
+        start = 0
+        for B in self._filled():
+            w.addmv_(B.t(), coeffs[start : start + B.shape[0]], alpha=-1.0)  # no transposed copy of the block
+            start += B.shape[0]
 
     def combine(self, coeffs: Tensor) -> Tensor:
         """``coeffs @ V`` for a ``(r, m)`` coefficient matrix: Ritz vectors from tridiagonal eigenvectors."""
@@ -461,28 +462,23 @@ class _RayleighRitzBasis:
 
     def __init__(self, matvec: Callable[[Tensor], Tensor], first: Tensor, capacity: int) -> None:
         self.matvec = matvec
-        self.B: KrylovBasis | None = None
-        self.W: KrylovBasis | None = None
+        p = matvec(first).reshape(-1).to(first.dtype)
+        self.B, self.W = KrylovBasis(first), KrylovBasis(p)
         self.T = torch.zeros(capacity, capacity, dtype=torch.float64)
         self.G = torch.zeros(capacity, capacity, dtype=torch.float64)
-        self.add(first)
+        self.T[0, 0], self.G[0, 0] = torch.stack([torch.dot(first, p), torch.dot(p, p)]).double().cpu()
 
     def __len__(self) -> int:
-        return 0 if self.B is None else len(self.B)
+        return len(self.B)
 
     def add(self, q: Tensor) -> None:
         """Append the unit vector ``q`` (orthogonal to the basis) and its product."""
         p = self.matvec(q).reshape(-1).to(q.dtype)
         m = len(self)
-        if self.B is None or self.W is None:
-            self.B, self.W = KrylovBasis(q), KrylovBasis(p)
-            cross = torch.empty(0, dtype=q.dtype, device=q.device)
-            t_new, g_new = cross, cross
-        else:
-            t_new = self.B.dots(p)  # = W q in exact arithmetic (A is symmetric); T is kept symmetric by construction
-            g_new = self.W.dots(p)
-            self.B.append(q)
-            self.W.append(p)
+        t_new = self.B.dots(p)  # = W q in exact arithmetic (A is symmetric); T is kept symmetric by construction
+        g_new = self.W.dots(p)
+        self.B.append(q)
+        self.W.append(p)
         row = torch.cat([t_new, torch.dot(q, p).reshape(1), g_new, torch.dot(p, p).reshape(1)]).double().cpu()
         self.T[m, :m], self.T[:m, m], self.T[m, m] = row[:m], row[:m], row[m]
         self.G[m, :m], self.G[:m, m], self.G[m, m] = row[m + 1 : 2 * m + 1], row[m + 1 : 2 * m + 1], row[-1]
@@ -494,7 +490,6 @@ class _RayleighRitzBasis:
         the rounding and the overlap with directions added in the same block step; a second pass runs only when the
         first removed most of ``r`` (the Daniel–Gragg–Kaufman–Stewart test, ratio 0.7).
         """
-        assert self.B is not None
         norm = float(torch.linalg.vector_norm(r))
         for _ in range(2):
             self.B.project_out(r)
@@ -532,7 +527,6 @@ def _block_warm_start(
     for i in range(1, Q.shape[1]):
         rr.add(Q[:, i].contiguous())
     while True:
-        assert rr.B is not None and rr.W is not None
         m = len(rr)
         theta, Y = torch.linalg.eigh(rr.T[:m, :m])
         if which == "largest":
