@@ -192,6 +192,11 @@ def make_reduce_fn(trainer: pl.Trainer) -> Callable[[torch.Tensor], torch.Tensor
     return reduce_fn
 
 
+def first_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer | None:
+    """``trainer.optimizers[0]``, whose parameters and hyperparameters the monitors measure, or ``None``."""
+    return trainer.optimizers[0] if trainer.optimizers else None
+
+
 def measured_parameters(pl_module: torch.nn.Module, optimizer: Any | None) -> list[torch.Tensor]:
     """Trainable parameters curvature is taken over: those managed by ``optimizer`` (all if ``None``)."""
     trainable: list[torch.Tensor] = [p for p in pl_module.parameters() if p.requires_grad]

@@ -20,6 +20,7 @@ from lightning_curvature.callbacks._common import (
     check_choice,
     check_positive_float,
     check_positive_int,
+    first_optimizer,
     make_reduce_fn,
     measured_parameters,
 )
@@ -171,7 +172,7 @@ class GradientCovarianceMonitor(CurvatureMonitorBase):
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, batch: Any, step: int
     ) -> dict[str, float]:
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        optimizer = first_optimizer(trainer)
         cov = gradient_covariance(
             pl_module,
             loss_fn,

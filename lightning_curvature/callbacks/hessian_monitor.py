@@ -25,6 +25,7 @@ from lightning_curvature.callbacks._common import (
     check_choice,
     check_positive_float,
     check_positive_int,
+    first_optimizer,
     make_reduce_fn,
     measured_parameters,
 )
@@ -312,7 +313,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     def _failed_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         nan = math.nan
         metrics = {SHARPNESS: nan, **{eig_tag(i): nan for i in range(1, self.k + 1)}}
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        optimizer = first_optimizer(trainer)
         threshold = self._threshold(optimizer)
         if threshold is not None:
             metrics[STABILITY_THRESHOLD] = threshold
@@ -325,7 +326,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, batch: Any, step: int
     ) -> dict[str, float]:
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        optimizer = first_optimizer(trainer)
         params = measured_parameters(pl_module, optimizer)
         adaptive = optimizer is not None and is_adaptive(optimizer)
         precond = adaptive_preconditioner(optimizer, params) if adaptive else None  # type: ignore[arg-type]
