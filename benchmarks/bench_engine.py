@@ -30,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from bench_start_vector import tight_reference  # noqa: E402
 from cases import make_case  # noqa: E402
 from peers import peer_top_eigenvalues  # noqa: E402
 
@@ -109,13 +110,7 @@ def warm_start(case: Any, k: int, steps: int, lr: float) -> dict[str, Any]:
     opt.zero_grad(set_to_none=True)
     cold = lc.hessian_eigenvalues(model, case.loss_fn, case.batch, k=k)
     warm = lc.hessian_eigenvalues(model, case.loss_fn, case.batch, k=k, v0=first.warm_start)
-    # reference for the trained model: two tight runs from different starts; Ritz values never exceed the eigenvalues
-    # they approximate (Cauchy interlacing), so the elementwise maximum is the better of the two
-    tight = [
-        lc.hessian_eigenvalues(model, case.loss_fn, case.batch, k=k, tol=1e-8, max_iter=150, start=st, seed=sd)
-        for st, sd in (("gradient", 0), ("random", 1))
-    ]
-    ref = torch.maximum(tight[0].eigenvalues, tight[1].eigenvalues).tolist()
+    ref = tight_reference(model, case, k).tolist()  # no cached reference for the trained model
     return {
         "k": k,
         "steps": steps,
