@@ -29,6 +29,8 @@ from lightning_curvature._digits import (
     make_mlp,
     minibatch_loader,
     mse_loss,
+    new_figure,
+    save_figure,
     write_json,
 )
 
@@ -102,13 +104,9 @@ def summarise(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
 
 def plot(results: list[dict[str, Any]], path: Path, subtitle: str) -> None:
     """Top row against the step, bottom row against the training loss; 2/η dashed in the λ_1(H) panels."""
-    import matplotlib
     import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5), layout="constrained")
+    fig, axes = new_figure(2, 3, figsize=(16, 8.5))
     for i, r in enumerate(results):
         c = f"C{i}"
         lab = f"η = {r['lr']:g}"
@@ -139,13 +137,10 @@ def plot(results: list[dict[str, Any]], path: Path, subtitle: str) -> None:
             for row in (0, 1):
                 axes[row, j].set_yscale("log")
     for ax in axes.ravel():
-        ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     for row in (0, 1):
         axes[row, 0].set_ylim(0, ylim)
-    fig.suptitle(f"Break-even point: mini-batch SGD, tanh MLP on digits ({subtitle})")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"Break-even point: mini-batch SGD, tanh MLP on digits ({subtitle})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,15 @@ from typing import Any
 import torch
 
 from lightning_curvature import hessian_eigenvalues
-from lightning_curvature._digits import example_parser, load_digits_data, make_mlp, mse_loss, write_json
+from lightning_curvature._digits import (
+    example_parser,
+    load_digits_data,
+    make_mlp,
+    mse_loss,
+    new_figure,
+    save_figure,
+    write_json,
+)
 
 NAME = "eos_gradient_descent"
 
@@ -90,12 +98,7 @@ def summarise(r: dict[str, Any]) -> dict[str, Any]:
 
 def plot(results: list[dict[str, Any]], path: Path, subtitle: str) -> None:
     """Sharpness with 2/η (dashed) and the training loss, one colour per learning rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
+    fig, (ax1, ax2) = new_figure(1, 2, figsize=(12, 4.6))
     for i, r in enumerate(results):
         c = f"C{i}"
         ax1.plot(r["steps"], r["sharpness"], color=c, lw=1.6, label=f"η = {r['lr']:g}: sharpness")
@@ -105,11 +108,7 @@ def plot(results: list[dict[str, Any]], path: Path, subtitle: str) -> None:
     ax1.legend(fontsize="small", ncol=1)
     ax2.set(xlabel="step", ylabel="training loss (MSE)", yscale="log", title="(b) full-batch training loss")
     ax2.legend(fontsize="small")
-    for ax in (ax1, ax2):
-        ax.grid(True, alpha=0.3)
-    fig.suptitle(f"Edge of stability: full-batch GD, tanh MLP on digits ({subtitle})")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"Edge of stability: full-batch GD, tanh MLP on digits ({subtitle})")
 
 
 def main(argv: list[str] | None = None) -> int:

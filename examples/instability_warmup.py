@@ -23,7 +23,15 @@ from typing import Any
 import torch
 
 from lightning_curvature import hessian_eigenvalues
-from lightning_curvature._digits import example_parser, load_digits_data, make_mlp, mse_loss, write_json
+from lightning_curvature._digits import (
+    example_parser,
+    load_digits_data,
+    make_mlp,
+    mse_loss,
+    new_figure,
+    save_figure,
+    write_json,
+)
 
 NAME = "instability_warmup"
 DIVERGED = 1e3  # a full-batch MSE above this (it starts near 0.5) counts as divergence
@@ -101,12 +109,7 @@ def label(r: dict[str, Any]) -> str:
 
 def plot(results: list[dict[str, Any]], path: Path, subtitle: str) -> None:
     """Edge ratio, loss and learning rate; divergence marked with a cross."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), layout="constrained")
+    fig, axes = new_figure(1, 3, figsize=(16, 4.8))
     for i, r in enumerate(results):
         c, ls, lw = f"C{i}", "-", 1.6
         axes[0].plot(r["steps"], r["edge"], color=c, ls=ls, lw=lw, label=label(r))
@@ -122,11 +125,8 @@ def plot(results: list[dict[str, Any]], path: Path, subtitle: str) -> None:
     axes[1].set(xlabel="step", ylabel="training loss (MSE)", yscale="log", title="(b) full-batch training loss")
     axes[2].set(xlabel="step", ylabel="learning rate η_t", title="(c) learning-rate schedule")
     for ax in axes:
-        ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
-    fig.suptitle(f"Instability and warm-up: full-batch GD, tanh MLP on digits ({subtitle})")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"Instability and warm-up: full-batch GD, tanh MLP on digits ({subtitle})")
 
 
 def main(argv: list[str] | None = None) -> int:

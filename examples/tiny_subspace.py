@@ -29,6 +29,8 @@ from lightning_curvature._digits import (
     make_mlp,
     minibatch_loader,
     mse_loss,
+    new_figure,
+    save_figure,
     write_json,
 )
 
@@ -117,12 +119,7 @@ def summarise(r: dict[str, Any]) -> dict[str, Any]:
 
 def plot(results: list[dict[str, Any]], path: Path, subtitle: str) -> None:
     """Overlap (log scale, random baseline dashed), sharpness against 2/η (dashed), training loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.9), layout="constrained")
+    fig, axes = new_figure(1, 3, figsize=(17, 4.9))
     for i, r in enumerate(results):
         c = f"C{i}"
         axes[0].plot(r["steps"], [max(v, FLOOR) for v in r["overlap_full"]], color=c, lw=1.7, marker=".",
@@ -148,13 +145,12 @@ def plot(results: list[dict[str, Any]], path: Path, subtitle: str) -> None:
                 title=f"(b) λ_1 and λ_{K} of the full-batch Hessian")  # fmt: skip
     axes[2].set(xlabel="step", ylabel="training loss (MSE)", yscale="log", title="(c) full-batch training loss")
     for ax in axes:
-        ax.grid(True, alpha=0.3)
         ax.legend(fontsize="x-small")
-    fig.suptitle(
-        f"Tiny subspace: gradient overlap with the top-{K} Hessian eigenvectors, tanh MLP on digits ({subtitle})"
+    save_figure(
+        fig,
+        path,
+        f"Tiny subspace: gradient overlap with the top-{K} Hessian eigenvectors, tanh MLP on digits ({subtitle})",
     )
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

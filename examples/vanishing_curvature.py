@@ -36,6 +36,8 @@ from lightning_curvature._digits import (
     load_digits_data,
     make_mlp,
     mse_loss,
+    new_figure,
+    save_figure,
     write_json,
 )
 
@@ -103,12 +105,7 @@ def train_deep(depth: int, steps: int, num_train: int, seed: int) -> list[dict[s
 
 def plot(depths: list[int], curv: dict[str, Any], runs: list[dict[str, Any]], deep: int, path: Path, sub: str) -> None:
     """λ_max vs depth (first layer, whole net) and the training curves of the deep plain net."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.9), layout="constrained")
+    fig, axes = new_figure(1, 3, figsize=(17, 4.9))
     for i, (name, rows) in enumerate(curv.items()):
         ls = "--" if name.startswith("residual") else "-"
         axes[0].plot(depths, rows["first_layer"], color=f"C{i}", ls=ls, marker="o", lw=1.7, label=name)
@@ -125,11 +122,7 @@ def plot(depths: list[int], curv: dict[str, Any], runs: list[dict[str, Any]], de
     axes[2].set(xlabel="step", ylabel="training loss (MSE)", yscale="log",
                 title=f"(c) plain tanh, depth {deep}: full-batch GD vs Adam")  # fmt: skip
     axes[2].legend(fontsize="small")
-    for ax in axes:
-        ax.grid(True, alpha=0.3)
-    fig.suptitle(f"Vanishing curvature at initialisation: width-64 MLPs on digits ({sub})")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"Vanishing curvature at initialisation: width-64 MLPs on digits ({sub})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -366,3 +366,24 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_plain(payload), indent=2) + "\n", encoding="utf-8")
     return out
+
+
+def new_figure(nrows: int, ncols: int, figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """``plt.subplots`` with constrained layout on the non-interactive Agg backend (the examples write PNGs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(nrows, ncols, figsize=figsize, layout="constrained")
+
+
+def save_figure(fig: Any, path: str | Path, title: str) -> None:
+    """Grid every panel, title the figure, write it at 110 dpi and close it."""
+    import matplotlib.pyplot as plt
+
+    for ax in fig.axes:
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
