@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -58,6 +59,29 @@ def ce_loss(model: nn.Module, batch: Any) -> Tensor:
 def mse_loss(model: nn.Module, batch: Any) -> Tensor:
     x, y = batch
     return nn.functional.mse_loss(model(x), y)
+
+
+def least_squares(
+    n: int = 64, d: int = 5, seed: int = 0, *, scale: float = 1.0, noise: float = 0.1
+) -> tuple[Tensor, Tensor]:
+    """A float64 linear regression problem ``y = x w + noise·ε``: under :func:`mse_loss` a quadratic."""
+    gen = torch.Generator().manual_seed(seed)
+    x = scale * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(d, 1, generator=gen, dtype=torch.float64) + noise * torch.randn(
+        n, 1, generator=gen, dtype=torch.float64
+    )
+    return x, y
+
+
+def least_squares_hessian(x: Tensor) -> np.ndarray:
+    """Closed form for ``nn.Linear(d, 1)`` under :func:`mse_loss`: ``H = 2 [X 1]ᵀ[X 1] / n`` (weight, then bias)."""
+    a = np.concatenate([x.numpy(), np.ones((x.shape[0], 1))], axis=1)
+    return 2.0 * a.T @ a / x.shape[0]
+
+
+def least_squares_sharpness(x: Tensor) -> float:
+    """λ_max of :func:`least_squares_hessian`."""
+    return float(np.linalg.eigvalsh(least_squares_hessian(x))[-1])
 
 
 def digits(n: int = 64, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:

@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from _reference import least_squares, least_squares_hessian, mse_loss
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -170,25 +171,6 @@ def test_state_dict_round_trip_mid_run() -> None:
 # closed form on a quadratic: linear least squares, H = 2 [X 1]^T [X 1] / n, in float64
 
 
-def _least_squares(n: int = 64, d: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    y = x @ torch.randn(d, 1, generator=gen, dtype=torch.float64) + 0.3 * torch.randn(
-        n, 1, generator=gen, dtype=torch.float64
-    )
-    return x, y
-
-
-def _mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    return ((model(x) - y) ** 2).mean()
-
-
-def _dense_hessian(x: torch.Tensor) -> np.ndarray:
-    a = np.concatenate([x.numpy(), np.ones((x.shape[0], 1))], axis=1)  # parameter order: weight, bias
-    return 2.0 * a.T @ a / x.shape[0]
-
-
 def _unit_lr_step(opt: torch.optim.Optimizer) -> np.ndarray:
     """θ_new − θ_old of a deep-copied optimizer stepped once at lr = 1 (an independent u)."""
     twin = copy.deepcopy(opt)
@@ -212,8 +194,8 @@ QUADRATIC_OPTS: list[tuple[str, Callable[[Any], torch.optim.Optimizer]]] = [
 @pytest.mark.parametrize("sigma", [1.0, 2.0], ids=["greedy", "edge"])
 @pytest.mark.parametrize("factory", [o[1] for o in QUADRATIC_OPTS], ids=[o[0] for o in QUADRATIC_OPTS])
 def test_plain_loop_equals_quadratic_greedy_and_edge_steps(factory: Any, sigma: float) -> None:
-    x, y = _least_squares()
-    H = _dense_hessian(x)
+    x, y = least_squares(noise=0.3)
+    H = least_squares_hessian(x)
     torch.manual_seed(0)
     model = nn.Linear(5, 1).double()
     opt = factory(model.parameters())
@@ -221,13 +203,13 @@ def test_plain_loop_equals_quadratic_greedy_and_edge_steps(factory: Any, sigma: 
     losses = []
     for step in range(15):
         opt.zero_grad()
-        loss = _mse(model, (x, y))
+        loss = mse_loss(model, (x, y))
         loss.backward()
         losses.append(loss.item())
         g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy()
         u_ref = _unit_lr_step(opt)
         u = torch.cat([t.reshape(-1) for t in update_direction(opt)])
-        with HessianOperator(model, _mse, (x, y)) as op:
+        with HessianOperator(model, mse_loss, (x, y)) as op:
             hu = op.matvec(u)
         n, d = directional_terms(torch.from_numpy(g), u, hu)
         sched.observe_direction(n, d, step)
@@ -245,19 +227,19 @@ def test_plain_loop_equals_quadratic_greedy_and_edge_steps(factory: Any, sigma: 
 
 def test_edge_step_returns_to_current_loss_on_quadratic() -> None:
     """σ = 2 is the step at which the quadratic comes back to the current loss (exact for a quadratic)."""
-    x, y = _least_squares()
+    x, y = least_squares(noise=0.3)
     model = nn.Linear(5, 1).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = CurvatureDynamicsAwareLR(opt, sigma=2.0, ema_beta=0.0, eps=0.0)
-    loss = _mse(model, (x, y))
+    loss = mse_loss(model, (x, y))
     loss.backward()
     u = torch.cat([t.reshape(-1) for t in update_direction(opt)])
     g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-    with HessianOperator(model, _mse, (x, y)) as op:
+    with HessianOperator(model, mse_loss, (x, y)) as op:
         n, d = directional_terms(g, u, op.matvec(u))
     sched.observe_direction(n, d)
     opt.step()
-    assert _mse(model, (x, y)).item() == pytest.approx(loss.item(), rel=1e-10)
+    assert mse_loss(model, (x, y)).item() == pytest.approx(loss.item(), rel=1e-10)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -272,7 +254,7 @@ class LeastSquares(pl.LightningModule):
         self.net = (
             nn.Linear(5, 1) if hidden == 0 else nn.Sequential(nn.Linear(5, hidden), nn.Tanh(), nn.Linear(hidden, 1))
         ).double()
-        self.x, self.y = _least_squares()
+        self.x, self.y = least_squares(noise=0.3)
 
     def train_dataloader(self) -> Any:
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.x, self.y), batch_size=64)
@@ -281,7 +263,7 @@ class LeastSquares(pl.LightningModule):
         return self.net(x)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = _mse(self, batch)
+        loss = mse_loss(self, batch)
         self.log("train_loss", loss)
         return loss
 
@@ -303,7 +285,7 @@ class QuadraticCheck(pl.Callback):
         self.lrs: list[float] = []
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
-        H = _dense_hessian(pl_module.x)
+        H = least_squares_hessian(pl_module.x)
         g = torch.cat([p.grad.reshape(-1) for p in pl_module.parameters()]).numpy()
         u = _unit_lr_step(optimizer)
         expected = self.sigma * max(-g @ u, 0.0) / abs(u @ H @ u)
@@ -402,7 +384,7 @@ def test_monitor_warns_without_cdat_scheduler(tmp_path: Any) -> None:
 
 def test_lightning_non_finite_measurement_keeps_lr_and_warns_once(tmp_path: Any) -> None:
     rec = LrRecorder()
-    monitor = DirectionalCurvatureMonitor(loss_fn=lambda m, b: _mse(m, b) * float("nan"))
+    monitor = DirectionalCurvatureMonitor(loss_fn=lambda m, b: mse_loss(m, b) * float("nan"))
     trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=3, callbacks=[monitor, rec], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     with pytest.warns(RuntimeWarning, match="non-finite") as record:

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from _reference import least_squares, least_squares_sharpness, mse_loss
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, ExponentialLR, LinearLR, ReduceLROnPlateau, StepLR
 
@@ -48,25 +49,6 @@ def test_pure_rule_edge_cases() -> None:
 # quadratic with a known Hessian: linear least squares, H = 2 [X 1]^T [X 1] / n
 
 
-def _least_squares(n: int = 64, d: int = 5, seed: int = 0, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    x = scale * torch.randn(n, d, generator=gen, dtype=torch.float64)
-    y = x @ torch.randn(d, 1, generator=gen, dtype=torch.float64) + 0.1 * torch.randn(
-        n, 1, generator=gen, dtype=torch.float64
-    )
-    return x, y
-
-
-def _mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    return ((model(x) - y) ** 2).mean()
-
-
-def _ls_lambda_max(x: torch.Tensor) -> float:
-    a = np.concatenate([x.numpy(), np.ones((x.shape[0], 1))], axis=1)
-    return float(np.linalg.eigvalsh(2.0 * a.T @ a / x.shape[0])[-1])
-
-
 OPTIMIZERS: list[tuple[str, Callable[[Any], torch.optim.Optimizer], Callable[[float], float]]] = [
     ("sgd", lambda p: torch.optim.SGD(p, lr=10.0), lambda lam: 2.0 / lam),
     ("momentum", lambda p: torch.optim.SGD(p, lr=10.0, momentum=0.9), lambda lam: 3.8 / lam),
@@ -76,18 +58,18 @@ OPTIMIZERS: list[tuple[str, Callable[[Any], torch.optim.Optimizer], Callable[[fl
 
 @pytest.mark.parametrize(("factory", "stable"), [o[1:] for o in OPTIMIZERS], ids=[o[0] for o in OPTIMIZERS])
 def test_settles_at_safety_times_threshold_on_quadratic(factory: Any, stable: Callable[[float], float]) -> None:
-    x, y = _least_squares()
+    x, y = least_squares()
     torch.manual_seed(0)
     model = nn.Linear(5, 1).double()
     opt = factory(model.parameters())
     sched = SharpnessAwareLR(opt, safety=0.9)
-    lam = _ls_lambda_max(x)
+    lam = least_squares_sharpness(x)
     losses = []
     for step in range(15):
-        res = hessian_eigenvalues(model, _mse, (x, y), k=1, tol=1e-10, max_iter=50)
+        res = hessian_eigenvalues(model, mse_loss, (x, y), k=1, tol=1e-10, max_iter=50)
         sched.observe_sharpness(res.eigenvalues[0], step=step)
         opt.zero_grad()
-        loss = _mse(model, (x, y))
+        loss = mse_loss(model, (x, y))
         loss.backward()
         losses.append(loss.item())
         opt.step()
@@ -289,19 +271,19 @@ class LeastSquares(pl.LightningModule):
         super().__init__()
         self.base = base
         self.lin = nn.Linear(5, 1).double()
-        self.x, self.y = _least_squares(scale=scale)
+        self.x, self.y = least_squares(scale=scale)
 
     def train_dataloader(self) -> Any:
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.x, self.y), batch_size=64)
 
     def curvature_loss(self, batch: Any) -> torch.Tensor:
-        return _mse(self, batch)
+        return mse_loss(self, batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin(x)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = _mse(self, batch)
+        loss = mse_loss(self, batch)
         self.log("train_loss", loss)
         return loss
 
@@ -351,7 +333,7 @@ def test_lightning_settles_and_fails_without_monitor(tmp_path: Any) -> None:
     trainer = _trainer(tmp_path, [FakeSharpnessMonitor(), rec], max_steps=6, enable_checkpointing=False)
     model = LeastSquares()
     trainer.fit(model)
-    lam = _ls_lambda_max(model.x)
+    lam = least_squares_sharpness(model.x)
     assert rec.lrs[0] == 1.0  # before the first measurement the base lr applies
     assert rec.lrs[1:] == pytest.approx([0.9 * 3.0 / lam] * 5, rel=1e-8)  # momentum 0.5: (2 + 2β)/λ
 
@@ -393,6 +375,6 @@ def test_lightning_with_real_hessian_monitor(tmp_path: Any) -> None:
     trainer = _trainer(tmp_path, [monitor, rec], max_steps=5, enable_checkpointing=False)
     model = LeastSquares()
     trainer.fit(model)
-    cap = 0.9 * 3.0 / _ls_lambda_max(model.x)  # SGD momentum 0.5: (2 + 2β)/λ
+    cap = 0.9 * 3.0 / least_squares_sharpness(model.x)  # SGD momentum 0.5: (2 + 2β)/λ
     assert rec.lrs[0] in (pytest.approx(1.0), pytest.approx(cap, rel=1e-5))
     assert rec.lrs[1:] == pytest.approx([cap] * 4, rel=1e-5)
