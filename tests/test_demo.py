@@ -8,20 +8,16 @@ serving the run; other optimizer/scheduler combinations get a shorter run each.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from _tensorboard import tensorboard_server
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
@@ -166,47 +162,11 @@ def test_python_dash_m_help() -> None:
 
 
 # --- the demo's log, served by a real TensorBoard ---------------------------------------------------------------
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only: ignore any proxy
-
-
-def _get_json(url: str) -> Any:
-    with _OPENER.open(url, timeout=5) as resp:
-        return json.loads(resp.read().decode("utf-8"))
-
-
 def test_tensorboard_serves_the_demo_run(demo_run: tuple[Path, str, float], tmp_path: Path) -> None:
     out, _, _ = demo_run
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    base = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "tensorboard.log"
-    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(out), "--host", "127.0.0.1",
-           "--port", str(port), "--reload_interval", "1"]  # fmt: skip
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            deadline, tags = time.monotonic() + 60.0, {}
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    pytest.fail(f"tensorboard exited:\n{log_path.read_text(errors='replace')}")
-                try:
-                    tags = _get_json(f"{base}/data/plugin/scalars/tags")
-                    if "version_0" in tags and "grad_cov/condition_number" in tags["version_0"]:
-                        break
-                except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
-                    pass
-                time.sleep(0.25)
-            else:
-                pytest.fail(f"tensorboard did not serve the run:\n{log_path.read_text(errors='replace')}")
-            assert set(tags["version_0"]) >= CURVATURE_TAGS
-            layout = _get_json(f"{base}/data/plugin/custom_scalars/layout")
-            titles = [c["title"] for c in layout["category"]]
-            assert "curvature" in titles and "grad_cov" in titles
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+    with tensorboard_server(out, tmp_path / "tensorboard.log") as server:
+        tags = server.wait_for_tag("version_0", "grad_cov/condition_number")
+        assert set(tags["version_0"]) >= CURVATURE_TAGS
+        layout = server.get_json("/data/plugin/custom_scalars/layout")
+        titles = [c["title"] for c in layout["category"]]
+        assert "curvature" in titles and "grad_cov" in titles
