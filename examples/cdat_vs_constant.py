@@ -18,7 +18,6 @@ measured, including where CDAT does not win.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import torch
 
+from lightning_curvature._digits import write_json
 from lightning_curvature.schedules._experiments import (
     Run,
     digits_problem,
@@ -37,10 +37,6 @@ from lightning_curvature.schedules._experiments import (
 
 NAME = "cdat_vs_constant"
 FIGURES = Path(__file__).resolve().parent / "figures"
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
 
 
 def _regime(
@@ -123,12 +119,12 @@ def main() -> None:
         best_lr = min(constants, key=lambda lr: constants[lr].final_loss)
         edge = tuned[0]
         return {
-            "constant_final_loss": {str(lr): _finite(r.final_loss) for lr, r in constants.items()},
+            "constant_final_loss": {str(lr): r.final_loss for lr, r in constants.items()},
             "best_constant_lr": best_lr,
             "best_constant_loss": constants[best_lr].final_loss,
             "lowest_loss_of_any_constant_run": min(min(r.losses) for r in constants.values()),
             "lowest_loss_of_cdat_edge_run": min(edge.losses) if edge.losses else None,
-            "cdat_final_loss": {r.name: _finite(r.final_loss) for r in tuned},
+            "cdat_final_loss": {r.name: r.final_loss for r in tuned},
             "cdat_edge_beats_best_constant": edge.final_loss < constants[best_lr].final_loss,
             "cdat_edge_lr_first": edge.lrs[0] if edge.lrs else None,
             "cdat_edge_lr_max": max(edge.lrs) if edge.lrs else None,
@@ -140,7 +136,7 @@ def main() -> None:
         "full_batch": summary(full_const, full_cdat),
         "mini_batch": summary(mini_const, mini_cdat),
     }
-    (out / f"{NAME}.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    write_json(out / f"{NAME}.json", payload)  # non-finite values as null
     fb, mb = payload["full_batch"], payload["mini_batch"]
     verdict = "beats" if fb["cdat_edge_beats_best_constant"] else "does NOT beat"
     mverdict = "beats" if mb["cdat_edge_beats_best_constant"] else "does not beat"

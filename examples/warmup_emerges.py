@@ -23,13 +23,12 @@ Run ``python examples/warmup_emerges.py [--fast] [--out DIR]``; writes ``warmup_
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
+from lightning_curvature._digits import write_json
 from lightning_curvature.schedules._experiments import (
     digits_problem,
     make_tanh_mlp,
@@ -40,10 +39,6 @@ from lightning_curvature.schedules._experiments import (
 
 NAME = "warmup_emerges"
 FIGURES = Path(__file__).resolve().parent / "figures"
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
 
 
 def main() -> None:
@@ -116,12 +111,12 @@ def main() -> None:
         },
         "initial_sharpness": lam[0],
         "final_sharpness": lam[-1],
-        "warmup_grid": {str(r.name): _finite(r.final_loss) for r in tried},
-        "final_loss": {k: _finite(r.final_loss) for k, r in runs.items()},
+        "warmup_grid": {str(r.name): r.final_loss for r in tried},
+        "final_loss": {k: r.final_loss for k, r in runs.items()},
         "max_loss": {k: max(r.losses) for k, r in runs.items()},
         "sharpness_aware_lr_first_last": [capped.lrs[0], capped.lrs[-1]],
     }
-    (out / f"{NAME}.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    write_json(out / f"{NAME}.json", payload)  # non-finite values as null
     print(
         f"{NAME}: base lr {args.lr:g} vs initial 2/λ_max {2 / lam[0]:.4f}. Constant lr: loss peaks at "
         f"{max(const.losses):.1f} (start {const.losses[0]:.1f}) and ends at {const.final_loss:.4f}. "
