@@ -191,6 +191,18 @@ def test_multibatch_equals_concatenated_batch() -> None:
     torch.testing.assert_close(split.eigenvalues, whole.eigenvalues, rtol=1e-8, atol=1e-10)
 
 
+def test_gradient_is_computed_once_per_operator() -> None:
+    """Without a reused graph each gradient costs a pass per batch (and an all-reduce under DDP): done once."""
+    model, loss_fn, (x, y) = _mlp_case()
+    parts = MultiBatch([(x[:10], y[:10]), (x[10:], y[10:])])
+    with HessianOperator(model, loss_fn, parts) as H:
+        first = H.gradient()
+        assert H.num_grad == 2 and H.gradient() is first and H.num_grad == 2
+    loss = loss_fn(model, (x, y))
+    ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+    torch.testing.assert_close(first, ref, rtol=1e-10, atol=1e-12)
+
+
 def test_dict_batch_and_reduce_hook() -> None:
     model, _, (x, y) = _mlp_case()
 

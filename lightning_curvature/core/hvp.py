@@ -176,6 +176,7 @@ class HessianOperator:
         self._stack: ExitStack | None = None
         self._graphs: list[tuple[list[Tensor], list[Tensor]]] | None = None
         self._total: float | None = None
+        self._gradient: Tensor | None = None
 
     # -- context management -------------------------------------------------------------------------------
     def __enter__(self) -> HessianOperator:
@@ -194,6 +195,7 @@ class HessianOperator:
 
     def __exit__(self, *exc: object) -> None:
         self._graphs = None
+        self._gradient = None
         if self._stack is not None:
             self._stack.close()
             self._stack = None
@@ -309,8 +311,13 @@ class HessianOperator:
         return self.flatten(out[1])
 
     def gradient(self) -> Tensor:
-        """The mean gradient :math:`\\nabla L` as a flat vector (reduced across processes)."""
+        """The mean gradient :math:`\\nabla L` as a flat vector (reduced across processes).
+
+        Computed (and all-reduced) once per ``with`` block: the parameters cannot change inside it.
+        """
         self._require_open()
+        if self._gradient is not None:
+            return self._gradient
         out = torch.zeros(self.dim, device=self.device, dtype=self.dtype)
         for i, (b, n) in enumerate(zip(self._batches, self._sizes)):
             if self._graphs is not None:
@@ -322,7 +329,8 @@ class HessianOperator:
                 g = self.flatten([x if x is not None else torch.zeros_like(p) for x, p in zip(grads, params)])
                 self.num_grad += 1
             out.add_(g, alpha=float(n))
-        return self._finish(out, "gradient")
+        self._gradient = self._finish(out, "gradient")
+        return self._gradient
 
     def parameters_flat(self) -> Tensor:
         """The current parameter values as one flat vector in the compute dtype."""
