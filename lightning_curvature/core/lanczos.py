@@ -370,8 +370,11 @@ def lanczos(
         rule_state.converged = bool((bounds[:k] <= tol * scale).all()) or m >= dim or float(beta[-1]) <= 1e-10
     if m < k:
         raise ValueError(f"The Krylov space has dimension {m} < k={k}; the start vector is deficient.")
-    vecs = V.combine(S[:, :k].T) if return_eigenvectors else None
-    warm = V.combine(S[:, : min(k + _GUARD, m)].T) if return_warm_start else None
+    # one pass over the basis for both: the eigenvectors are the first k of the warm-start Ritz vectors
+    rows = max(k if return_eigenvectors else 0, min(k + _GUARD, m) if return_warm_start else 0)
+    ritz = V.combine(S[:, :rows].T) if rows else None
+    vecs = ritz[:k].clone() if ritz is not None and return_eigenvectors else None
+    warm = ritz if return_warm_start else None
     return LanczosResult(
         eigenvalues=theta[:k].clone(),
         eigenvectors=vecs,
