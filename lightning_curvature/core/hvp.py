@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_curvature.core._batch import batch_size, iter_batches, to_compute
+from lightning_curvature.core._frozen_input_conv import FrozenInputConvolutions
 from lightning_curvature.core._state import (
     MeasurementMode,
     check_mode,
@@ -231,7 +232,8 @@ class HessianOperator:
 
     def _grad_with_graph(self, batch: Any) -> tuple[list[Tensor], list[Tensor]]:
         params = self.parameter_copies()
-        loss = self._loss(params, batch)
+        with FrozenInputConvolutions():  # skips PyTorch's unneeded input gradient in conv double backward
+            loss = self._loss(params, batch)
         # With a cross-process reduction, a rank must not raise alone (the others would wait in the all-reduce
         # forever): the NaN flows into the reduced products instead and every rank raises at the same point.
         if self.reduce_fn is None and not torch.isfinite(loss):
