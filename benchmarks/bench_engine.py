@@ -134,7 +134,7 @@ def main() -> None:
     case = make_case(args.case)
     ref = json.loads((RESULTS / f"reference_{args.case}.json").read_text())["top_eigenvalues"]
     out: dict[str, Any] = {"case": args.case, "threads": args.threads, "rounds": args.rounds}
-    out["grad_vs_hvp"] = grad_vs_hvp(case, reps=9)
+    out["grad_vs_hvp"] = grad_vs_hvp(case, reps=25)
     out["top1"] = run_top(case, 1, args.rounds, ref)
     out["top5"] = run_top(case, 5, args.rounds, ref)
     out["warm_start"] = [warm_start(case, k, steps=3, lr=lr) for lr in (0.01, 0.05) for k in (1, 5)]
