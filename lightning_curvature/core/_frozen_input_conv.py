@@ -107,8 +107,8 @@ class _FrozenInputConv(torch.autograd.Function):
 
 
 class FrozenInputConvolutions(TorchFunctionMode):
-    """Inside this context, ``F.conv{1,2,3}d`` on an input without gradient and a weight with one use
-    :class:`_FrozenInputConv` (see the module docstring); all other calls pass through unchanged."""
+    """Inside this context, ``F.conv{1,2,3}d`` calls whose input needs no gradient and whose weight does are
+    computed by :class:`_FrozenInputConv` (see the module docstring); all other calls pass through unchanged."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}

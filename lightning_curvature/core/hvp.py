@@ -7,7 +7,7 @@ gradients. Two implementations:
   reused for every product (``autograd.grad(g, θ, v, retain_graph=True)``); on CPU this beat forward-over-reverse
   in both time and memory. Convolutions on the data input are built through
   :class:`~lightning_curvature.core._frozen_input_conv.FrozenInputConvolutions`, whose double backward skips the
-  input gradient PyTorch computes and discards (same values; 4–7% cheaper products on the benchmark CNN).
+  input gradient PyTorch computes and discards (same values; 4–9% cheaper products on the benchmark CNN).
 * ``"forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad``; no graph is kept between products.
   It fails through BatchNorm in train mode (in-place buffer updates).
 
