@@ -101,7 +101,7 @@ def gradient_start_vector(gradient: Tensor, seed: int = 0) -> Tensor:
     For the top eigenvalue alone it helps. ``benchmarks/bench_start_vector.py`` (the three benchmark cases along
     short SGD runs, 0–60 steps, seeds 0–2, ``tol=1e-3``, against a tight reference): no run off by more than
     ``tol`` from either start; on the ~1M-parameter CNN 10.1 products on average against 12.4 from the Gaussian
-    alone (9 against 13–14 at initialisation), on the digits MLP 11.4 against 12.3, on the small transformer 9.8
+    alone (9 against 13–14 at initialisation), on the digits MLP 11.3 against 12.2, on the small transformer 9.8
     against 9.6. On four small test networks (dense float64 references, 160 runs) it never missed ``tol`` either.
 
     For several eigenvalues it is no better and fails worse: it speeds up exactly the directions the gradient
