@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["MeasurementMode", "math_attention", "preserved_model_state"]
+__all__ = ["MeasurementMode", "eager_execution", "math_attention", "preserved_model_state", "unwrap_compiled"]
 
 MeasurementMode = Literal["train", "eval"]
 
@@ -43,7 +43,8 @@ def preserved_model_state(
     """Run a block that evaluates ``module`` without leaving any trace on it.
 
     On exit, every submodule gets back its own ``training`` flag, every buffer its value (BatchNorm running
-    statistics, ``num_batches_tracked``), and the global CPU and accelerator RNG streams their state.
+    statistics, ``num_batches_tracked``), and the global CPU and accelerator RNG streams their state. Inside, the
+    module runs eagerly even if it was compiled (:func:`eager_execution`).
 
     Args:
         module: the model to protect.
@@ -72,6 +73,7 @@ def preserved_model_state(
         stack.enter_context(torch.random.fork_rng(devices=devices, device_type=_device_type(devices)))
         if seed is not None:
             seed_generators(seed, devices)
+        stack.enter_context(eager_execution(module))
         if mode == "eval":
             module.eval()
         try:
@@ -84,6 +86,50 @@ def preserved_model_state(
                     saved = buffers.get(name)
                     if saved is not None and saved.shape == b.shape:
                         b.copy_(saved)
+
+
+# methods Lightning's ``from_compiled`` replaces by their compiled versions (keeping the originals in _compiler_ctx)
+_LIGHTNING_COMPILED = ("forward", "training_step", "validation_step", "test_step", "predict_step")
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, or ``model`` itself.
+
+    Its parameters are the same tensors, so results and ``params`` subsets carry over unchanged.
+    """
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod  # type: ignore[assignment]
+    return model
+
+
+@contextmanager
+def eager_execution(module: nn.Module) -> Iterator[nn.Module]:
+    """Run ``module`` and its submodules eagerly for the block, whichever way they were compiled.
+
+    Code compiled by ``torch.compile`` (AOTAutograd) cannot be differentiated twice ("torch.compile with
+    aot_autograd does not currently support double backward"), so a Hessian-vector product through it fails. For
+    the block, submodules compiled in place (``nn.Module.compile()``) use their eager call, and a LightningModule
+    compiled through Lightning (``trainer.fit(torch.compile(model))`` stores the originals in ``_compiler_ctx``) gets
+    its eager ``forward``/``*_step`` methods back; the compiled ones are restored on exit. The values are those of
+    the same code without compilation.
+    """
+    saved: list[tuple[nn.Module, str, object]] = []
+    for m in module.modules():
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            saved.append((m, "_compiled_call_impl", m._compiled_call_impl))
+            m._compiled_call_impl = None
+        ctx = getattr(m, "_compiler_ctx", None)
+        if isinstance(ctx, dict):
+            for name in _LIGHTNING_COMPILED:
+                original = ctx.get(f"original_{name}")
+                if original is not None and name in m.__dict__:
+                    saved.append((m, name, m.__dict__[name]))
+                    setattr(m, name, original)
+    try:
+        yield module
+    finally:
+        for m, name, value in reversed(saved):
+            setattr(m, name, value)
 
 
 def seed_generators(seed: int, devices: list[torch.device]) -> None:

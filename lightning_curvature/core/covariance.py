@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_curvature.core._batch import MultiBatch, batch_size, iter_batches, slice_batch
-from lightning_curvature.core._state import MeasurementMode, math_attention, preserved_model_state
+from lightning_curvature.core._state import MeasurementMode, math_attention, preserved_model_state, unwrap_compiled
 from lightning_curvature.core.errors import NonFiniteCurvatureError
 from lightning_curvature.core.hvp import LossFn, ReduceFn, select_parameters
 from lightning_curvature.core.lanczos import lanczos
@@ -125,6 +125,7 @@ def gradient_covariance(
         raise ValueError(f"`strategy` must be 'auto', 'vmap' or 'loop', got {strategy!r}.")
     if not max_memory_bytes > 0:
         raise ValueError(f"`max_memory_bytes` must be > 0, got {max_memory_bytes!r}.")
+    model = unwrap_compiled(model)  # vmap and double backward need the eager module
     n_local = sum(batch_size(b) for b in iter_batches(batch))
     kwargs = dict(params=params, chunk_size=chunk_size, max_memory_bytes=max_memory_bytes, strategy=strategy)
     with (

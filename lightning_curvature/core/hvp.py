@@ -39,6 +39,7 @@ from lightning_curvature.core._state import (
     model_devices,
     preserved_model_state,
     seed_generators,
+    unwrap_compiled,
 )
 from lightning_curvature.core.errors import NonFiniteCurvatureError
 
@@ -157,6 +158,7 @@ class HessianOperator:
         if method not in _METHODS:
             raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
         self.mode = check_mode(mode)
+        model = unwrap_compiled(model)  # compiled code cannot be differentiated twice
         self.model = model
         self.loss_fn = loss_fn
         self.method = method

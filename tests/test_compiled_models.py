@@ -1,0 +1,88 @@
+"""Models compiled with ``torch.compile`` are measured through their eager code (compiled code has no double backward).
+
+``backend="aot_eager"`` goes through AOTAutograd, which is where double backward is missing, without needing a C++
+compiler for Inductor.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_curvature import (
+    HessianEigenvalueMonitor,
+    gradient_covariance,
+    hessian_eigenvalues,
+    hessian_trace,
+)
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+
+def _loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def _batch() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+
+def test_torch_compile_wrapper_gives_the_eager_values():
+    net, batch = _net(), _batch()
+    compiled = torch.compile(net, backend="aot_eager")
+    eig, eig_c = (hessian_eigenvalues(m, _loss, batch, k=2) for m in (net, compiled))
+    torch.testing.assert_close(eig_c.eigenvalues, eig.eigenvalues, rtol=0, atol=0)
+    tr, tr_c = (hessian_trace(m, _loss, batch, num_samples=8) for m in (net, compiled))
+    assert tr_c.estimate == tr.estimate
+    cov, cov_c = (gradient_covariance(m, _loss, batch, k=3) for m in (net, compiled))
+    torch.testing.assert_close(cov_c.eigenvalues, cov.eigenvalues, rtol=0, atol=0)
+
+
+def test_module_compiled_in_place_is_measured_and_stays_compiled():
+    net, batch = _net(), _batch()
+    expected = hessian_eigenvalues(net, _loss, batch, k=2).eigenvalues
+    net.compile(backend="aot_eager")
+    compiled_call = net._compiled_call_impl
+    torch.testing.assert_close(hessian_eigenvalues(net, _loss, batch, k=2).eigenvalues, expected, rtol=0, atol=0)
+    assert net._compiled_call_impl is compiled_call
+
+
+class _Classifier(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return _loss(self, batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_lightning_compiled_module_is_monitored(tmp_path):
+    """``trainer.fit(torch.compile(module))``: the monitor measures, training stays compiled."""
+    x, y = _batch()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    monitor = HessianEigenvalueMonitor(every_n_steps=2, k=1)
+    trainer = pl.Trainer(
+        max_steps=4,
+        callbacks=[monitor],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    module = _Classifier()
+    trainer.fit(torch.compile(module, backend="aot_eager"), loader)
+    assert torch.isfinite(trainer.callback_metrics["curvature/sharpness"])
+    assert module._compiler_ctx is not None and module.forward is not module._compiler_ctx["original_forward"]
