@@ -56,3 +56,23 @@ def test_monitor_on_gpu_trainer(tmp_path) -> None:
     trainer = make_trainer(tmp_path, accelerator="gpu", max_steps=4, callbacks=[monitor])
     trainer.fit(TinyClassifier(), classification_loader(x, y, seed=0))
     assert monitor.last_sharpness is not None and monitor.last_sharpness > 0
+
+
+def test_lean_double_backward_matches_pytorch_on_cuda() -> None:
+    """cuDNN convolutions and ReLU through LeanDoubleBackward: the same products as PyTorch's own double backward."""
+    from lightning_curvature.core.hvp import HessianOperator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, groups=2), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8 * 7 * 7, 5),
+    ).double().cuda()  # fmt: skip
+    x = torch.randn(6, 3, 16, 16, dtype=torch.float64, device="cuda")
+    y = torch.randint(0, 5, (6,), device="cuda")
+    params = list(model.parameters())
+    v = [torch.randn_like(p) for p in params]
+    grads = torch.autograd.grad(ce_loss(model, (x, y)), params, create_graph=True)
+    expected = torch.cat([h.reshape(-1) for h in torch.autograd.grad(grads, params, v)])
+    with HessianOperator(model, ce_loss, (x, y)) as H:
+        got = H.matvec(H.flatten(v))
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
