@@ -43,6 +43,13 @@ def dense_hessian(model: nn.Module, loss_fn: Any, batch: Any) -> Tensor:
         return torch.autograd.functional.hessian(f, flat_params(model))
 
 
+def plain_hvp(model: nn.Module, loss_fn: Any, batch: Any, v: list[Tensor]) -> Tensor:
+    """Flat :math:`Hv` by plain autograd double backward on the model itself (no HessianOperator, no routing)."""
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss_fn(model, batch), params, create_graph=True)
+    return torch.cat([h.reshape(-1) for h in torch.autograd.grad(grads, params, v)])
+
+
 def per_example_grads(model: nn.Module, loss_fn: Any, xs: Tensor, ys: Tensor) -> Tensor:
     rows = []
     for i in range(xs.shape[0]):
