@@ -6,8 +6,8 @@ gradients. Two implementations:
 * ``"double_backward"`` (default): the ``create_graph`` gradient is built once per measurement and its graph is
   reused for every product (``autograd.grad(g, θ, v, retain_graph=True)``); on CPU this beat forward-over-reverse
   in both time and memory. Convolutions and ReLUs in that gradient are built through
-  :class:`~lightning_curvature.core._lean_double_backward.LeanDoubleBackward`, whose double backward skips work
-  PyTorch's does and discards (same values; products about 15% cheaper on the benchmark CNN).
+  :class:`~lightning_curvature.core._lean_double_backward.LeanDoubleBackward`, whose double backward skips work that
+  PyTorch's formulas do and then discard (same values; products about 15% cheaper on the benchmark CNN).
 * ``"forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad``; no graph is kept between products.
   It fails through BatchNorm in train mode (in-place buffer updates).
 
