@@ -28,7 +28,7 @@ from lightning_curvature import (
     hessian_eigenvalues,
 )
 
-pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("torch_single_thread")]
+pytestmark = [pytest.mark.integration, pytest.mark.distributed, pytest.mark.usefixtures("torch_single_thread")]
 
 
 class RankAgreement(pl.Callback):

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_curvature.callbacks import DirectionalCurvatureMonitor
 from lightning_curvature.schedules import CurvatureDynamicsAwareLR
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.integration, pytest.mark.distributed]
 
 
 class Regression(pl.LightningModule):

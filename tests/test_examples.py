@@ -30,6 +30,8 @@ from lightning_curvature._digits import (
     write_json,
 )
 
+pytestmark = pytest.mark.integration
+
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.py"))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

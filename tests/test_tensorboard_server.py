@@ -20,6 +20,8 @@ SHARPNESS = [float(np.float32(1.5 + 0.25 * i)) for i in range(len(STEPS))]
 THRESHOLD = 40.0
 
 
+pytestmark = pytest.mark.integration
+
 def _write_log(logdir: Path) -> None:
     writer = SummaryWriter(str(logdir / RUN))
     add_curvature_layout(writer, k=3)
