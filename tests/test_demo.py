@@ -39,6 +39,7 @@ STEPS = 30
 
 pytestmark = pytest.mark.integration
 
+
 def _args(out: Path, *extra: str) -> list[str]:
     return ["--steps", str(STEPS), "--every", "5", "--out", str(out), "--no-progress-bar", "--device", "cpu", *extra]
 

@@ -22,6 +22,7 @@ THRESHOLD = 40.0
 
 pytestmark = pytest.mark.integration
 
+
 def _write_log(logdir: Path) -> None:
     writer = SummaryWriter(str(logdir / RUN))
     add_curvature_layout(writer, k=3)
