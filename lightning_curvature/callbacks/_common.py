@@ -21,14 +21,33 @@ queued from the previous step is counted in the measurement, which syncs; a slig
 0's plan is broadcast at each measurement, so all processes measure at the same steps. The plan (next step,
 step-time average, last measurement time) is checkpointed, so a resumed run continues it. The budget is per monitor
 instance: two monitors at 0.05 cost about 10% together.
+
+Publication. Every value a measurement writes to the loggers is also put in ``trainer.callback_metrics`` under its
+tag (as ``LearningRateMonitor`` does), so ``EarlyStopping(monitor="curvature/edge_ratio")`` and
+``ModelCheckpoint(monitor=...)`` can use it. A failed measurement leaves the previous published values in place
+(``EarlyStopping`` stops a run on a NaN it watches); before the first successful one the keys are absent.
+
+Failures. A measurement that cannot be made, for any reason (too few examples, a loss that is not a finite
+differentiable scalar, a non-finite product, an ambiguous batch layout, any exception raised by a product, such as
+compiled code without a double backward), is skipped: it is logged as NaN, not passed to schedulers, not published,
+and training goes on. One warning per monitor and kind of failure says why (later failures of the same kind are
+counted in ``num_failures``; the exception is kept in ``last_error``). Under DDP the processes agree on success
+before logging or feeding a scheduler (one boolean all-reduce), and the loss is checked on every process before the
+first collective call of a measurement, so a failure of the loss on one process skips the measurement everywhere.
+What cannot be guaranteed: an exception raised on one process only *inside* the engine, between its collective
+calls (e.g. running out of memory on one rank mid-way), leaves the other processes waiting in the next collective
+until the process group's timeout ends the run.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import re
 import time
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -36,18 +55,25 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from torch.func import functional_call
 from typing_extensions import override
 
 from lightning_curvature.callbacks._batch_source import BatchSource
-from lightning_curvature.callbacks._loss import LossFn, resolve_loss_fn
-from lightning_curvature.core import NonFiniteCurvatureError, preserved_model_state
-from lightning_curvature.core._batch import iter_batches
+from lightning_curvature.callbacks._loss import HostRNGForkedLoss, LossFn, resolve_loss_fn
+from lightning_curvature.core import NonFiniteCurvatureError, math_attention, preserved_model_state
+from lightning_curvature.core._batch import BatchDim, LayoutLoss, check_batch_dim, iter_batches, to_compute
 
 __all__ = [
     "SUPPORTED_STRATEGIES",
+    "CurvatureCallback",
     "CurvatureMonitorBase",
     "adaptive_gap",
+    "check_batch_dim_arg",
+    "check_bool",
     "check_choice",
+    "check_loss_value",
+    "check_optional_int",
     "check_overhead",
     "check_positive_float",
     "check_positive_int",
@@ -55,6 +81,7 @@ __all__ = [
     "log_scalars",
     "make_reduce_fn",
     "measured_parameters",
+    "publish_metrics",
     "step_axis",
 ]
 
@@ -114,14 +141,68 @@ def adaptive_gap(t_measure: float, t_step: float, max_overhead: float, min_gap: 
 
 # --- argument checks ------------------------------------------------------------------------------------------
 def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` as an int ``>= minimum``.
+    """``value`` as an int ``>= minimum`` (NumPy integers accepted; bools, floats and strings are not).
+
+    Raises:
+        MisconfigurationException: naming ``name`` and the bad value.
+
+    Example::
+
+        >>> check_positive_int("k", 5)
+        5
+        >>> check_positive_int("k", 5.0)
+        Traceback (most recent call last):
+        ...
+        lightning.fabric.utilities.exceptions.MisconfigurationException: `k` must be an integer >= 1, got 5.0.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise MisconfigurationException(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def check_optional_int(name: str, value: Any) -> int | None:
+    """``value`` as an int (any sign, e.g. a seed) or ``None``.
 
     Raises:
         MisconfigurationException: naming ``name`` and the bad value.
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise MisconfigurationException(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise MisconfigurationException(f"`{name}` must be an integer or None, got {value!r}.")
+    return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool (``"no"``, ``0`` or ``1.0`` are refused: ``bool("no")`` would be ``True``).
+
+    Raises:
+        MisconfigurationException: naming ``name`` and the bad value.
+
+    Example::
+
+        >>> check_bool("log", False)
+        False
+        >>> check_bool("log", "no")
+        Traceback (most recent call last):
+        ...
+        lightning.fabric.utilities.exceptions.MisconfigurationException: `log` must be True or False, got 'no'.
+    """
+    if not isinstance(value, bool):
+        raise MisconfigurationException(f"`{name}` must be True or False, got {value!r}.")
     return value
+
+
+def check_batch_dim_arg(value: Any) -> BatchDim:
+    """``value`` as a ``batch_dim`` (an int, ``None``, or a tuple/list/dict of these nested like the batch).
+
+    Raises:
+        MisconfigurationException: naming the bad value.
+    """
+    try:
+        return check_batch_dim(value)
+    except TypeError as err:
+        raise MisconfigurationException(str(err)) from None
 
 
 def check_positive_float(name: str, value: Any) -> float:
@@ -215,24 +296,268 @@ def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> No
         logger.log_metrics(metrics, step=step)
 
 
+def publish_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Put ``metrics`` in ``trainer.callback_metrics`` (tensors on the root device, as ``LearningRateMonitor`` does).
+
+    ``EarlyStopping`` and ``ModelCheckpoint`` read their ``monitor`` key there.
+    """
+    if not metrics:
+        return
+    device = trainer.strategy.root_device
+    trainer.callback_metrics.update({k: torch.tensor(float(v), device=device) for k, v in metrics.items()})
+
+
+def check_loss_value(loss: Any) -> Tensor:
+    """``loss`` if it is what curvature needs: a finite floating-point scalar tensor that depends on the parameters.
+
+    Raises:
+        TypeError: for a non-tensor or a non-floating loss.
+        ValueError: for a non-scalar loss, or one that does not require grad (detached or computed without grad).
+        NonFiniteCurvatureError: for a NaN or infinite loss.
+    """
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"The loss must be a scalar tensor, got {type(loss).__name__}.")
+    if loss.numel() != 1:
+        raise ValueError(f"The loss must be a scalar (the mean over the batch), got shape {tuple(loss.shape)}.")
+    if not loss.is_floating_point():
+        raise TypeError(f"The loss must be floating point, got dtype {loss.dtype}: an integer loss has no gradient.")
+    if not loss.requires_grad:
+        raise ValueError(
+            "The loss does not depend on the parameters: it was detached (`.detach()`, `.item()`, a new tensor) or "
+            "computed under `torch.no_grad()`/`torch.inference_mode()`; curvature needs its graph."
+        )
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise NonFiniteCurvatureError(f"The loss is not finite ({float(loss.detach().reshape(-1)[0])}).")
+    return loss
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class _LossCall(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so ``functional_call`` can swap the model's parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+@contextmanager
+def _loss_evaluation(pl_module: nn.Module, mode: Any) -> Iterator[Callable[[LossFn, Any, bool], Any]]:
+    """Evaluate losses of ``pl_module`` on copies of its parameters, leaving no trace on it.
+
+    Yields ``call(loss_fn, batch, grad)``: the loss with the parameters replaced by clones (trainable ones requiring
+    grad when ``grad``), so a forward pass that writes its weights in place (``nn.Embedding(max_norm=...)``) writes
+    the clones; RNG streams, buffers and flags are restored by :func:`preserved_model_state`.
+    """
+    named = list(pl_module.named_parameters())
+    dtype = _compute_dtype(named[0][1].dtype) if named else torch.float32
+    device = named[0][1].device if named else torch.device("cpu")
+
+    with ExitStack() as stack:
+        stack.enter_context(preserved_model_state(pl_module, mode))
+        stack.enter_context(math_attention())
+        stack.enter_context(torch.inference_mode(False))
+
+        def call(loss_fn: LossFn, batch: Any, grad: bool) -> Any:
+            with torch.set_grad_enabled(grad):
+                mapping = {
+                    f"model.{n}": p.detach().to(dtype).clone().requires_grad_(grad and p.requires_grad)
+                    for n, p in named
+                }
+                for n, b in pl_module.named_buffers():
+                    if b.is_floating_point() and b.dtype != dtype and dtype != named[0][1].dtype:
+                        mapping[f"model.{n}"] = b.detach().to(dtype)
+                batch = to_compute(batch, device, dtype)
+                return functional_call(_LossCall(pl_module, loss_fn), mapping, (batch,), strict=False)
+
+        yield call
+
+
 def _is_finite(value: float | None, may_be_infinite: bool = False) -> bool:
     if value is None:
         return True
     return not math.isnan(value) if may_be_infinite else math.isfinite(value)
 
 
-# --- base callback --------------------------------------------------------------------------------------------
-class CurvatureMonitorBase(Callback):
-    """Cadence, batch, loss, logging, state and failure handling shared by the curvature monitors.
+class MeasurementSkipped(RuntimeError):
+    """Another process could not make the measurement (under DDP every process skips it)."""
 
-    Subclasses implement :meth:`_measure` (return the scalars to log; may raise
-    :class:`~lightning_curvature.core.NonFiniteCurvatureError`) and :meth:`_failed_metrics`.
+
+def _describe_failure(error: BaseException | str) -> tuple[str, str]:
+    """``(kind, text)``: the kind (numbers blanked, so repeats of one failure share it) and a one-line reason."""
+    if isinstance(error, str):
+        text = error
+        kind = error
+    else:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+        kind = type(error).__name__ + ":" + message
+    if len(text) > 400:
+        text = text[:397] + "..."
+    return re.sub(r"[-+]?\d[\d.e+-]*|nan|inf", "#", kind), text
+
+
+# --- shared base ---------------------------------------------------------------------------------------------
+class CurvatureCallback(Callback):
+    """What every curvature callback shares: the loss and batch layout, failure containment, publication, state.
+
+    Subclasses measure by calling :meth:`_engine_inputs` (the batch in the engine's form and the loss to use with
+    it), :meth:`_preflight` (the loss is a finite differentiable scalar, agreed across processes), then the
+    engine; they report a failure with :meth:`_report_failure` and publish values with :meth:`_publish`.
+
+    Attributes:
+        last_metrics: every scalar of the latest measurement (NaN where it failed); checkpointed.
+        num_measurements: measurements so far, failed ones included; checkpointed.
+        num_failures: measurements that could not be made; checkpointed.
+        last_error: the exception (or reason) of the latest failure in this process (not checkpointed).
+    """
+
+    def __init__(self, *, loss_fn: LossFn | None, batch_dim: BatchDim = None) -> None:
+        if loss_fn is not None and not callable(loss_fn):
+            raise MisconfigurationException(
+                f"`loss_fn` must be callable as loss_fn(pl_module, batch), got {loss_fn!r}."
+            )
+        self.loss_fn = loss_fn
+        self.batch_dim = check_batch_dim_arg(batch_dim)
+        self._resolved_loss: LossFn | None = None
+        self._engine_loss: LossFn | None = None
+        self._loss_checked = False  # the loss passed the structural checks once in this fit
+        self._warned_failures: set[str] = set()
+        # checkpointed state
+        self.num_measurements = 0
+        self.num_failures = 0
+        self.last_metrics: dict[str, float] = {}
+        # not checkpointed
+        self.last_error: BaseException | str | None = None
+
+    # -- hooks ----------------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer.strategy, type(self).__name__)
+        if stage == "fit":
+            self._resolve_loss(pl_module)
+            self._loss_checked = False
+            self._warned_failures.clear()
+
+    def _resolve_loss(self, pl_module: pl.LightningModule) -> LossFn:
+        """The user's loss (explicit, ``curvature_loss`` or the ``training_step`` fallback) and its engine form."""
+        self._resolved_loss = resolve_loss_fn(pl_module, self.loss_fn)
+        # the engine's batch is batch-first: restore the user's layout; fork Python's and NumPy's RNG around each call
+        self._engine_loss = HostRNGForkedLoss(LayoutLoss(self._resolved_loss))
+        return self._engine_loss
+
+    def _loss_for_engine(self, pl_module: pl.LightningModule) -> LossFn:
+        return self._engine_loss if self._engine_loss is not None else self._resolve_loss(pl_module)
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    def _base_state(self) -> dict[str, Any]:
+        return {
+            "num_measurements": self.num_measurements,
+            "num_failures": self.num_failures,
+            "last_metrics": {k: float(v) for k, v in self.last_metrics.items()},
+        }
+
+    def _load_base_state(self, state_dict: dict[str, Any]) -> None:
+        self.num_measurements = int(state_dict.get("num_measurements", 0))
+        self.num_failures = int(state_dict.get("num_failures", 0))
+        self.last_metrics = {k: float(v) for k, v in state_dict.get("last_metrics", {}).items()}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self._base_state()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._load_base_state(state_dict)
+
+    # -- measuring safely -----------------------------------------------------------------------------------------
+    def _mode_for(self, pl_module: torch.nn.Module) -> Any:
+        return getattr(self, "mode", "train")
+
+    def _preflight(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, batch: Any, collective: bool = True
+    ) -> None:
+        """Check the loss before any collective call: a finite floating scalar that depends on the parameters.
+
+        The structural checks (:func:`check_loss_value` on the first physical batch, one forward pass with a graph
+        on copies of the parameters) run once per fit, until they pass. Under DDP with ``collective`` (a
+        measurement whose engine all-reduces) every measurement also checks that every process's loss is finite
+        (forward passes without a graph) and the processes agree (one boolean all-reduce), so that a process never
+        raises alone in front of the engine's all-reduces.
+
+        Raises:
+            TypeError, ValueError, NonFiniteCurvatureError: from :func:`check_loss_value` or the loss itself.
+            MeasurementSkipped: if the loss failed on another process only.
+        """
+        distributed = collective and trainer.world_size > 1
+        if self._loss_checked and not distributed:
+            return
+        error: BaseException | None = None
+        try:
+            with _loss_evaluation(pl_module, self._mode_for(pl_module)) as call:
+                for i, b in enumerate(iter_batches(batch)):
+                    if i == 0 and not self._loss_checked:
+                        check_loss_value(call(loss_fn, b, True))
+                    elif distributed:
+                        loss = call(loss_fn, b, False)
+                        if not bool(torch.isfinite(torch.as_tensor(loss)).all()):
+                            raise NonFiniteCurvatureError("The loss of the curvature batch is NaN or infinite.")
+                    else:
+                        break
+        except Exception as exc:
+            error = exc
+        if distributed and not trainer.strategy.reduce_boolean_decision(error is None, all=True) and error is None:
+            error = MeasurementSkipped("the loss could not be evaluated on another process")
+        if error is not None:
+            raise error
+        self._loss_checked = True
+
+    def _all_succeeded(self, trainer: pl.Trainer, ok: bool) -> bool:
+        """Whether every process succeeded (the same answer everywhere under DDP; ``ok`` for one process)."""
+        if trainer.world_size <= 1:
+            return ok
+        return bool(trainer.strategy.reduce_boolean_decision(ok, all=True))
+
+    def _report_failure(self, step: int, error: BaseException | str) -> None:
+        """Count a failed measurement; warn once per kind of failure."""
+        self.num_failures += 1
+        self.last_error = error
+        kind, text = _describe_failure(error)
+        if kind in self._warned_failures:
+            return
+        self._warned_failures.add(kind)
+        rank_zero_warn(
+            f"{type(self).__name__}: the measurement at step {step} could not be made ({text}). It is logged as NaN, "
+            "not passed to schedulers, and training continues; later failures of this kind are not warned again "
+            "(counted in `num_failures`)."
+        )
+
+    def _publish(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        """Put the values of a successful measurement in ``trainer.callback_metrics`` (see the module docstring)."""
+        publish_metrics(trainer, metrics)
+
+
+# --- base of the periodic monitors -----------------------------------------------------------------------------
+class CurvatureMonitorBase(CurvatureCallback):
+    """Cadence, batch, loss, logging, state and failure handling shared by the periodic curvature monitors.
+
+    Subclasses implement :meth:`_measure` (return the scalars to log; may raise anything: a failure is contained,
+    see the module docstring) and :meth:`_failed_metrics`. ``_measure`` receives the batch in the engine's form
+    (examples along dimension 0, whatever the container) and the loss to use with it.
 
     Attributes:
         history: ``(step, value)`` of the headline quantity at every measurement (sharpness, ``grad_cov/eig_1``);
             checkpointed, so a resumed run continues it. It accumulates across fits with the same instance.
         last_metrics: every scalar of the latest measurement (NaN where it failed); checkpointed.
         num_measurements: measurements so far; checkpointed.
+        num_failures: measurements that could not be made (logged as NaN); checkpointed.
+        last_error: the exception (or reason) of the latest failure in this process.
         last_step: step of the latest measurement in this fit (``-1``: none yet); checkpointed.
         measure_time_s: wall time spent measuring in this process (not checkpointed).
         train_time_s: wall time of the training steps timed in this fit, without any monitor's measuring time (not
@@ -262,26 +587,18 @@ class CurvatureMonitorBase(Callback):
         loss_fn: LossFn | None,
         on_epoch_end: bool,
         prog_bar: bool,
+        batch_dim: BatchDim = None,
     ) -> None:
+        super().__init__(loss_fn=loss_fn, batch_dim=batch_dim)
         self.every_n_steps = None if every_n_steps is None else check_positive_int("every_n_steps", every_n_steps)
         self.max_overhead = check_overhead(max_overhead)
-        if loss_fn is not None and not callable(loss_fn):
-            raise MisconfigurationException(
-                f"`loss_fn` must be callable as loss_fn(pl_module, batch), got {loss_fn!r}."
-            )
-        if not isinstance(on_epoch_end, bool):
-            raise MisconfigurationException(f"`on_epoch_end` must be a bool, got {on_epoch_end!r}.")
-        self._source = BatchSource(batch, num_examples)
-        self.loss_fn = loss_fn
-        self.on_epoch_end = on_epoch_end
-        self.prog_bar = bool(prog_bar)
-        self._resolved_loss: LossFn | None = None
+        self.on_epoch_end = check_bool("on_epoch_end", on_epoch_end)
+        self.prog_bar = check_bool("prog_bar", prog_bar)
+        self._source = BatchSource(batch, num_examples, self.batch_dim)
         self._last_batch: Any = None
-        # checkpointed state
-        self.num_measurements = 0
+        # checkpointed state (and the base class's)
         self.last_step = -1
         self.history: list[tuple[int, float]] = []
-        self.last_metrics: dict[str, float] = {}
         # adaptive plan (checkpointed): next step, provisional flag, step-time average, last measuring time
         self._next_step = 0
         self._provisional = False
@@ -341,10 +658,9 @@ class CurvatureMonitorBase(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "num_measurements": self.num_measurements,
+            **self._base_state(),
             "last_step": self.last_step,
             "history": [[int(s), float(v)] for s, v in self.history],
-            "last_metrics": {k: float(v) for k, v in self.last_metrics.items()},
             "next_step": int(self._next_step),
             "plan_provisional": bool(self._provisional),
             "step_time_ema_s": None if self._step_time_ema is None else float(self._step_time_ema),
@@ -353,10 +669,9 @@ class CurvatureMonitorBase(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.num_measurements = int(state_dict.get("num_measurements", 0))
+        self._load_base_state(state_dict)
         self.last_step = int(state_dict.get("last_step", -1))
         self.history = [(int(s), float(v)) for s, v in state_dict.get("history", [])]
-        self.last_metrics = {k: float(v) for k, v in state_dict.get("last_metrics", {}).items()}
         # checkpoints without a plan: re-plan `min_gap` steps after the latest measurement
         default_next = self.last_step + self.min_gap if self.last_step >= 0 else 0
         self._next_step = int(state_dict.get("next_step", default_next))
@@ -368,9 +683,8 @@ class CurvatureMonitorBase(Callback):
     # -- hooks --------------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategy(trainer.strategy, type(self).__name__)
+        super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            self._resolved_loss = resolve_loss_fn(pl_module, self.loss_fn)
             # a new fit starts its own step axis and plan; a resumed one gets `last_step` and the plan back from the
             # checkpoint (callbacks' states are loaded after `setup`)
             self.last_step = -1
@@ -379,7 +693,7 @@ class CurvatureMonitorBase(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._resolved_loss is None:
-            self._resolved_loss = resolve_loss_fn(pl_module, self.loss_fn)
+            self._resolve_loss(pl_module)
         self._source.prepare(trainer, pl_module)
         self.train_time_s, self._fit_measure_s, self._t_prev, self._step_prev = 0.0, 0.0, None, -1
         self._ema_count = 0 if self._step_time_ema is None else round(1 / EMA_WEIGHT)
@@ -473,32 +787,32 @@ class CurvatureMonitorBase(Callback):
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, current_batch: Any, step: int, prog_bar: bool
     ) -> dict[str, float]:
-        """Measure now, log at ``step``, update state; a NaN/inf result is logged as such with a warning.
+        """Measure now, log at ``step``, update state, publish; a failure is logged as NaN with one warning.
 
         Returns:
             The scalars written to the loggers.
         """
         t0 = _now()
-        batch = self._source.get(current_batch)
-        loss_fn = self._resolved_loss or resolve_loss_fn(pl_module, self.loss_fn)
-        error: str | None = None
-        if not self._all_ranks_finite(trainer, pl_module, loss_fn, batch):
-            error = "the loss of the curvature batch is NaN or infinite"
-            metrics = self._failed_metrics(trainer)
-        else:
-            try:
-                metrics = self._measure(trainer, pl_module, loss_fn, batch, step)
-            except NonFiniteCurvatureError as exc:
-                error = str(exc)
-                metrics = self._failed_metrics(trainer)
-        bad = sorted(k for k, v in metrics.items() if not _is_finite(v, k in self._may_be_infinite))
-        if error is None and bad:
-            error = f"non-finite values for {bad}"
-        if error is not None:
-            rank_zero_warn(
-                f"{type(self).__name__}: the measurement at step {step} is not finite ({error}); it is logged as "
-                "NaN/inf and not passed to schedulers. Training continues."
-            )
+        error: BaseException | str | None = None
+        metrics: dict[str, float] = {}
+        try:
+            batch = self._source.get_for_engine(current_batch)
+            loss_fn = self._loss_for_engine(pl_module)
+            self._preflight(trainer, pl_module, loss_fn, batch)
+            metrics = self._measure(trainer, pl_module, loss_fn, batch, step)
+        except Exception as exc:  # contained: a measurement never stops training (see the module docstring)
+            error = exc
+        if error is None:
+            bad = sorted(k for k, v in metrics.items() if not _is_finite(v, k in self._may_be_infinite))
+            if bad:
+                error = f"non-finite values for {bad}"
+        ok = self._all_succeeded(trainer, error is None)
+        if not ok:
+            if error is None:
+                error = "another process could not make it"
+            if isinstance(error, BaseException) or not metrics:
+                metrics = self._safe_failed_metrics(trainer)
+            self._report_failure(step, error)
         elapsed = _now() - t0
         if self._overhead_key and self.train_time_s > 0:
             metrics[self._overhead_key] = (self._fit_measure_s + elapsed) / self.train_time_s
@@ -507,12 +821,14 @@ class CurvatureMonitorBase(Callback):
         self.last_metrics = dict(metrics)
         self.history.append((step, float(metrics.get(self._headline_key, math.nan))))
         log_scalars(trainer, metrics, step)
-        if prog_bar and self._prog_bar_key is not None and self._prog_bar_key in metrics:
+        if ok:
+            self._publish(trainer, metrics)
+        if ok and prog_bar and self._prog_bar_key is not None and self._prog_bar_key in metrics:
             pl_module.log(
                 self._prog_bar_key, metrics[self._prog_bar_key], prog_bar=True, logger=False, on_step=True,
                 on_epoch=False,
             )  # fmt: skip
-        self._after_measurement(trainer, pl_module, metrics, step, ok=error is None)
+        self._after_measurement(trainer, pl_module, metrics, step, ok=ok)
         elapsed = _now() - t0
         self._last_measure_s = elapsed
         self._fit_measure_s += elapsed
@@ -520,31 +836,17 @@ class CurvatureMonitorBase(Callback):
         _MeasuringClock.total_s += elapsed
         return metrics
 
-    def _all_ranks_finite(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, batch: Any
-    ) -> bool:
-        """Under DDP, agree on whether every rank's loss is finite before any collective call.
-
-        The engine raises on a non-finite local loss before its first all-reduce; a rank raising alone would
-        leave the others waiting in the all-reduce forever. Single process: ``True`` (the engine decides).
-        """
-        if trainer.world_size <= 1:
-            return True
-        ok = True
-        with preserved_model_state(pl_module, self._mode_for(pl_module)), torch.no_grad():
-            for b in iter_batches(batch):
-                loss = loss_fn(pl_module, b)
-                ok = ok and bool(torch.isfinite(loss.detach()).all())
-        return bool(trainer.strategy.reduce_boolean_decision(ok, all=True))
-
-    def _mode_for(self, pl_module: torch.nn.Module) -> Any:
-        return getattr(self, "mode", "train")
+    def _safe_failed_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        try:
+            return self._failed_metrics(trainer)
+        except Exception:  # the NaN record must not fail either
+            return {self._headline_key: math.nan} if self._headline_key else {}
 
     @abstractmethod
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, batch: Any, step: int
     ) -> dict[str, float]:
-        """The scalars of one measurement (may raise ``NonFiniteCurvatureError``)."""
+        """The scalars of one measurement (anything it raises is contained: see the module docstring)."""
 
     @abstractmethod
     def _failed_metrics(self, trainer: pl.Trainer) -> dict[str, float]:

@@ -26,20 +26,19 @@ from lightning_curvature.callbacks._common import (
 )
 from lightning_curvature.callbacks._loss import LossFn
 from lightning_curvature.core import gradient_covariance
-from lightning_curvature.tensorboard import (
+from lightning_curvature.core._batch import BatchDim
+from lightning_curvature.tags import (
     GRAD_COV_CONDITION_NUMBER,
     GRAD_COV_EIG_1,
     GRAD_COV_FROBENIUS_NORM,
     GRAD_COV_NOISE_SCALE,
+    GRAD_COV_OVERHEAD,
     GRAD_COV_TRACE,
-    add_curvature_layout,
-    find_summary_writer,
     grad_cov_eig_tag,
 )
+from lightning_curvature.tensorboard import add_curvature_layout, find_summary_writer
 
 __all__ = ["GRAD_COV_OVERHEAD", "GradientCovarianceMonitor", "has_batch_norm"]
-
-GRAD_COV_OVERHEAD = "grad_cov/overhead"
 
 
 def has_batch_norm(module: nn.Module) -> bool:
@@ -84,6 +83,15 @@ class GradientCovarianceMonitor(CurvatureMonitorBase):
 
     **Distributed.** Under DDP the examples of all processes form the batch; only rank 0 writes.
 
+    **Batch dimension.** Any container Lightning trains on (tuples, dicts, named tuples, dataclasses). The examples
+    are along the leading dimension of every tensor unless ``batch_dim`` says otherwise or the batch shows it (a
+    sequence-first batch ``(T, B, ...)`` is recognised from the DataLoader's ``batch_size``, with a warning; an
+    ambiguous one raises): see :mod:`lightning_curvature.callbacks._batch_source`.
+
+    **Failures.** A measurement that cannot be made (e.g. ``batch="current"`` on a last batch of one example, a
+    non-finite gradient) is logged as NaN with one warning, published nowhere else, and training goes on. Every
+    value of a successful one is also in ``trainer.callback_metrics`` under its tag.
+
     Args:
         every_n_steps: measure every this many optimizer steps (and at step 0): an exactly reproducible series.
             ``None`` (default): plan the cadence from ``max_overhead``.
@@ -99,11 +107,16 @@ class GradientCovarianceMonitor(CurvatureMonitorBase):
             ``max_memory_bytes``).
         max_memory_bytes: memory budget of one chunk of per-example gradients.
         on_epoch_end: also measure after the last update of every training epoch.
+        batch_dim: the batch dimension: an int for every tensor, or one entry per element of the batch (``None``
+            for a tensor not split into examples), e.g. ``(1, 0)`` for ``(x of shape (T, B, F), y of shape (B,))``;
+            ``None`` (default): inferred (see above).
 
     Raises:
         MisconfigurationException: for ``every_n_steps`` (unless ``None``), ``k`` or ``chunk_size`` below 1, a
             ``max_overhead`` outside ``(0, 1]``, ``num_examples`` below 2, a non-positive ``max_memory_bytes``, an
-            unknown ``batch`` or ``mode``, a non-callable ``loss_fn``; at setup, for a sharded strategy.
+            unknown ``batch`` or ``mode``, a non-callable ``loss_fn``, a non-bool ``on_epoch_end``, a malformed
+            ``batch_dim``, ``num_examples=None`` with a loader without a length; at setup, for a sharded strategy;
+            at the start of training, for a fixed batch whose batch dimension is ambiguous.
 
     Example::
 
@@ -129,6 +142,7 @@ class GradientCovarianceMonitor(CurvatureMonitorBase):
         chunk_size: int | None = None,
         max_memory_bytes: float = 512e6,
         on_epoch_end: bool = False,
+        batch_dim: BatchDim = None,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -138,6 +152,7 @@ class GradientCovarianceMonitor(CurvatureMonitorBase):
             loss_fn=loss_fn,
             on_epoch_end=on_epoch_end,
             prog_bar=False,
+            batch_dim=batch_dim,
         )
         if num_examples is not None:
             check_positive_int("num_examples", num_examples, minimum=2)
