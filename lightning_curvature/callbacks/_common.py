@@ -808,10 +808,12 @@ class CurvatureMonitorBase(CurvatureCallback):
                 error = f"non-finite values for {bad}"
         ok = self._all_succeeded(trainer, error is None)
         if not ok:
-            if error is None:
+            if error is None:  # this process succeeded, another did not: log what every process logs
                 error = "another process could not make it"
-            if isinstance(error, BaseException) or not metrics:
                 metrics = self._safe_failed_metrics(trainer)
+            elif isinstance(error, BaseException) or not metrics:
+                metrics = self._safe_failed_metrics(trainer)
+            # (non-finite values are logged as computed: NaN/inf where they are)
             self._report_failure(step, error)
         elapsed = _now() - t0
         if self._overhead_key and self.train_time_s > 0:

@@ -359,14 +359,16 @@ def _explicit_dims(batch: Any, spec: BatchDim) -> list[int | None]:
             raise BatchLayoutError(f"batch_dim has a container {spec!r} where {where} is a {type(obj).__name__}.")
         if isinstance(spec, Mapping):
             names = [k.name if isinstance(k, _Field) else k for k, _ in children]
-            missing = [n for n in names if n not in spec]
+            # elements without tensors (strings, numbers) need no entry
+            missing = [n for n, (_, v) in zip(names, children) if n not in spec and tensor_leaves(v)]
             extra = [k for k in spec if k not in names]
             if missing or extra:
                 raise BatchLayoutError(
-                    f"batch_dim for {where} must name exactly its elements {names}; missing {missing}, unknown {extra}."
+                    f"batch_dim for {where} must name each of its elements holding tensors {names}; missing "
+                    f"{missing}, unknown {extra}."
                 )
             for (key, value), n in zip(children, names):
-                visit(value, spec[n], (*path, key))
+                visit(value, spec.get(n), (*path, key))
         elif isinstance(spec, (tuple, list)):
             if len(spec) != len(children):
                 raise BatchLayoutError(
