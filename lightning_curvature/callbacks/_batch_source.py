@@ -32,6 +32,7 @@ until memory runs out.
 
 from __future__ import annotations
 
+import numbers
 import random
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -240,9 +241,10 @@ class BatchSource:
                 f"`batch` must be one of {BATCH_CHOICES} or a DataLoader, got {type(batch).__name__}: {batch!r}."
             )
         if num_examples is not None and (
-            isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1
+            isinstance(num_examples, bool) or not isinstance(num_examples, numbers.Integral) or num_examples < 1
         ):
             raise MisconfigurationException(f"`num_examples` must be an integer >= 1 or None, got {num_examples!r}.")
+        num_examples = None if num_examples is None else int(num_examples)
         if num_examples is None and self.kind == "fixed":
             raise MisconfigurationException("`num_examples` must be an integer >= 1 with batch='fixed', got None.")
         if num_examples is None and self.kind == "loader":
