@@ -124,9 +124,11 @@ def _body(case: Case) -> nn.Module:
 
 
 class _Transformer(nn.Module):
-    def __init__(self, p: float) -> None:
+    def __init__(self, p: float, activation: str = "gelu") -> None:
         super().__init__()
-        self.block = nn.TransformerEncoderLayer(4, 2, dim_feedforward=8, dropout=p, batch_first=True)
+        # GELU: see test_relu_networks_match_the_reference for the default ReLU (an engine item today)
+        self.block = nn.TransformerEncoderLayer(4, 2, dim_feedforward=8, dropout=p, batch_first=True,
+                                                activation=activation)  # fmt: skip
         self.head = nn.Linear(4, NUM_CLASSES)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -401,7 +403,7 @@ def _events(case: Case) -> None:
 
 
 _PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink]  # no "explain": it re-runs a failure ~200 times
-_FAST = settings(max_examples=20, deadline=None, derandomize=True, database=None, phases=_PHASES,
+_FAST = settings(max_examples=10, deadline=None, derandomize=True, database=None, phases=_PHASES,
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
 _SLOW = settings(max_examples=150, deadline=None, derandomize=False, database=None, phases=_PHASES,
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
@@ -441,7 +443,6 @@ class _UnusedHead(PropModel):
         self.unused_head = nn.Linear(4, 2)  # only used in validation: never touched by the loss
 
 
-@pytest.mark.xfail(strict=True, reason="engine (lead): unused parameters as zero Hessian rows (today: NaN + warning)")
 def test_unused_parameters_are_measured(tmp_path: Path) -> None:
     case = Case("mlp", "tuple", "plain", frozen=False, dropout=False, seed=3)
     hess, _ = _monitors()
@@ -471,6 +472,38 @@ def test_bf16_with_a_frozen_layer(tmp_path: Path, model: str) -> None:
 )
 def test_bf16_covariance_with_batch_norm(tmp_path: Path) -> None:
     check_case(Case("cnn_bn", "tuple", "bf16", frozen=False, dropout=False, seed=0), tmp_path)
+
+
+class _ReLUModel(PropModel):
+    def __init__(self, case: Case) -> None:
+        super().__init__(case)
+        with torch.random.fork_rng():
+            torch.manual_seed(case.seed)
+            if case.model == "mlp":
+                self.body = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, NUM_CLASSES))
+            elif case.model == "cnn_bn":
+                self.body = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                                          nn.Linear(48, NUM_CLASSES))  # fmt: skip
+            else:
+                self.body = _Transformer(0.0, activation="relu")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine (lead): method='auto' compares double-backward with finite-difference products, finds them "
+    "apart on ReLU networks (finite differences across the kinks are inexact, double backward is exact almost "
+    "everywhere) and switches to finite differences: ReLU MLP 1.299 vs 0.9996, ReLU CNN 2.917 vs 2.798",
+)
+@pytest.mark.parametrize("model", ["mlp", "cnn_bn", "transformer"])
+def test_relu_networks_match_the_reference(tmp_path: Path, model: str) -> None:
+    case = Case(model, "tuple", "plain", frozen=False, dropout=False, seed=0)
+    hess, _ = _monitors()
+    trainer = make_trainer(tmp_path, max_steps=1, callbacks=[hess])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(_ReLUModel(case), _loader(case))
+    eig, _ = _reference(case, _ReLUModel(case))
+    assert hess.step0 == pytest.approx(eig.tolist(), rel=1e-3)
 
 
 class _MaxNorm(PropModel):
