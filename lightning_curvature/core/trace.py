@@ -148,7 +148,7 @@ def hutchpp_trace(
     Example::
 
         >>> A = torch.diag(torch.tensor([100.0, 50.0, 1.0, 1.0, 1.0], dtype=torch.float64))
-        >>> round(hutchpp_trace(A, num_matvecs=15).estimate, 6)  # the 5-column sketch spans everything: exact
+        >>> round(hutchpp_trace(A, num_matvecs=30).estimate, 6)  # a 10-column sketch spans all 5 dimensions: exact
         153.0
     """
     if num_matvecs < 3:
