@@ -138,20 +138,7 @@ def test_compiled_submodule_never_stops_training(tmp_path: Path, kind: str) -> N
         assert all(math.isnan(v) for v in _values(monitor))
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "hessian",
-        pytest.param(
-            "directional",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="engine (lead): the directional monitor's product (method='double_backward' by default) "
-                "goes through the compiled submodule; double backward fails there, so it logs NaN",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("kind", ["hessian", "directional"])
 def test_compiled_submodule_is_measured(tmp_path: Path, kind: str) -> None:
     torch.manual_seed(0)
     model = (_CompiledCDAT if kind == "directional" else _Compiled)(lr=0.05)

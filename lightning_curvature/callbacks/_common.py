@@ -60,7 +60,13 @@ from torch.func import functional_call
 from typing_extensions import override
 
 from lightning_curvature.callbacks._batch_source import BatchSource
-from lightning_curvature.callbacks._loss import HostRNGForkedLoss, LossFn, resolve_loss_fn
+from lightning_curvature.callbacks._loss import (
+    HostRNGForkedLoss,
+    LossFn,
+    forked_host_rng,
+    is_training_step_fallback,
+    resolve_loss_fn,
+)
 from lightning_curvature.core import NonFiniteCurvatureError, math_attention, preserved_model_state
 from lightning_curvature.core._batch import BatchDim, LayoutLoss, check_batch_dim, iter_batches, to_compute
 
@@ -448,9 +454,12 @@ class CurvatureCallback(Callback):
     def _resolve_loss(self, pl_module: pl.LightningModule) -> LossFn:
         """The user's loss (explicit, ``curvature_loss`` or the ``training_step`` fallback) and its engine form."""
         self._resolved_loss = resolve_loss_fn(pl_module, self.loss_fn)
-        # the engine's batch is batch-first: restore the user's layout; fork Python's and NumPy's RNG around each call
-        self._engine_loss = HostRNGForkedLoss(LayoutLoss(self._resolved_loss))
-        return self._engine_loss
+        engine: LossFn = LayoutLoss(self._resolved_loss)  # the engine's batch is batch-first: restore the user's layout
+        if is_training_step_fallback(self._resolved_loss):
+            # a re-run step may draw from Python's and NumPy's RNG (mixup, jitter): the same draws in every evaluation
+            engine = HostRNGForkedLoss(engine)
+        self._engine_loss = engine
+        return engine
 
     def _loss_for_engine(self, pl_module: pl.LightningModule) -> LossFn:
         return self._engine_loss if self._engine_loss is not None else self._resolve_loss(pl_module)
@@ -798,8 +807,9 @@ class CurvatureMonitorBase(CurvatureCallback):
         try:
             batch = self._source.get_for_engine(current_batch)
             loss_fn = self._loss_for_engine(pl_module)
-            self._preflight(trainer, pl_module, loss_fn, batch)
-            metrics = self._measure(trainer, pl_module, loss_fn, batch, step)
+            with forked_host_rng():  # whatever the loss draws from Python's or NumPy's RNG does not reach training
+                self._preflight(trainer, pl_module, loss_fn, batch)
+                metrics = self._measure(trainer, pl_module, loss_fn, batch, step)
         except Exception as exc:  # contained: a measurement never stops training (see the module docstring)
             error = exc
         if error is None:

@@ -13,9 +13,10 @@ real value in the loggers, the CSV and ``callback_metrics``, and metric objects 
 
 **Side effects of a re-run.** What the monitors undo: logging (suppressed), torchmetrics states, every RNG stream
 the step may draw from (torch's CPU and accelerator generators are forked by the engine; Python's ``random`` and
-NumPy's global stream by :class:`HostRNGForkedLoss` around every loss evaluation, which also gives every evaluation
-of one measurement the same draws, so a mixup or jitter drawn in the step is one fixed function of the parameters),
-the module's buffers and train/eval flags. What cannot be undone: anything else the step changes, such as an EMA of
+NumPy's global stream are restored after every measurement by :func:`forked_host_rng`, and seeded before every
+re-run of the step by :class:`HostRNGForkedLoss`, which gives every evaluation of one measurement the same draws, so
+a mixup or jitter drawn in the step is one fixed function of the parameters), the module's buffers and train/eval
+flags. What cannot be undone: anything else the step changes, such as an EMA of
 the weights or a counter updated inside ``training_step``, attributes of objects outside the module, files or
 prints. A warning says so once per module when the fallback is used; define ``curvature_loss`` (or pass
 ``loss_fn=``) to measure without them.
@@ -43,6 +44,7 @@ __all__ = [
     "HostRNGForkedLoss",
     "LossFn",
     "forked_host_rng",
+    "is_training_step_fallback",
     "resolve_loss_fn",
     "suppressed_logging",
 ]
@@ -206,6 +208,11 @@ def _training_step_loss(model: nn.Module, batch: Any) -> Tensor:
         else:
             out = step(batch)
     return _extract_loss(out)
+
+
+def is_training_step_fallback(loss_fn: LossFn) -> bool:
+    """Whether ``loss_fn`` is the ``training_step`` re-run returned by :func:`resolve_loss_fn`."""
+    return loss_fn is _training_step_loss
 
 
 def resolve_loss_fn(pl_module: nn.Module, loss_fn: LossFn | None = None) -> LossFn:

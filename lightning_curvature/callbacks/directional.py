@@ -24,7 +24,7 @@ Reference: V. Roulet et al., "Stepping on the Edge: Curvature Aware Learning Rat
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -42,7 +42,7 @@ from lightning_curvature.callbacks._common import (
     log_scalars,
     step_axis,
 )
-from lightning_curvature.callbacks._loss import LossFn
+from lightning_curvature.callbacks._loss import LossFn, forked_host_rng
 from lightning_curvature.core._batch import BatchDim
 from lightning_curvature.core.hvp import HessianOperator, HVPMethod
 from lightning_curvature.core.update_direction import (
@@ -56,7 +56,7 @@ from lightning_curvature.tags import CDAT_DENOMINATOR, CDAT_EDGE_LR, CDAT_LR, CD
 
 __all__ = ["DirectionalCurvatureMonitor"]
 
-_METHODS = ("double_backward", "forward_over_reverse")
+_METHODS: tuple[str, ...] = get_args(HVPMethod)
 
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
@@ -99,7 +99,10 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
             (see :func:`~lightning_curvature.callbacks._loss.resolve_loss_fn`).
         mode: ``"train"`` (the model's own flags: BatchNorm batch statistics, one fixed dropout mask) or
             ``"eval"``.
-        method: Hessian-vector product method, ``"double_backward"`` or ``"forward_over_reverse"``.
+        method: Hessian-vector product method, as in the other monitors: ``"auto"`` (default: double backward where
+            it exists and is valid, finite differences otherwise, e.g. through compiled code), ``"double_backward"``,
+            ``"finite_difference"`` or ``"forward_over_reverse"`` (see
+            :class:`~lightning_curvature.core.HessianOperator`).
         log: send the measurements to the Trainer's loggers.
         seed: seed of the measurement's dropout mask (the RNG is forked, so training draws are untouched), as in the
             other monitors; ``None`` draws it from a fork of the global RNG, like a fresh training mask (and saves
@@ -115,7 +118,7 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
 
         >>> monitor = DirectionalCurvatureMonitor(mode="train")
         >>> monitor.seed, monitor.method
-        (0, 'double_backward')
+        (0, 'auto')
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(callbacks=[monitor], logger=False)  # doctest: +SKIP
     """
@@ -124,7 +127,7 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
         self,
         loss_fn: LossFn | None = None,
         mode: str = "train",
-        method: HVPMethod = "double_backward",
+        method: HVPMethod = "auto",
         log: bool = True,
         seed: int | None = 0,
         batch_dim: BatchDim = None,
@@ -235,7 +238,8 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
                 continue
             error: BaseException | str | None = None
             try:
-                n, d = self._measure(trainer, pl_module, opt, sched)
+                with forked_host_rng():  # whatever the loss draws from Python's or NumPy's RNG does not reach training
+                    n, d = self._measure(trainer, pl_module, opt, sched)
             except Exception as exc:  # contained: a measurement never stops training
                 n, d, error = math.nan, math.nan, exc
             if trainer.world_size > 1:  # a NaN on any process reaches every process: they all skip together
