@@ -50,7 +50,7 @@ def _rel(a: Tensor, b: Tensor) -> float:
 def test_finite_difference_products_in_float32_match_the_float64_hessian(name: str, fd_order: int) -> None:
     H = _dense(name)
     model32, loss_fn, batch32 = CASES[name](torch.float32)
-    evals, evecs = torch.linalg.eigh(H)
+    _, evecs = torch.linalg.eigh(H)
     g = torch.Generator().manual_seed(0)
     directions = {"random": torch.randn(H.shape[0], dtype=torch.float64, generator=g), "top": evecs[:, -1]}
     limit = 1e-4 if fd_order == 4 else 5e-4
