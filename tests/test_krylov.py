@@ -15,6 +15,9 @@ from lightning_curvature.core.operators import CurvatureOperator, DenseOperator
 from lightning_curvature.core.vectors import Vector, VectorSpace, dot64
 
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
 def _sym(eigs: Tensor, seed: int) -> Tensor:
     n = eigs.numel()
     Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))

@@ -16,6 +16,9 @@ from lightning_curvature import HessianOperator, hessian_eigenvalues, hessian_tr
 from lightning_curvature.core import hvp as hvp_module
 
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
 def _relu_cnn(dtype: torch.dtype) -> tuple[nn.Module, Any, Any]:
     """ReLU + max-pool: the gradient jumps at the kinks, where plain central differences go wrong."""
     torch.manual_seed(0)
