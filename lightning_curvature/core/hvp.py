@@ -532,7 +532,7 @@ class HessianOperator(CurvatureOperator):
         return self._gradient_at(batch, v, eps), self._gradient_at(batch, v, -eps)
 
     def _loss_no_grad(self, batch: Any) -> None:
-        params = [p.detach().to(d) for (_, p), d in zip(self._named, self.space.dtypes)]
+        params = [p.detach().to(d, copy=True) for (_, p), d in zip(self._named, self.space.dtypes)]
         mapping: dict[str, Tensor] = dict(zip(self._names, params))
         batch = to_compute(batch, self.space.device, self.space.dtype)
         if self.seed is not None:
@@ -550,7 +550,7 @@ class HessianOperator(CurvatureOperator):
         return out
 
     def _forward_over_reverse(self, batch: Any, v: Vector) -> Vector:
-        params = tuple(p.detach().to(self.space.dtypes[i]) for i, (_, p) in enumerate(self._named))
+        params = tuple(p.detach().to(self.space.dtypes[i], copy=True) for i, (_, p) in enumerate(self._named))
 
         def grad_fn(*ps: Tensor) -> tuple[Tensor, ...]:
             return torch.func.grad(lambda *q: self._loss(q, batch), argnums=tuple(range(len(ps))))(*ps)
