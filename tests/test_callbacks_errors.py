@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor
 
-from lightning_curvature import GradientCovarianceMonitor, HessianEigenvalueMonitor
+from lightning_curvature import DirectionalCurvatureMonitor, GradientCovarianceMonitor, HessianEigenvalueMonitor
 from lightning_curvature.callbacks._common import check_strategy
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -82,8 +82,13 @@ def test_sharded_strategies_are_refused_naming_the_supported_ones() -> None:
     class FakeTrainer:
         strategy = FSDPStrategy()
 
-    with pytest.raises(MisconfigurationException, match="FSDPStrategy"):
-        HessianEigenvalueMonitor().setup(FakeTrainer(), TinyClassifier(), "fit")  # type: ignore[arg-type]
+    # FSDP: the Hessian monitor measures it (finite differences through the shards); the others refuse it
+    check_strategy(FSDPStrategy(), "HessianEigenvalueMonitor", sharded_ok=True)
+    with pytest.raises(MisconfigurationException, match="DeepSpeedStrategy"):
+        check_strategy(DeepSpeedStrategy(), "HessianEigenvalueMonitor", sharded_ok=True)
+    for monitor in (GradientCovarianceMonitor(), DirectionalCurvatureMonitor()):
+        with pytest.raises(MisconfigurationException, match=f"{type(monitor).__name__}.*FSDPStrategy"):
+            monitor.setup(FakeTrainer(), TinyClassifier(), "fit")  # type: ignore[arg-type]
 
 
 def test_manual_optimization_without_curvature_loss_fails_at_setup(tmp_path: Path) -> None:

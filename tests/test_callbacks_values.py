@@ -230,10 +230,13 @@ def _per_example_reference(model: torch.nn.Module, x: Tensor, y: Tensor, k: int)
     gbar = G.mean(0)
     K = (G - gbar).T @ (G - gbar) / n
     evals = torch.linalg.eigvalsh(K).flip(0)
+    # unbiased |G|² and tr Σ (McCandlish et al. 2018, A.1) from per-example norms against the mean
+    small, big = float((G * G).sum(1).mean()), float(gbar.dot(gbar))
+    g2, tr_sigma = (n * big - small) / (n - 1), n * (small - big) / (n - 1)
     return {
         **{f"grad_cov/eig_{i + 1}": float(evals[i]) for i in range(k)},
         "grad_cov/trace": float(torch.trace(K)),
-        "grad_cov/noise_scale": float(torch.trace(K) / gbar.dot(gbar)),
+        "grad_cov/noise_scale": tr_sigma / g2 if g2 > 0 else float("inf"),
         "grad_cov/condition_number": float(evals[0] / evals[k - 1]),
         "grad_cov/frobenius_norm": float(torch.linalg.matrix_norm(K)),
     }

@@ -69,6 +69,7 @@ from lightning_curvature.callbacks._loss import (
 )
 from lightning_curvature.core import NonFiniteCurvatureError, math_attention, preserved_model_state
 from lightning_curvature.core._batch import BatchDim, LayoutLoss, check_batch_dim, iter_batches, to_compute
+from lightning_curvature.core.sharded import is_sharded
 
 __all__ = [
     "SUPPORTED_STRATEGIES",
@@ -92,8 +93,12 @@ __all__ = [
 ]
 
 #: What the monitors support, quoted in the error raised for other strategies.
-SUPPORTED_STRATEGIES = "single device ('auto', SingleDeviceStrategy) and DDP ('ddp', 'ddp_spawn', 'ddp_fork')"
-_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+SUPPORTED_STRATEGIES = (
+    "single device ('auto', SingleDeviceStrategy), DDP ('ddp', 'ddp_spawn', 'ddp_fork'), and for the Hessian "
+    "monitor also FSDP (ModelParallelStrategy with fully_shard, FSDPStrategy)"
+)
+_UNSUPPORTED = ("DeepSpeedStrategy",)
+_SHARDED = ("FSDPStrategy", "ModelParallelStrategy")
 
 #: The clock of the adaptive cadence (a module global so that tests can replace it with a fake clock).
 _now: Callable[[], float] = time.perf_counter
@@ -246,18 +251,20 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     return str(value)
 
 
-def check_strategy(strategy: Any, owner: str) -> None:
-    """Reject sharded strategies (their parameters are split across processes).
+def check_strategy(strategy: Any, owner: str, sharded_ok: bool = False) -> None:
+    """Reject strategies the monitor cannot measure under.
+
+    Sharded strategies (FSDP) are supported where ``sharded_ok`` (Hessian products by finite differences through
+    the shards); DeepSpeed is not (its ZeRO stages partition parameters outside ``torch.distributed.tensor``).
 
     Raises:
-        MisconfigurationException: for FSDP, DeepSpeed or model-parallel strategies, naming what is supported.
+        MisconfigurationException: for DeepSpeed, or a sharded strategy where ``sharded_ok`` is false, naming what
+            is supported.
     """
     names = {cls.__name__ for cls in type(strategy).__mro__}
-    sharded = names.intersection(_SHARDED)
-    if sharded:
+    if names.intersection(_UNSUPPORTED) or (names.intersection(_SHARDED) and not sharded_ok):
         raise MisconfigurationException(
-            f"{owner} does not support the sharded strategy {type(strategy).__name__} yet; supported are "
-            f"{SUPPORTED_STRATEGIES}."
+            f"{owner} does not support the strategy {type(strategy).__name__}; supported are {SUPPORTED_STRATEGIES}."
         )
 
 
@@ -424,6 +431,9 @@ class CurvatureCallback(Callback):
         last_error: the exception (or reason) of the latest failure in this process (not checkpointed).
     """
 
+    #: Whether the monitor measures under sharded strategies (FSDP).
+    _sharded_ok: bool = False
+
     def __init__(self, *, loss_fn: LossFn | None, batch_dim: BatchDim = None) -> None:
         if loss_fn is not None and not callable(loss_fn):
             raise MisconfigurationException(
@@ -445,7 +455,7 @@ class CurvatureCallback(Callback):
     # -- hooks ----------------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategy(trainer.strategy, type(self).__name__)
+        check_strategy(trainer.strategy, type(self).__name__, sharded_ok=self._sharded_ok)
         if stage == "fit":
             self._resolve_loss(pl_module)
             self._loss_checked = False
@@ -506,6 +516,10 @@ class CurvatureCallback(Callback):
         """
         distributed = collective and trainer.world_size > 1
         if self._loss_checked and not distributed:
+            return
+        if is_sharded(list(pl_module.parameters())):
+            # FSDP: the loss runs through the module's own forward (its all-gathers are collective calls every
+            # process makes together); copies of the shards cannot stand in for them, so the engine checks the loss
             return
         error: BaseException | None = None
         try:

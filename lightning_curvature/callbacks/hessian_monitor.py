@@ -211,6 +211,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     _prog_bar_key = SHARPNESS
     _headline_key = SHARPNESS
     _overhead_key = HESSIAN_OVERHEAD
+    _sharded_ok = True
 
     def __init__(
         self,

@@ -63,6 +63,7 @@ from lightning_curvature.core._state import (
 )
 from lightning_curvature.core.errors import NonFiniteCurvatureError
 from lightning_curvature.core.operators import CurvatureOperator
+from lightning_curvature.core.sharded import ShardedGradients, is_sharded, local_tensor, shard_space
 from lightning_curvature.core.vectors import Vector, VectorSpace, add_
 
 __all__ = [
@@ -321,7 +322,19 @@ class HessianOperator(CurvatureOperator):
         first = self._named[0][1]
         self.dtype_in = first.dtype
         dtype = compute_dtype_for(first.dtype)
-        self.space = VectorSpace([p for _, p in self._named], dtype=dtype)
+        params_list = [p for _, p in self._named]
+        #: the parameters are FSDP shards: products by finite differences through the module's own forward/backward
+        self.sharded = is_sharded(params_list)
+        if self.sharded:
+            if method in ("double_backward", "forward_over_reverse"):
+                raise ValueError(
+                    f"method={method!r} needs a double backward or forward-mode AD, which do not exist through FSDP's "
+                    "sharded parameters; use method='finite_difference' or 'auto'."
+                )
+            self.method = "finite_difference"
+            self.space = shard_space(params_list, first.dtype)
+        else:
+            self.space = VectorSpace(params_list, dtype=dtype)
         self.shapes = list(self.space.shapes)
         self.numels = list(self.space.numels)
         self.num_matvecs = 0
@@ -423,8 +436,17 @@ class HessianOperator(CurvatureOperator):
         if self.reduce_fn is None and not torch.isfinite(loss):
             raise NonFiniteCurvatureError(f"The loss is not finite ({loss.item()}); no curvature to measure.")
 
+    def _seeded_loss(self, model: nn.Module, batch: Any) -> Tensor:
+        if self.seed is not None:
+            seed_generators(self.seed, self._devices)  # the same dropout mask in every evaluation
+        return _checked_loss(self.loss_fn(model, batch))
+
     def _gradient_at(self, batch: Any, shift: Vector | None = None, alpha: float = 0.0) -> Vector:
-        """First-order gradient of the batch's mean loss at ``θ + α·shift``."""
+        """First-order gradient of the batch's mean loss at ``θ + α·shift`` (sharded: its global-mean share)."""
+        if self.sharded:
+            out = self._sharded_oracle.gradient(batch, batch_size(batch), shift, alpha)
+            self.num_grad += 1
+            return out
         params = self.parameter_copies(shift, alpha)
         loss = self._loss(params, batch)
         self._check_finite_loss(loss)
@@ -437,6 +459,20 @@ class HessianOperator(CurvatureOperator):
             self._graphs = [self._grad_with_graph(b) for b in self._batches]
 
     def _prepare(self) -> None:
+        if self.sharded:
+            local = sum(batch_size(b) for b in self._batches)
+            assert self.space.reduce_fn is not None
+            count = self.space.reduce_fn(torch.tensor([float(local)], dtype=torch.float64, device=self.space.device))
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            self._sharded_oracle = ShardedGradients(
+                self.model,
+                self._seeded_loss,
+                [p for _, p in self._named],
+                float(count[0]),
+                world,
+                lambda b: to_compute(b, self.space.device, self.dtype_in),
+            )
+            return
         if self.method == "auto":
             self.method = self._resolve_auto()
         if self.method == "double_backward" and self.reuse_graph and self._graphs is None:
@@ -444,6 +480,8 @@ class HessianOperator(CurvatureOperator):
 
     def _finish(self, parts: Vector, local_count: float, what: str) -> Vector:
         """Divide the weighted sums by the (global) example count; under DDP one all-reduce of count and sums."""
+        if self.sharded:  # the sharded oracle returns each batch's share of the global mean, already reduced
+            return parts
         if self.reduce_fn is None:
             return [t / local_count for t in parts]
         dtype = self.space.dtype
@@ -487,7 +525,7 @@ class HessianOperator(CurvatureOperator):
         else:
             eps = self._fd_step(v)
             for i, b in enumerate(self._batches):
-                n = batch_size(b)
+                n = 1 if self.sharded else batch_size(b)
                 plus, minus = self._central_pair(i, b, v, eps)
                 if self.fd_order == 2:  # (g(+ε) − g(−ε)) / 2ε
                     for a, gp, gm in zip(acc, plus, minus):
@@ -532,6 +570,11 @@ class HessianOperator(CurvatureOperator):
         return self._gradient_at(batch, v, eps), self._gradient_at(batch, v, -eps)
 
     def _loss_no_grad(self, batch: Any) -> None:
+        if self.sharded:  # through FSDP's own forward (it all-gathers the shards)
+            if self.seed is not None:
+                seed_generators(self.seed, self._devices)
+            self.loss_fn(self.model, to_compute(batch, self.space.device, self.dtype_in))
+            return
         params = [p.detach().to(d, copy=True) for (_, p), d in zip(self._named, self.space.dtypes)]
         mapping: dict[str, Tensor] = dict(zip(self._names, params))
         batch = to_compute(batch, self.space.device, self.space.dtype)
@@ -559,7 +602,7 @@ class HessianOperator(CurvatureOperator):
         return [t.detach() for t in out]
 
     def _fd_step(self, v: Vector) -> float:
-        theta = [p.detach() for _, p in self._named]
+        theta = [local_tensor(p).detach() for _, p in self._named]
         scale = direction_scale(self.space, theta, v)
         return finite_difference_step(self.space.dtype, scale, float(self.space.norm(v)), self.fd_order)
 
@@ -629,7 +672,7 @@ class HessianOperator(CurvatureOperator):
             ctx = self._exact_context() if self.method == "double_backward" else nullcontext()
             with ctx:
                 for b in self._batches:
-                    n = batch_size(b)
+                    n = 1 if self.sharded else batch_size(b)
                     add_(acc, self._gradient_at(b), float(n))
                     count += n
         self._gradient = self._finish(acc, count, "gradient")
