@@ -44,6 +44,7 @@ from lightning_curvature.core.eigen import cold_start_vector, preconditioned_ope
 from lightning_curvature.core.hvp import HVPMethod
 from lightning_curvature.core.operators import ScaledOperator
 from lightning_curvature.core.preconditioner import preconditioner_parts, predicted_first_step_preconditioner
+from lightning_curvature.core.sharded import reshard
 from lightning_curvature.core.vectors import Vector
 from lightning_curvature.tensorboard import (
     EDGE_RATIO,
@@ -374,6 +375,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, batch: Any, step: int
     ) -> dict[str, float]:
         self._fed = {}
+        reshard(pl_module)  # FSDP2: a forward without backward (the finiteness check) leaves the modules unsharded
         indices: list[int | None] = list(self._optimizers_to_measure(trainer)) or [None]
         metrics: dict[str, float] = {}
         density = None

@@ -63,7 +63,7 @@ from lightning_curvature.core._state import (
 )
 from lightning_curvature.core.errors import NonFiniteCurvatureError
 from lightning_curvature.core.operators import CurvatureOperator
-from lightning_curvature.core.sharded import ShardedGradients, is_sharded, local_tensor, shard_space
+from lightning_curvature.core.sharded import ShardedGradients, is_sharded, local_tensor, reshard, shard_space
 from lightning_curvature.core.vectors import Vector, VectorSpace, add_
 
 __all__ = [
@@ -303,6 +303,7 @@ class HessianOperator(CurvatureOperator):
             raise ValueError(f"`fd_order` must be 2 or 4, got {fd_order!r}.")
         self.fd_order = fd_order
         self.mode = check_mode(mode)
+        reshard(model)  # FSDP2 modules left unsharded by a forward without backward: measure the shards
         self.compiled = is_compiled(model)
         self.model = model
         self.loss_fn = loss_fn
@@ -574,6 +575,7 @@ class HessianOperator(CurvatureOperator):
             if self.seed is not None:
                 seed_generators(self.seed, self._devices)
             self.loss_fn(self.model, to_compute(batch, self.space.device, self.dtype_in))
+            reshard(self.model)
             return
         params = [p.detach().to(d, copy=True) for (_, p), d in zip(self._named, self.space.dtypes)]
         mapping: dict[str, Tensor] = dict(zip(self._names, params))
