@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -61,6 +62,7 @@ from lightning_curvature.tensorboard import (
 
 __all__ = [
     "DENSITY_FIGURE",
+    "ERROR_BOUND",
     "HESSIAN_OVERHEAD",
     "HESSIAN_TRACE_STD_ERROR",
     "NUM_HVP",
@@ -71,6 +73,7 @@ __all__ = [
 _METHODS = ("auto", "double_backward", "finite_difference", "forward_over_reverse")
 
 NUM_HVP = "curvature/num_hvp"
+ERROR_BOUND = "curvature/error_bound"
 HESSIAN_OVERHEAD = "curvature/overhead"
 HESSIAN_TRACE_STD_ERROR = "curvature/trace_std_error"
 SPECTRUM_HISTOGRAM = "curvature/spectrum"
@@ -178,6 +181,11 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         compute_overlap: also log the share of the mean gradient in the top-k eigenspace.
         warm_start: start the eigenvalue solve from the previous measurement's Ritz vectors (kept in memory, not in
             checkpoints).
+        tracking_products: tracking mode (with ``every_n_steps=1``): a warm measurement takes at most this many
+            products from the previous Ritz vectors (for ``k=1``, Lanczos from the last top vector: 2 products give
+            the Rayleigh–Ritz value of the plane it spans with its residual) instead of running to ``tol``; its error
+            estimate is logged as ``curvature/error_bound``, and every ``cold_start_every`` measurements a cold,
+            certified one runs (Ramasinghe et al. 2026 track the preconditioned sharpness at every step this way).
         cold_start_every: with ``warm_start``, every this many warm measurements one starts cold from a random
             vector instead: a direction that became dominant outside the previous top ``k + 1`` eigenspace is then
             found at the latest that many measurements later.
@@ -240,6 +248,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         method: HVPMethod = "auto",
         max_vectors: int | None = None,
         checkpoint_warm_start_max_entries: int = 1_000_000,
+        tracking_products: int | None = None,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -272,6 +281,13 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         self.checkpoint_warm_start_max_entries = check_positive_int(
             "checkpoint_warm_start_max_entries", checkpoint_warm_start_max_entries, minimum=0
         )
+        if tracking_products is not None:
+            check_positive_int("tracking_products", tracking_products, minimum=self.k + 1)
+            if not self.warm_start:
+                raise MisconfigurationException(
+                    "`tracking_products` needs `warm_start=True` (it refines the last Ritz vectors)."
+                )
+        self.tracking_products = tracking_products
         # previous top k + 1 Ritz vectors per measured optimizer (warm start); checkpointed when small
         self._warm_start: dict[int, list[Vector]] = {}
         self._warned: set[str] = set()
@@ -408,6 +424,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
                 res_main, threshold_main, adaptive_main = res, threshold, adaptive
                 metrics[SHARPNESS] = sharpness
                 metrics.update({eig_tag(i + 1): float(v) for i, v in enumerate(res.eigenvalues)})
+                metrics[ERROR_BOUND] = float(res.error_bounds[0])
                 if threshold is not None:
                     metrics[STABILITY_THRESHOLD] = threshold
                     if feedable:
@@ -454,13 +471,18 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             v0 = None  # the periodic cold start (see `cold_start_every`)
         self._warm_in_a_row = 0 if v0 is None else self._warm_in_a_row + 1
         self._warm_start.pop(index, None)  # its memory counts in max_vectors: drop it before the solve
+        max_iter = max(self.max_iter, k)
         if v0 is None:
             scale = op.scale if isinstance(op, ScaledOperator) else None
             v0 = cold_start_vector(H, k, scale=scale)  # the gradient start for k = 1, as in `hessian_eigenvalues`
-        max_vectors = self.max_vectors
+        elif self.tracking_products is not None:
+            # tracking: a few products from the previous top-k vectors (for k = 1 Lanczos from the last top vector),
+            # not run to tol; the error estimate is logged and a certified cold solve comes every cold_start_every
+            v0 = v0[0] if k == 1 else v0[:k]
+            max_iter = self.tracking_products
         res = lanczos(
-            op, k=k, tol=self.tol, max_iter=max(self.max_iter, k), v0=v0,
-            return_eigenvectors=self.compute_overlap, return_warm_start=self.warm_start, max_vectors=max_vectors,
+            op, k=k, tol=self.tol, max_iter=max_iter, v0=v0,
+            return_eigenvectors=self.compute_overlap, return_warm_start=self.warm_start, max_vectors=self.max_vectors,
         )  # fmt: skip
         if self.warm_start and res.warm_start is not None:
             self._warm_start[index] = [[t.clone() for t in v] for v in res.warm_start]
