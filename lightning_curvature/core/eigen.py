@@ -81,6 +81,11 @@ class EigenResult:
         return float(self.eigenvalues[0])
 
     @property
+    def num_matvecs(self) -> int:
+        """Products used (the name :class:`~lightning_curvature.core.lanczos.LanczosResult` uses)."""
+        return self.num_hvp
+
+    @property
     def eigenvectors(self) -> Tensor | None:
         """The eigenvectors as a flat ``(k, P)`` tensor (concatenated in parameter order; a copy), or ``None``."""
         if self.eigenvector_list is None:
@@ -292,7 +297,7 @@ def hessian_eigenvalues(
             res = power_iteration(op, tol=tol, max_iter=max_iter, v0=v0, seed=seed)
         else:
             res = lanczos(
-                op, k=k, which=which, tol=tol, abs_floor=abs_tol, max_iter=max_iter, v0=v0,
+                op, k=k, which=which, tol=tol, abs_tol=abs_tol, max_iter=max_iter, v0=v0,
                 return_eigenvectors=return_eigenvectors, return_warm_start=return_warm_start, seed=seed,
                 max_vectors=max_vectors, block_size=block_size,
             )  # fmt: skip

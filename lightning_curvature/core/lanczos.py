@@ -77,6 +77,11 @@ class LanczosResult:
     warm_start: Any = None
     peak_vectors: int = 0
 
+    @property
+    def num_hvp(self) -> int:
+        """Products used (the name :class:`~lightning_curvature.core.eigen.EigenResult` uses)."""
+        return self.num_matvecs
+
 
 def _is_flat(op: CurvatureOperator) -> bool:
     return isinstance(op, (DenseOperator, CallableOperator))
@@ -122,7 +127,7 @@ def lanczos(
     k: int = 1,
     which: Which = "largest",
     tol: float = 1e-3,
-    abs_floor: float = 1e-6,
+    abs_tol: float = 1e-6,
     max_iter: int = 100,
     min_iter: int | None = None,
     v0: Any = None,
@@ -134,6 +139,7 @@ def lanczos(
     return_warm_start: bool = False,
     block_size: int = 1,
     max_vectors: int | None = None,
+    abs_floor: float | None = None,
 ) -> LanczosResult:
     r"""The ``k`` extreme eigenpairs of a symmetric operator (see the module docstring).
 
@@ -144,8 +150,8 @@ def lanczos(
         k: number of eigenpairs.
         which: ``"largest"`` (algebraic, largest first) or ``"smallest"`` (most negative first).
         tol: relative tolerance on each eigenvalue: stop when its error estimate is at most
-            ``tol · max(|θ|, abs_floor)``.
-        abs_floor: absolute floor of the tolerance scale, for spectra near zero.
+            ``tol · max(|θ|, abs_tol)``.
+        abs_tol: absolute floor of the tolerance scale, for spectra near zero.
         max_iter: maximum number of products.
         min_iter: do not stop before this many products (default ``k + 1``).
         v0: start vector (flat, or parameter-shaped for a parameter-space operator), default a seeded Gaussian
@@ -160,6 +166,7 @@ def lanczos(
         block_size: vectors per Krylov block (1: Lanczos; ``b > 1`` sees eigenvalues of multiplicity up to ``b``).
         max_vectors: the most parameter-sized vectors held at once (the basis is thick-restarted to stay within it;
             the answer still meets ``tol``); ``None`` for no bound.
+        abs_floor: deprecated name of ``abs_tol``.
 
     Returns:
         A :class:`LanczosResult`.
@@ -179,6 +186,9 @@ def lanczos(
     """
     if which not in WHICH:
         raise ValueError(f"`which` must be one of {WHICH}, got {which!r}.")
+    if abs_floor is not None:
+        warnings.warn("`abs_floor` is deprecated; use `abs_tol`.", DeprecationWarning, stacklevel=2)
+        abs_tol = abs_floor
     if isinstance(v0, Tensor) and not isinstance(A, (CurvatureOperator, Tensor)):
         dim = v0.shape[-1] if dim is None else dim
         dtype = v0.dtype if dtype is None else dtype
@@ -228,7 +238,7 @@ def lanczos(
         for v in start[1:]:
             add_(summed, v)
         start = [summed]
-    stopping = StoppingRule(k, tol, abs_floor, rule, min(min_iter, n), warm=use_davidson)
+    stopping = StoppingRule(k, tol, abs_tol, rule, min(min_iter, n), warm=use_davidson)
     if use_davidson:
         out = davidson_warm_start(
             op, start, k=k, which=which, rule=stopping, max_iter=max_iter, max_vectors=max_vectors,
