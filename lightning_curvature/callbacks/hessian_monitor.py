@@ -30,6 +30,7 @@ from lightning_curvature.callbacks._common import (
     make_reduce_fn,
     measured_parameters,
 )
+from lightning_curvature.callbacks._compiled import lightning_compiled
 from lightning_curvature.callbacks._loss import LossFn
 from lightning_curvature.core import (
     HessianOperator,
@@ -346,6 +347,11 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             return None
 
     @override
+    def _eager_measurement(self) -> bool:
+        # "auto" measures Lightning-compiled code through its compiled methods (finite differences)
+        return self.method != "auto"
+
+    @override
     def _failed_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         nan = math.nan
         metrics = {SHARPNESS: nan, **{eig_tag(i): nan for i in range(1, self.k + 1)}}
@@ -407,6 +413,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             with HessianOperator(
                 pl_module, loss_fn, batch, params=params, mode=self.mode, reduce_fn=make_reduce_fn(trainer),
                 reuse_graph=self.reuse_graph, method=self.method,
+                compiled=True if lightning_compiled(pl_module) and self.method == "auto" else None,
             ) as H:  # fmt: skip
                 precond, _ = self._preconditioner(optimizer, params, H)
                 feedable = (not adaptive) or precond is not None

@@ -163,13 +163,11 @@ def direction_scale(space: VectorSpace, theta: Vector, v: Vector) -> float:
 
 
 def is_compiled(module: nn.Module) -> bool:
-    """Whether ``module`` or a submodule runs compiled code (``torch.compile``, ``.compile()``, Lightning)."""
+    """Whether ``module`` or a submodule runs code compiled by ``torch.compile`` (a wrapper or ``.compile()``)."""
     for m in module.modules():
         if isinstance(getattr(m, "_orig_mod", None), nn.Module):
             return True
         if getattr(m, "_compiled_call_impl", None) is not None:
-            return True
-        if isinstance(getattr(m, "_compiler_ctx", None), dict):
             return True
     return False
 
@@ -264,6 +262,9 @@ class HessianOperator(CurvatureOperator):
         mode: ``"train"`` (model flags as they are: BatchNorm batch statistics, one fixed dropout mask per
             measurement) or ``"eval"``.
         seed: seed of the forked RNG, so dropout masks are the same in every product.
+        compiled: whether the model runs compiled code (``"auto"`` then uses finite differences through it); default:
+            detected from ``torch.compile`` wrappers and in-place compiled submodules (a framework that compiles
+            methods its own way, such as Lightning, says so here).
         fd_order: finite-difference stencil: 4 (default; gradients at ±ε and ±2ε combined by Richardson's
             extrapolation, error :math:`O(\varepsilon^4)`, four gradients per product) or 2 (central difference,
             two gradients, about 4x less accurate).
@@ -296,6 +297,7 @@ class HessianOperator(CurvatureOperator):
         mode: MeasurementMode = "train",
         seed: int | None = 0,
         fd_order: int = 4,
+        compiled: bool | None = None,
     ) -> None:
         if method not in _METHODS:
             raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
@@ -304,7 +306,7 @@ class HessianOperator(CurvatureOperator):
         self.fd_order = fd_order
         self.mode = check_mode(mode)
         reshard(model)  # FSDP2 modules left unsharded by a forward without backward: measure the shards
-        self.compiled = is_compiled(model)
+        self.compiled = is_compiled(model) if compiled is None else bool(compiled)
         self.model = model
         self.loss_fn = loss_fn
         self.requested_method: str = method
