@@ -265,6 +265,10 @@ class HessianOperator(CurvatureOperator):
         compiled: whether the model runs compiled code (``"auto"`` then uses finite differences through it); default:
             detected from ``torch.compile`` wrappers and in-place compiled submodules (a framework that compiles
             methods its own way, such as Lightning, says so here).
+        lean_double_backward: build double-backward graphs through
+            :class:`~lightning_curvature.core._lean_double_backward.LeanDoubleBackward` (same values, less work
+            through convolutions and ReLUs). Default: on CPU, where ``benchmarks/bench_engine.py`` measured it;
+            off on accelerators, where it has not been measured.
         fd_order: finite-difference stencil: 4 (default; gradients at ±ε and ±2ε combined by Richardson's
             extrapolation, error :math:`O(\varepsilon^4)`, four gradients per product) or 2 (central difference,
             two gradients, about 4x less accurate).
@@ -298,6 +302,7 @@ class HessianOperator(CurvatureOperator):
         seed: int | None = 0,
         fd_order: int = 4,
         compiled: bool | None = None,
+        lean_double_backward: bool | None = None,
     ) -> None:
         if method not in _METHODS:
             raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
@@ -307,6 +312,9 @@ class HessianOperator(CurvatureOperator):
         self.mode = check_mode(mode)
         reshard(model)  # FSDP2 modules left unsharded by a forward without backward: measure the shards
         self.compiled = is_compiled(model) if compiled is None else bool(compiled)
+        if lean_double_backward is None:  # measured to pay on CPU (bench_engine.py); untested on accelerators
+            lean_double_backward = all(p.device.type == "cpu" for p in model.parameters())
+        self.lean_double_backward = bool(lean_double_backward)
         self.model = model
         self.loss_fn = loss_fn
         self.requested_method: str = method
@@ -425,7 +433,8 @@ class HessianOperator(CurvatureOperator):
 
     def _grad_with_graph(self, batch: Any) -> tuple[list[Tensor], list[Tensor], int]:
         params = self.parameter_copies()
-        with LeanDoubleBackward():  # conv and ReLU double backward without PyTorch's avoidable work
+        lean = LeanDoubleBackward() if self.lean_double_backward else nullcontext()
+        with lean:  # conv and ReLU double backward without PyTorch's avoidable work
             loss = self._loss(params, batch)
         self._check_finite_loss(loss)
         raw = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
