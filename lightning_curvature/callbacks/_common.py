@@ -47,7 +47,7 @@ import re
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -60,6 +60,7 @@ from torch.func import functional_call
 from typing_extensions import override
 
 from lightning_curvature.callbacks._batch_source import BatchSource
+from lightning_curvature.callbacks._compiled import lightning_eager
 from lightning_curvature.callbacks._loss import (
     HostRNGForkedLoss,
     LossFn,
@@ -823,7 +824,9 @@ class CurvatureMonitorBase(CurvatureCallback):
             loss_fn = self._loss_for_engine(pl_module)
             with forked_host_rng():  # whatever the loss draws from Python's or NumPy's RNG does not reach training
                 self._preflight(trainer, pl_module, loss_fn, batch)
-                metrics = self._measure(trainer, pl_module, loss_fn, batch, step)
+                eager = lightning_eager(pl_module) if self._eager_measurement() else nullcontext()
+                with eager:  # Lightning-compiled methods run eagerly where the measurement needs it
+                    metrics = self._measure(trainer, pl_module, loss_fn, batch, step)
         except Exception as exc:  # contained: a measurement never stops training (see the module docstring)
             error = exc
         if error is None:
@@ -867,6 +870,10 @@ class CurvatureMonitorBase(CurvatureCallback):
             return self._failed_metrics(trainer)
         except Exception:  # the NaN record must not fail either
             return {self._headline_key: math.nan} if self._headline_key else {}
+
+    def _eager_measurement(self) -> bool:
+        """Whether to run Lightning-compiled methods eagerly during a measurement (double backward and vmap need it)."""
+        return True
 
     @abstractmethod
     def _measure(

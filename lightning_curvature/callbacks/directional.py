@@ -24,6 +24,7 @@ Reference: V. Roulet et al., "Stepping on the Edge: Curvature Aware Learning Rat
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Any, get_args
 
 import lightning.pytorch as pl
@@ -42,6 +43,7 @@ from lightning_curvature.callbacks._common import (
     log_scalars,
     step_axis,
 )
+from lightning_curvature.callbacks._compiled import lightning_compiled, lightning_eager
 from lightning_curvature.callbacks._loss import LossFn, forked_host_rng
 from lightning_curvature.core._batch import BatchDim
 from lightning_curvature.core.hvp import HessianOperator, HVPMethod
@@ -218,9 +220,13 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
             if any(maxi)
             else None
         )
-        with HessianOperator(
+        # a module compiled by Lightning: "auto" measures through its compiled methods (finite differences), the
+        # exact methods run its eager ones (as the Hessian monitor does)
+        compiled = lightning_compiled(pl_module)
+        eager = lightning_eager(pl_module) if compiled and self.method != "auto" else nullcontext()
+        with eager, HessianOperator(
             pl_module, loss_fn, batch, params=params, method=self.method, mode=self.mode,  # type: ignore[arg-type]
-            seed=self.seed,
+            seed=self.seed, compiled=True if compiled and self.method == "auto" else None,
         ) as H:  # fmt: skip
             hu = H.matvec(u_flat)
         return directional_terms(g_flat, u_flat.to(hu.dtype), hu, params=theta, weight_decay=wd_flat, maximize=mask)

@@ -24,7 +24,22 @@ from torch import Tensor, nn
 
 from lightning_curvature.core.vectors import Vector, VectorSpace
 
-__all__ = ["ShardedGradients", "is_sharded", "local_tensor", "shard_space"]
+__all__ = ["ShardedGradients", "is_sharded", "local_tensor", "reshard", "shard_space"]
+
+
+def reshard(module: nn.Module) -> None:
+    """Return every FSDP2 module in ``module`` to its sharded state.
+
+    A forward pass without a backward (under ``no_grad``) leaves FSDP2 modules unsharded, with plain full-size
+    parameters registered in place of the sharded ones; the curvature of the shards is taken with them resharded.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def _dtensor_type() -> Any:
@@ -140,6 +155,7 @@ class ShardedGradients:
             loss = self.loss_fn(self.module, self.prepare_batch(batch))
             scale = local_count * self.world_size / self.global_count
             (loss * scale).backward()
+            reshard(self.module)
             self.num_grad += 1
             out = []
             for p, s in zip(self.params, shards):
