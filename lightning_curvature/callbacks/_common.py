@@ -29,6 +29,7 @@ import math
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -39,6 +40,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_curvature.callbacks._batch_source import BatchSource
+from lightning_curvature.callbacks._compiled import lightning_eager
 from lightning_curvature.callbacks._loss import LossFn, resolve_loss_fn
 from lightning_curvature.core import NonFiniteCurvatureError, preserved_model_state
 from lightning_curvature.core._batch import iter_batches
@@ -495,7 +497,9 @@ class CurvatureMonitorBase(Callback):
             metrics = self._failed_metrics(trainer)
         else:
             try:
-                metrics = self._measure(trainer, pl_module, loss_fn, batch, step)
+                eager = lightning_eager(pl_module) if self._eager_measurement() else nullcontext()
+                with eager:  # Lightning-compiled methods run eagerly where the measurement needs it
+                    metrics = self._measure(trainer, pl_module, loss_fn, batch, step)
             except NonFiniteCurvatureError as exc:
                 error = str(exc)
                 metrics = self._failed_metrics(trainer)
@@ -544,6 +548,10 @@ class CurvatureMonitorBase(Callback):
                 loss = loss_fn(pl_module, b)
                 ok = ok and bool(torch.isfinite(loss.detach()).all())
         return bool(trainer.strategy.reduce_boolean_decision(ok, all=True))
+
+    def _eager_measurement(self) -> bool:
+        """Whether to run Lightning-compiled methods eagerly during a measurement (double backward and vmap need it)."""
+        return True
 
     def _mode_for(self, pl_module: torch.nn.Module) -> Any:
         return getattr(self, "mode", "train")

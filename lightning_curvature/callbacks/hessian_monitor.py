@@ -30,6 +30,7 @@ from lightning_curvature.callbacks._common import (
     make_reduce_fn,
     measured_parameters,
 )
+from lightning_curvature.callbacks._compiled import lightning_compiled
 from lightning_curvature.callbacks._loss import LossFn
 from lightning_curvature.core import (
     HessianOperator,
@@ -43,6 +44,7 @@ from lightning_curvature.core import (
 )
 from lightning_curvature.core.eigen import cold_start_vector, preconditioned_operator
 from lightning_curvature.core.hvp import HVPMethod
+from lightning_curvature.core.lanczos import Handoff
 from lightning_curvature.core.operators import ScaledOperator
 from lightning_curvature.core.preconditioner import preconditioner_parts, predicted_first_step_preconditioner
 from lightning_curvature.core.sharded import reshard
@@ -345,6 +347,11 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             return None
 
     @override
+    def _eager_measurement(self) -> bool:
+        # "auto" measures Lightning-compiled code through its compiled methods (finite differences)
+        return self.method != "auto"
+
+    @override
     def _failed_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         nan = math.nan
         metrics = {SHARPNESS: nan, **{eig_tag(i): nan for i in range(1, self.k + 1)}}
@@ -406,6 +413,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             with HessianOperator(
                 pl_module, loss_fn, batch, params=params, mode=self.mode, reduce_fn=make_reduce_fn(trainer),
                 reuse_graph=self.reuse_graph, method=self.method,
+                compiled=True if lightning_compiled(pl_module) and self.method == "auto" else None,
             ) as H:  # fmt: skip
                 precond, _ = self._preconditioner(optimizer, params, H)
                 feedable = (not adaptive) or precond is not None
@@ -474,12 +482,15 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         max_iter = max(self.max_iter, k)
         if v0 is None:
             scale = op.scale if isinstance(op, ScaledOperator) else None
-            v0 = cold_start_vector(H, k, scale=scale)  # the gradient start for k = 1, as in `hessian_eigenvalues`
+            cold = cold_start_vector(H, k, scale=scale)  # the gradient start for k = 1, as in `hessian_eigenvalues`
+            v0 = None if cold is None else Handoff([cold])
         elif self.tracking_products is not None:
             # tracking: a few products from the previous top-k vectors (for k = 1 Lanczos from the last top vector),
             # not run to tol; the error estimate is logged and a certified cold solve comes every cold_start_every
-            v0 = v0[0] if k == 1 else v0[:k]
+            v0 = Handoff([v0[0]] if k == 1 else v0[:k])
             max_iter = self.tracking_products
+        else:
+            v0 = Handoff(v0)  # the solver owns the warm block (it counts in max_vectors)
         res = lanczos(
             op, k=k, tol=self.tol, max_iter=max_iter, v0=v0,
             return_eigenvectors=self.compute_overlap, return_warm_start=self.warm_start, max_vectors=self.max_vectors,

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_curvature.core.hvp import HessianOperator, HVPMethod, LossFn, ReduceFn
-from lightning_curvature.core.lanczos import Which, lanczos
+from lightning_curvature.core.lanczos import Handoff, Which, lanczos
 from lightning_curvature.core.operators import CurvatureOperator, ScaledOperator
 from lightning_curvature.core.power import power_iteration
 from lightning_curvature.core.preconditioner import adaptive_preconditioner
@@ -292,7 +292,8 @@ def hessian_eigenvalues(
         if isinstance(k, int) and k > H.dim:
             raise ValueError(f"`k`={k} exceeds the number of parameters {H.dim}.")
         if v0 is None:
-            v0 = cold_start_vector(H, k, start=start, which=which, scale=scale, seed=seed)
+            cold = cold_start_vector(H, k, start=start, which=which, scale=scale, seed=seed)
+            v0 = None if cold is None else Handoff([cold])  # the solver owns it: no copy of the start vector
         if algorithm == "power":
             res = power_iteration(op, tol=tol, max_iter=max_iter, v0=v0, seed=seed)
         else:

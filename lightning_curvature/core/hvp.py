@@ -163,13 +163,11 @@ def direction_scale(space: VectorSpace, theta: Vector, v: Vector) -> float:
 
 
 def is_compiled(module: nn.Module) -> bool:
-    """Whether ``module`` or a submodule runs compiled code (``torch.compile``, ``.compile()``, Lightning)."""
+    """Whether ``module`` or a submodule runs code compiled by ``torch.compile`` (a wrapper or ``.compile()``)."""
     for m in module.modules():
         if isinstance(getattr(m, "_orig_mod", None), nn.Module):
             return True
         if getattr(m, "_compiled_call_impl", None) is not None:
-            return True
-        if isinstance(getattr(m, "_compiler_ctx", None), dict):
             return True
     return False
 
@@ -264,6 +262,13 @@ class HessianOperator(CurvatureOperator):
         mode: ``"train"`` (model flags as they are: BatchNorm batch statistics, one fixed dropout mask per
             measurement) or ``"eval"``.
         seed: seed of the forked RNG, so dropout masks are the same in every product.
+        compiled: whether the model runs compiled code (``"auto"`` then uses finite differences through it); default:
+            detected from ``torch.compile`` wrappers and in-place compiled submodules (a framework that compiles
+            methods its own way, such as Lightning, says so here).
+        lean_double_backward: build double-backward graphs through
+            :class:`~lightning_curvature.core._lean_double_backward.LeanDoubleBackward` (same values, less work
+            through convolutions and ReLUs). Default: on CPU, where ``benchmarks/bench_engine.py`` measured it;
+            off on accelerators, where it has not been measured.
         fd_order: finite-difference stencil: 4 (default; gradients at ±ε and ±2ε combined by Richardson's
             extrapolation, error :math:`O(\varepsilon^4)`, four gradients per product) or 2 (central difference,
             two gradients, about 4x less accurate).
@@ -296,6 +301,8 @@ class HessianOperator(CurvatureOperator):
         mode: MeasurementMode = "train",
         seed: int | None = 0,
         fd_order: int = 4,
+        compiled: bool | None = None,
+        lean_double_backward: bool | None = None,
     ) -> None:
         if method not in _METHODS:
             raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
@@ -304,7 +311,10 @@ class HessianOperator(CurvatureOperator):
         self.fd_order = fd_order
         self.mode = check_mode(mode)
         reshard(model)  # FSDP2 modules left unsharded by a forward without backward: measure the shards
-        self.compiled = is_compiled(model)
+        self.compiled = is_compiled(model) if compiled is None else bool(compiled)
+        if lean_double_backward is None:  # measured to pay on CPU (bench_engine.py); untested on accelerators
+            lean_double_backward = all(p.device.type == "cpu" for p in model.parameters())
+        self.lean_double_backward = bool(lean_double_backward)
         self.model = model
         self.loss_fn = loss_fn
         self.requested_method: str = method
@@ -423,7 +433,8 @@ class HessianOperator(CurvatureOperator):
 
     def _grad_with_graph(self, batch: Any) -> tuple[list[Tensor], list[Tensor], int]:
         params = self.parameter_copies()
-        with LeanDoubleBackward():  # conv and ReLU double backward without PyTorch's avoidable work
+        lean = LeanDoubleBackward() if self.lean_double_backward else nullcontext()
+        with lean:  # conv and ReLU double backward without PyTorch's avoidable work
             loss = self._loss(params, batch)
         self._check_finite_loss(loss)
         raw = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
@@ -484,7 +495,7 @@ class HessianOperator(CurvatureOperator):
         if self.sharded:  # the sharded oracle returns each batch's share of the global mean, already reduced
             return parts
         if self.reduce_fn is None:
-            return [t / local_count for t in parts]
+            return [t.div_(local_count) for t in parts] if local_count != 1 else parts
         dtype = self.space.dtype
         flat = torch.cat([torch.tensor([local_count], dtype=dtype, device=self.space.device)] + [
             t.reshape(-1).to(device=self.space.device) for t in parts
@@ -504,39 +515,44 @@ class HessianOperator(CurvatureOperator):
         return self._product(v, self.method)
 
     def _product(self, v: Vector, method: str) -> Vector:
-        acc = self.space.zeros()
+        acc: Vector | None = None  # weighted sum of the batches' products, built in place (no extra vector)
         count = 0.0
+        # one batch in one process: its product is the answer (no weighting, no division)
+        alone = self._batches.single and self.reduce_fn is None and not self.sharded
         if method == "double_backward":
             with self._exact_context():
                 if self._graphs is not None:
                     for params, grads, n in self._graphs:
-                        add_(acc, self._double_backward(params, grads, v, retain=True), float(n))
+                        n = 1 if alone else n
+                        acc = _accumulate(acc, self._double_backward(params, grads, v, retain=True), n)
                         count += n
                 else:
                     for b in self._batches:
                         params, grads, n = self._grad_with_graph(b)
-                        add_(acc, self._double_backward(params, grads, v, retain=False), float(n))
+                        n = 1 if alone else n
+                        acc = _accumulate(acc, self._double_backward(params, grads, v, retain=False), n)
+                        del params, grads
                         count += n
         elif method == "forward_over_reverse":
             with self._exact_context():
                 for b in self._batches:
-                    n = batch_size(b)
-                    add_(acc, self._forward_over_reverse(b, v), float(n))
+                    n = 1 if alone else batch_size(b)
+                    acc = _accumulate(acc, self._forward_over_reverse(b, v), n)
                     count += n
         else:
             eps = self._fd_step(v)
             for i, b in enumerate(self._batches):
-                n = 1 if self.sharded else batch_size(b)
-                plus, minus = self._central_pair(i, b, v, eps)
-                if self.fd_order == 2:  # (g(+ε) − g(−ε)) / 2ε
-                    for a, gp, gm in zip(acc, plus, minus):
-                        a.add_(gp - gm, alpha=float(n) / (2.0 * eps))
-                else:  # (8(g(+ε) − g(−ε)) − (g(+2ε) − g(−2ε))) / 12ε, Richardson's extrapolation: error O(ε⁴)
-                    plus2, minus2 = self._central_pair(i, b, v, 2.0 * eps)
-                    for a, gp, gm, gp2, gm2 in zip(acc, plus, minus, plus2, minus2):
-                        a.add_(gp - gm, alpha=8.0 * float(n) / (12.0 * eps))
-                        a.add_(gp2 - gm2, alpha=-float(n) / (12.0 * eps))
+                n = 1 if (self.sharded or alone) else batch_size(b)
+                d1 = self._central_difference(i, b, v, eps)  # g(+ε) − g(−ε)
+                if self.fd_order == 2:
+                    part = [t.mul_(1.0 / (2.0 * eps)) for t in d1]
+                else:  # (8(g(+ε) − g(−ε)) − (g(+2ε) − g(−2ε))) / 12ε: Richardson's extrapolation, error O(ε⁴)
+                    d2 = self._central_difference(i, b, v, 2.0 * eps)
+                    part = [a.mul_(8.0 / (12.0 * eps)).add_(c, alpha=-1.0 / (12.0 * eps)) for a, c in zip(d1, d2)]
+                    del d2
+                acc = _accumulate(acc, part, n)
                 count += n
+        assert acc is not None
         return self._finish(acc, count, "Hessian-vector product")
 
     def _kink_pattern(self, i: int, batch: Any) -> list[Any]:
@@ -549,6 +565,13 @@ class HessianOperator(CurvatureOperator):
             if self._batches.materialised is not None:
                 self._kinks[i] = records
         return records
+
+    def _central_difference(self, i: int, batch: Any, v: Vector, eps: float) -> Vector:
+        """``∇L(θ + εv) − ∇L(θ − εv)`` computed in place in the first gradient (two gradient vectors at most)."""
+        plus, minus = self._central_pair(i, batch, v, eps)
+        for a, b in zip(plus, minus):
+            a.sub_(b)
+        return plus
 
     def _central_pair(self, i: int, batch: Any, v: Vector, eps: float) -> tuple[Vector, Vector]:
         """Gradients at θ ± εv, with the activation pattern frozen at θ (see :mod:`._frozen_kinks`)."""
@@ -586,13 +609,12 @@ class HessianOperator(CurvatureOperator):
 
     def _double_backward(self, params: list[Tensor], grads: list[Tensor], v: Vector, retain: bool) -> Vector:
         live = [i for i, g in enumerate(grads) if g.requires_grad]  # a constant gradient has a zero Hessian row
-        out = [torch.zeros_like(p) for p in params]
-        if live:
-            hv = torch.autograd.grad(
-                [grads[i] for i in live], params, [v[i] for i in live], retain_graph=retain, allow_unused=True
-            )
-            out = [h.detach() if h is not None else o for h, o in zip(hv, out)]
-        return out
+        if not live:
+            return [torch.zeros_like(p) for p in params]
+        hv = torch.autograd.grad(
+            [grads[i] for i in live], params, [v[i] for i in live], retain_graph=retain, allow_unused=True
+        )
+        return [h.detach() if h is not None else torch.zeros_like(p) for h, p in zip(hv, params)]
 
     def _forward_over_reverse(self, batch: Any, v: Vector) -> Vector:
         params = tuple(p.detach().to(self.space.dtypes[i], copy=True) for i, (_, p) in enumerate(self._named))
@@ -664,19 +686,23 @@ class HessianOperator(CurvatureOperator):
         self._require_open()
         if self._gradient is not None:
             return self._gradient
-        acc = self.space.zeros()
+        if self._graphs is not None and len(self._graphs) == 1 and self.reduce_fn is None:
+            self._gradient = [g.detach() for g in self._graphs[0][1]]  # the graph's own gradient: no copy
+            return self._gradient
+        acc: Vector | None = None
         count = 0.0
         if self._graphs is not None:
             for _, grads, n in self._graphs:
-                add_(acc, [g.detach() for g in grads], float(n))
+                acc = _accumulate(acc, [g.detach().clone() for g in grads], n)
                 count += n
         else:
             ctx = self._exact_context() if self.method == "double_backward" else nullcontext()
             with ctx:
                 for b in self._batches:
                     n = 1 if self.sharded else batch_size(b)
-                    add_(acc, self._gradient_at(b), float(n))
+                    acc = _accumulate(acc, self._gradient_at(b), n)
                     count += n
+        assert acc is not None
         self._gradient = self._finish(acc, count, "gradient")
         return self._gradient
 
@@ -687,6 +713,13 @@ class HessianOperator(CurvatureOperator):
     def parameter_values(self) -> Vector:
         """The current parameter values as a vector of the space (copies)."""
         return [p.detach().to(d, copy=True) for (_, p), d in zip(self._named, self.space.dtypes)]
+
+
+def _accumulate(acc: Vector | None, part: Vector, weight: float) -> Vector:
+    """``acc + weight · part``, reusing ``part``'s memory for the first term (it is a fresh product)."""
+    if acc is None:
+        return [t.mul_(float(weight)) for t in part] if weight != 1 else part
+    return add_(acc, part, float(weight))
 
 
 def _checked_loss(loss: Any) -> Tensor:

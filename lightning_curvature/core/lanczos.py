@@ -44,9 +44,17 @@ from lightning_curvature.core.errors import NonFiniteCurvatureError
 from lightning_curvature.core.operators import CallableOperator, CurvatureOperator, DenseOperator, as_operator
 from lightning_curvature.core.vectors import Vector, add_, scale_
 
-__all__ = ["LanczosResult", "Operator", "Which", "lanczos", "lanczos_tridiagonal"]
+__all__ = ["Handoff", "LanczosResult", "Operator", "Which", "lanczos", "lanczos_tridiagonal"]
 
 Operator = CurvatureOperator | Tensor | Callable[[Tensor], Tensor]
+
+
+class Handoff(list):  # type: ignore[type-arg]
+    """Start vectors handed to :func:`lanczos` to own: normalised in place and released during the solve.
+
+    ``lanczos(op, v0=Handoff([vector]))`` (or a block) saves the copy a start vector otherwise costs, so the memory
+    bound ``max_vectors`` counts the start vectors too. The list is emptied.
+    """
 
 
 @dataclass
@@ -212,6 +220,7 @@ def lanczos(
     min_iter = k + 1 if min_iter is None else min_iter
     gen = torch.Generator(device="cpu").manual_seed(seed)
     block = False
+    owned = v0 is None or isinstance(v0, Handoff)
     if v0 is None:
         start = [op.space.randn(gen) for _ in range(block_size)]
     else:
@@ -219,6 +228,8 @@ def lanczos(
             start, block = _start_vectors(op, v0)
         except ValueError as err:
             raise ValueError(f"`v0` does not match the operator: {err}") from err
+        if isinstance(v0, Handoff):
+            v0.clear()
         if not block:
             norm = float(op.space.norm(start[0]))
             if not (math.isfinite(norm) and norm > 0):
@@ -242,12 +253,12 @@ def lanczos(
     if use_davidson:
         out = davidson_warm_start(
             op, start, k=k, which=which, rule=stopping, max_iter=max_iter, max_vectors=max_vectors,
-            num_vectors=num_vectors, seed=seed,
+            num_vectors=num_vectors, seed=seed, owned=owned,
         )  # fmt: skip
     else:
         out = krylov_schur(
             op, start, k=k, which=which, rule=stopping, max_iter=max_iter, max_vectors=max_vectors,
-            num_vectors=num_vectors, seed=seed,
+            num_vectors=num_vectors, seed=seed, owned=owned,
         )  # fmt: skip
     if out.theta.numel() < k:
         raise ValueError(f"The search space has dimension {out.theta.numel()} < k={k}.")
