@@ -453,22 +453,11 @@ def test_unused_parameters_are_measured(tmp_path: Path) -> None:
     assert hess.num_failures == 0 and math.isfinite(hess.history[0][1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine (lead): with bf16-true, frozen (not measured) parameters stay bf16 while the measured ones are "
-    "upcast to float32 ('mat1 and mat2 must have the same dtype'): upcast every floating parameter and buffer",
-)
 @pytest.mark.parametrize("model", ["mlp", "embedding"])
 def test_bf16_with_a_frozen_layer(tmp_path: Path, model: str) -> None:
     check_case(Case(model, "tuple", "bf16", frozen=True, dropout=False, seed=2), tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine (lead): with bf16-true, per-example gradients (covariance, BatchNorm in eval mode) use the bf16 "
-    "running statistics with float32 inputs ('expected scalar type Float but found BFloat16'): upcast buffers as "
-    "HessianOperator does",
-)
 def test_bf16_covariance_with_batch_norm(tmp_path: Path) -> None:
     check_case(Case("cnn_bn", "tuple", "bf16", frozen=False, dropout=False, seed=0), tmp_path)
 
@@ -527,7 +516,6 @@ class _Compare(pl.Callback):
                 self.changed.append(n)
 
 
-@pytest.mark.xfail(strict=True, reason="engine (lead): nn.Embedding(max_norm) must leave parameters bit-identical")
 def test_embedding_max_norm_is_not_perturbed(tmp_path: Path) -> None:
     """The rows a measurement looks up are renormalised in place by the forward pass: not in the real weights."""
     case = Case("embedding", "tuple", "plain", frozen=False, dropout=False, seed=5)

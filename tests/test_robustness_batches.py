@@ -349,9 +349,6 @@ def test_named_batch_dim_gives_the_same_values_without_a_warning(tmp_path: Path)
         assert a_metrics == pytest.approx({k: b.last_metrics[k] for k in a_metrics}, rel=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="lead: HessianEigenvalueMonitor takes no `batch_dim` yet (pass it to CurvatureMonitorBase)"
-)
 def test_hessian_monitor_takes_batch_dim() -> None:
     monitor = HessianEigenvalueMonitor(batch_dim=(1, 0))  # type: ignore[call-arg]
     assert monitor.batch_dim == (1, 0)

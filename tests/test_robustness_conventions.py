@@ -153,10 +153,6 @@ HESSIAN_OWN_BOOLS = ["compute_trace", "compute_density", "compute_overlap", "war
                      "reuse_graph"]  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lead: HessianEigenvalueMonitor coerces its own flags with bool(); apply check_bool from _common",
-)
 @pytest.mark.parametrize("name", HESSIAN_OWN_BOOLS)
 def test_hessian_monitor_refuses_string_flags(name: str) -> None:
     with pytest.raises(MisconfigurationException, match=f"`{name}` must be True or False, got 'no'"):

@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from lightning_curvature.callbacks._common import (
     CurvatureMonitorBase,
+    check_bool,
     check_choice,
     check_positive_float,
     check_positive_int,
@@ -42,6 +43,7 @@ from lightning_curvature.core import (
     slq_density,
     stability_threshold,
 )
+from lightning_curvature.core._batch import BatchDim
 from lightning_curvature.core.eigen import cold_start_vector, preconditioned_operator
 from lightning_curvature.core.hvp import HVPMethod
 from lightning_curvature.core.lanczos import Handoff
@@ -74,12 +76,14 @@ __all__ = [
 
 _METHODS = ("auto", "double_backward", "finite_difference", "forward_over_reverse")
 
-NUM_HVP = "curvature/num_hvp"
-ERROR_BOUND = "curvature/error_bound"
-HESSIAN_OVERHEAD = "curvature/overhead"
-HESSIAN_TRACE_STD_ERROR = "curvature/trace_std_error"
-SPECTRUM_HISTOGRAM = "curvature/spectrum"
-DENSITY_FIGURE = "curvature/density"
+from lightning_curvature.tags import (  # noqa: E402 - re-exported under their 0.1 names
+    DENSITY_FIGURE,
+    ERROR_BOUND,
+    HESSIAN_OVERHEAD,
+    HESSIAN_TRACE_STD_ERROR,
+    NUM_HVP,
+    SPECTRUM_HISTOGRAM,
+)
 
 
 class HessianEigenvalueMonitor(CurvatureMonitorBase):
@@ -194,6 +198,9 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         on_epoch_end: also measure after the last update of every training epoch.
         log_histogram: write the top-k spectrum as a TensorBoard histogram.
         prog_bar: show ``curvature/sharpness`` in the progress bar.
+        batch_dim: where the examples are in each tensor of the batch (an int, or one entry per element of the batch,
+            ``None`` for tensors not split into examples); default: the leading dimension, cross-checked against the
+            DataLoader's batch size (see :mod:`lightning_curvature.callbacks._batch_source`).
         reuse_graph: keep the gradient graph of every physical batch of the curvature batch for the whole
             measurement (fastest: each Hessian-vector product is one double-backward pass per batch; memory as for
             one batch of ``num_examples``); ``False`` rebuilds it per product (memory of one physical batch, about
@@ -251,6 +258,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         max_vectors: int | None = None,
         checkpoint_warm_start_max_entries: int = 1_000_000,
         tracking_products: int | None = None,
+        batch_dim: BatchDim = None,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -260,22 +268,23 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             loss_fn=loss_fn,
             on_epoch_end=on_epoch_end,
             prog_bar=prog_bar,
+            batch_dim=batch_dim,
         )
         self.k = check_positive_int("k", k)
         self.tol = check_positive_float("tol", tol)
         self.max_iter = check_positive_int("max_iter", max_iter)
         self.mode: Literal["train", "eval"] = check_choice("mode", mode, ("train", "eval"))  # type: ignore[assignment]
-        self.compute_trace = bool(compute_trace)
+        self.compute_trace = check_bool("compute_trace", compute_trace)
         self.trace_samples = check_positive_int("trace_samples", trace_samples, minimum=3)
-        self.compute_density = bool(compute_density)
+        self.compute_density = check_bool("compute_density", compute_density)
         self.density_num_probes = check_positive_int("density_num_probes", density_num_probes)
         self.density_num_iters = check_positive_int("density_num_iters", density_num_iters)
-        self.compute_overlap = bool(compute_overlap)
-        self.warm_start = bool(warm_start)
+        self.compute_overlap = check_bool("compute_overlap", compute_overlap)
+        self.warm_start = check_bool("warm_start", warm_start)
         self.cold_start_every = check_positive_int("cold_start_every", cold_start_every)
         self._warm_in_a_row = 0
-        self.log_histogram = bool(log_histogram)
-        self.reuse_graph = None if reuse_graph is None else bool(reuse_graph)
+        self.log_histogram = check_bool("log_histogram", log_histogram)
+        self.reuse_graph = None if reuse_graph is None else check_bool("reuse_graph", reuse_graph)
         self.method: HVPMethod = check_choice("method", method, _METHODS)  # type: ignore[assignment]
         if max_vectors is not None:
             check_positive_int("max_vectors", max_vectors, minimum=self.k + 4)

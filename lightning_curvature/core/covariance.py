@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_curvature.core._batch import batch_size, iter_batches
+from lightning_curvature.core._batch import as_batch_first, batch_size, iter_batches
 from lightning_curvature.core._state import MeasurementMode, math_attention, preserved_model_state, unwrap_compiled
 from lightning_curvature.core.errors import NonFiniteCurvatureError
 from lightning_curvature.core.hvp import LossFn, ReduceFn, select_parameters
@@ -158,6 +158,7 @@ def gradient_covariance(
     reduce_fn: ReduceFn | None = None,
     seed: int = 0,
     tol: float = 1e-4,
+    batch_dim: Any = None,
 ) -> CovarianceResult:
     """Top-k spectrum, trace, Frobenius norm, conditioning and noise scale of the gradient covariance.
 
@@ -176,6 +177,8 @@ def gradient_covariance(
         reduce_fn: SUM all-reduce across processes (distributed measurement).
         seed: seed of the forked RNG (dropout masks).
         tol: Lanczos tolerance of the operator path.
+        batch_dim: where the examples are in the batch's tensors (see
+            :func:`~lightning_curvature.core.eigen.hessian_eigenvalues`).
 
     Returns:
         :class:`CovarianceResult`.
@@ -204,6 +207,8 @@ def gradient_covariance(
         raise ValueError(f"`strategy` must be 'auto', 'vmap' or 'loop', got {strategy!r}.")
     if not max_memory_bytes > 0:
         raise ValueError(f"`max_memory_bytes` must be > 0, got {max_memory_bytes!r}.")
+    if batch_dim is not None:
+        batch, loss_fn = as_batch_first(batch, loss_fn, batch_dim)
     model = unwrap_compiled(model)  # vmap needs the eager module
     n_local = sum(batch_size(b) for b in iter_batches(batch))
     named = select_parameters(model, params)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_curvature.core._batch import as_batch_first
 from lightning_curvature.core.hvp import HessianOperator, HVPMethod, LossFn, ReduceFn
 from lightning_curvature.core.lanczos import Operator, lanczos_tridiagonal
 from lightning_curvature.core.operators import as_operator
@@ -151,6 +152,7 @@ def hessian_spectral_density(
     reduce_fn: ReduceFn | None = None,
     seed: int = 0,
     reorthogonalize: bool = True,
+    batch_dim: Any = None,
 ) -> DensityResult:
     """Smoothed Hessian eigenvalue density of ``loss_fn(model, batch)`` by SLQ (see :func:`slq_density`).
 
@@ -158,6 +160,8 @@ def hessian_spectral_density(
         ValueError: for invalid SLQ settings.
         NonFiniteCurvatureError: if the loss or a product is NaN or infinite.
     """
+    if batch_dim is not None:  # where the examples are (see hessian_eigenvalues)
+        batch, loss_fn = as_batch_first(batch, loss_fn, batch_dim)
     with HessianOperator(
         model, loss_fn, batch, params=params, method=method, mode=mode, reduce_fn=reduce_fn, seed=seed
     ) as H:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_curvature.core._batch import as_batch_first
 from lightning_curvature.core.hvp import HessianOperator, HVPMethod, LossFn, ReduceFn
 from lightning_curvature.core.lanczos import Handoff, Which, lanczos
 from lightning_curvature.core.operators import CurvatureOperator, ScaledOperator
@@ -216,6 +217,7 @@ def hessian_eigenvalues(
     max_vectors: int | None = None,
     block_size: int = 1,
     reuse_graph: bool | None = None,
+    batch_dim: Any = None,
 ) -> EigenResult:
     r"""The ``k`` largest (or smallest) eigenvalues of the Hessian of ``loss_fn(model, batch)``.
 
@@ -254,6 +256,9 @@ def hessian_eigenvalues(
         block_size: vectors per Krylov block; ``b > 1`` finds eigenvalues of multiplicity up to ``b`` that a single
             vector skips (at more products).
         reuse_graph: see :class:`HessianOperator`.
+        batch_dim: where the examples are in each tensor of the batch (an int, or one entry per element, ``None``
+            for tensors not split into examples; see :func:`~lightning_curvature.core._batch.infer_batch_layout`);
+            ``None``: the leading dimension, checked for consistency.
 
     Returns:
         :class:`EigenResult`.
@@ -279,6 +284,8 @@ def hessian_eigenvalues(
         raise ValueError(f"`start` must be one of {_STARTS}, got {start!r}.")
     if algorithm == "power" and (k != 1 or which != "largest"):
         raise ValueError(f"Power iteration finds only the dominant eigenvalue; got k={k}, which={which!r}.")
+    if batch_dim is not None:
+        batch, loss_fn = as_batch_first(batch, loss_fn, batch_dim)
     with HessianOperator(
         model, loss_fn, batch, params=params, method=method, mode=mode, reduce_fn=reduce_fn, seed=seed,
         reuse_graph=reuse_graph,

@@ -421,15 +421,22 @@ class HessianOperator(CurvatureOperator):
     def _loss(self, params: Sequence[Tensor], batch: Any) -> Tensor:
         mapping: dict[str, Tensor] = dict(zip(self._names, params))
         if self.space.dtype != self.dtype_in:
-            # half-precision model: evaluate buffers in float32 too
-            for n, b in self._eval_model.named_buffers():
-                if b.is_floating_point():
-                    mapping[f"{self._prefix}{n}"] = b.detach().to(self.space.dtype)
+            mapping.update(self._upcast_rest())
         batch = to_compute(batch, self.space.device, self.space.dtype)
         if self.seed is not None:
             seed_generators(self.seed, self._devices)  # the same dropout mask in every evaluation
         loss = functional_call(self._wrapper, mapping, (batch,), strict=False)
         return _checked_loss(loss)
+
+    def _upcast_rest(self) -> dict[str, Tensor]:
+        """Half-precision model: its frozen parameters and floating buffers in the compute dtype too (copies)."""
+        chosen = set(self._names)
+        rest: dict[str, Tensor] = {}
+        for n, t in [*self._eval_model.named_parameters(), *self._eval_model.named_buffers()]:
+            key = f"{self._prefix}{n}"
+            if key not in chosen and t.is_floating_point() and t.dtype != self.space.dtype:
+                rest[key] = t.detach().to(self.space.dtype)
+        return rest
 
     def _grad_with_graph(self, batch: Any) -> tuple[list[Tensor], list[Tensor], int]:
         params = self.parameter_copies()
@@ -602,6 +609,8 @@ class HessianOperator(CurvatureOperator):
             return
         params = [p.detach().to(d, copy=True) for (_, p), d in zip(self._named, self.space.dtypes)]
         mapping: dict[str, Tensor] = dict(zip(self._names, params))
+        if self.space.dtype != self.dtype_in:
+            mapping.update(self._upcast_rest())
         batch = to_compute(batch, self.space.device, self.space.dtype)
         if self.seed is not None:
             seed_generators(self.seed, self._devices)

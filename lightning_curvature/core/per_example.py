@@ -83,11 +83,18 @@ def per_example_gradient_chunks(
     device, dtype = first.device, compute_dtype_for(first.dtype)
     num_params = sum(p.numel() for _, p in named)
     wrapper = _LossModule(model, loss_fn)
-    pvals = tuple(p.detach().to(dtype) for _, p in named)
+    # copies: a forward that writes its weights in place (nn.Embedding(max_norm=...)) must not touch the parameters
+    pvals = tuple(p.detach().to(dtype, copy=True) for _, p in named)
     names = [f"model.{n}" for n, _ in named]
+    rest: dict[str, Tensor] = {}
+    if dtype != first.dtype:  # half-precision model: frozen parameters and buffers in the compute dtype too
+        chosen = set(names)
+        for key, t in [*model.named_parameters(), *model.named_buffers()]:
+            if f"model.{key}" not in chosen and t.is_floating_point() and t.dtype != dtype:
+                rest[f"model.{key}"] = t.detach().to(dtype)
 
     def loss_of(ps: tuple[Tensor, ...], example_batch: Any) -> Tensor:
-        out = functional_call(wrapper, dict(zip(names, ps)), (example_batch,), strict=False)
+        out = functional_call(wrapper, {**rest, **dict(zip(names, ps))}, (example_batch,), strict=False)
         return out.reshape(()).to(dtype)
 
     def one(ps: tuple[Tensor, ...], example: Any) -> tuple[Tensor, ...]:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_curvature.core._basis import Basis
+from lightning_curvature.core._batch import as_batch_first
 from lightning_curvature.core.hvp import HessianOperator, HVPMethod, LossFn, ReduceFn
 from lightning_curvature.core.lanczos import Operator
 from lightning_curvature.core.operators import CurvatureOperator, as_operator
@@ -192,6 +193,7 @@ def hessian_trace(
     reduce_fn: ReduceFn | None = None,
     seed: int = 0,
     reuse_graph: bool | None = None,
+    batch_dim: Any = None,
 ) -> TraceResult:
     """Trace of the Hessian of ``loss_fn(model, batch)`` with a standard error.
 
@@ -209,6 +211,7 @@ def hessian_trace(
         reduce_fn: SUM all-reduce for distributed measurements.
         seed: seed of the probes.
         reuse_graph: see :class:`~lightning_curvature.core.hvp.HessianOperator`.
+        batch_dim: where the examples are in the batch's tensors (see :func:`~.eigen.hessian_eigenvalues`).
 
     Returns:
         :class:`TraceResult` with ``num_hvp``.
@@ -219,6 +222,8 @@ def hessian_trace(
     """
     if estimator not in ("hutch++", "hutchinson"):
         raise ValueError(f"`estimator` must be 'hutch++' or 'hutchinson', got {estimator!r}.")
+    if batch_dim is not None:
+        batch, loss_fn = as_batch_first(batch, loss_fn, batch_dim)
     if deflate is not None and getattr(deflate, "eigenvectors", None) is None:
         raise ValueError("`deflate` must be an EigenResult computed with return_eigenvectors=True.")
     with HessianOperator(
