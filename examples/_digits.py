@@ -306,11 +306,11 @@ def spread(values: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def fmt(s: dict[str, Any], spec: str = ".3g") -> str:
-    """``"mean (min–max)"`` of a :func:`spread`."""
+def fmt(s: dict[str, Any], spec: str = ".3g", center: str = "mean") -> str:
+    """``"mean (min–max)"`` of a :func:`spread` (``center="median"``: the median instead of the mean)."""
     if not s["n_finite"]:
         return "n/a"
-    return f"{s['mean']:{spec}} ({s['min']:{spec}}–{s['max']:{spec}})"
+    return f"{s[center]:{spec}} ({s['min']:{spec}}–{s['max']:{spec}})"
 
 
 def new_figure(nrows: int, ncols: int, figsize: tuple[float, float]) -> tuple[Any, Any]:

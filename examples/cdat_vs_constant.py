@@ -43,6 +43,16 @@ from _digits import (
 from _training import Run, train_cdat, train_constant
 
 NAME = "cdat_vs_constant"
+SMOOTH = 25  # the greedy tuner's learning rate alternates step to step; the figure shows its moving average
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` values."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
 
 
 def regime(cfg: dict[str, Any], seed: int) -> dict[str, Run]:
@@ -111,14 +121,20 @@ def plot(results: dict[str, list[dict[str, Run]]], summaries: dict[str, Any], pa
             steps = [s for s, _ in max(runs, key=lambda r: len(r.evals)).evals]
             band(ax_loss, steps, [[v for _, v in r.evals] for r in runs], label=label, **style)  # type: ignore[arg-type]
             if name.startswith("CDAT") or name == best:
-                band(ax_lr, range(len(runs[0].lrs)), [r.lrs for r in runs], label=label, **style)  # type: ignore[arg-type]
+                smooth = [moving_average(r.lrs, SMOOTH) for r in runs]
+                band(ax_lr, range(len(smooth[0])), smooth, label=label, **style)  # type: ignore[arg-type]
         ax_loss.set(
             xlabel="step",
             ylabel="full-batch training loss (MSE)",
             yscale="log",
             title=f"({'ac'[row]}) {title}: training loss (grey: the other constant lrs)",
         )
-        ax_lr.set(xlabel="step", ylabel="learning rate", yscale="log", title=f"({'bd'[row]}) {title}: learning rate")
+        ax_lr.set(
+            xlabel="step",
+            ylabel="learning rate",
+            yscale="log",
+            title=f"({'bd'[row]}) {title}: learning rate ({SMOOTH}-step moving average)",
+        )
         for a in (ax_loss, ax_lr):
             a.legend(fontsize="x-small", ncol=2)
     save_figure(fig, path, f"CDAT against constant learning rates: tanh MLP on digits ({sub}; median and seed range)")
@@ -156,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": None,
             "ema_beta": 0.0,
             "lr_max": None,
-            "grid": [0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2],
+            "grid": [0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 2.0],
         }
         mini = {
             "num_train": 1000,
@@ -165,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": 128,
             "ema_beta": 0.9,
             "lr_max": 10.0,
-            "grid": [0.2, 0.4, 0.6, 0.8, 1.2, 1.6],
+            "grid": [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6],
         }
         seeds = args.seeds
     seed_list = list(range(args.seed, args.seed + seeds))

@@ -202,9 +202,10 @@ def plot(
     path: Path,
     sub: str,
 ) -> None:
-    """(a) alignment, (b) top-25 spectrum at the end, (c) subspace stability, (d, e) projection tests."""
-    fig, axes = new_figure(1, 3 + len(proj), figsize=(6 * (3 + len(proj)), 5.2))
-    ax = axes[0]
+    """(a) alignment, (b) top-25 spectrum at the end, (c) subspace stability, (d) λ_1 against 2/η, (e, f) the
+    projection tests."""
+    fig, axes = new_figure(2, 3, figsize=(19, 10.5))
+    ax = list(axes.ravel())
     for i, spec in enumerate(specs):
         c, rs = f"C{i}", results[spec["name"]]
         ls = "-" if spec["loss"] == "mse" else "--"
@@ -219,6 +220,9 @@ def plot(
         spectra = [r["spectrum"][-1] for r in rs]
         band(ax[1], range(1, len(spectra[0]) + 1), spectra, color=c, ls=ls, label=spec["name"], marker=".")
         band(ax[2], rs[0]["steps"], [r["stability"] for r in rs], color=c, ls=ls, label=spec["name"])
+        band(ax[3], rs[0]["steps"], [[v[0] for v in r["spectrum"]] for r in rs], color=c, ls=ls, label=spec["name"])
+        if 2.0 / spec["lr"] < 12:
+            ax[3].axhline(2.0 / spec["lr"], color=c, ls=":", lw=1.2, label=f"2/η = {2.0 / spec['lr']:.3g}")
     baseline = K / results[specs[0]["name"]][0]["num_params"]
     ax[0].axhline(baseline, color="black", ls=":", lw=1.2, label=f"random direction: k/P = {baseline:.1e}")
     ax[0].set(
@@ -241,14 +245,20 @@ def plot(
         ylim=(0, 1.05),
         title=f"(c) overlap of the top-{K} spaces at t − Δ and t",
     )
+    ax[3].set(
+        xlabel="step",
+        ylabel="λ_1 of the full-batch Hessian",
+        yscale="log",
+        title="(d) sharpness against 2/η (dotted, where below 12)",
+    )
     for j, (name, tests) in enumerate(proj.items()):
-        a = ax[3 + j]
+        a = ax[4 + j]
         for variant, c in zip(("plain", "top-k only (Dom)", "top-k removed (Bulk)"), ("black", "C3", "C2")):
             losses = [t[variant]["loss"] for t in tests]
             steps = [tests[0]["branch_at"] + s for s in range(len(losses[0]))]
             band(a, steps, losses, color=c, label=variant.replace("top-k", f"top-{K}"))
         a.set(
-            xlabel="step", ylabel="full-batch training loss", yscale="log", title=f"({'de'[j]}) projection test: {name}"
+            xlabel="step", ylabel="full-batch training loss", yscale="log", title=f"({'ef'[j]}) projection test: {name}"
         )
     for a in ax:
         a.legend(fontsize="x-small")

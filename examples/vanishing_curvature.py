@@ -1,6 +1,6 @@
 """Vanishing curvature at initialisation (Orvieto et al. 2021, arXiv 2106.03763) on scikit-learn's digits.
 
-Fully connected networks of width 8 to 64 and depth 1 to 32 (hidden layers), initialised at the critical variance
+Fully connected networks of width 8 to 64 and depth 1 to 128 (hidden layers), initialised at the critical variance
 of their activation: ReLU with He (weight variance 2/fan_in) and tanh with LeCun (1/fan_in), zero biases. For
 contrast, PyTorch's default ``nn.Linear`` initialisation (variance 1/(3·fan_in), below critical) at width 64. Loss:
 half squared error on one-hot targets on 512 examples. At initialisation, over several seeds:
@@ -156,14 +156,15 @@ def plot(depths: list[int], curv: dict[str, Any], runs: list[dict[str, Any]], pa
     for j, family in enumerate(FAMILIES):
         a = ax[2 + j]
         keys = sorted({(r["width"], r["optimizer"]) for r in runs if r["family"] == family})
-        for i, (w, opt) in enumerate(keys):
+        widths = sorted({w for w, _ in keys})
+        for w, opt in keys:
             rs = [r for r in runs if r["family"] == family and r["width"] == w and r["optimizer"] == opt]
             label = f"width {w}, " + ("GD η = 1.9/λ_max(init)" if opt == "GD" else "Adam lr 1e-3")
             band(
                 a,
                 range(len(rs[0]["loss"])),
                 [r["loss"] for r in rs],
-                color=f"C{i + 4}",
+                color="C0" if w == widths[0] else "C3",
                 label=label,
                 ls="-" if opt == "Adam" else "--",
             )
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fast:
         widths, depths, num_train, deep, steps, seeds = [8, 32], [1, 4, 16], 128, 16, 60, min(args.seeds, 2)
     else:
-        widths, depths, num_train, deep, steps, seeds = [8, 16, 32, 64], [1, 2, 4, 8, 16, 32], 512, 32, 500, args.seeds
+        widths, depths, num_train, deep, steps = [8, 16, 32, 64], [1, 2, 4, 8, 16, 32, 64, 128], 512, 32, 500
+        seeds = args.seeds
     seed_list = list(range(args.seed, args.seed + seeds))
     batch = load_digits_data(num_train, seed=args.seed).train_batch()
     t0 = time.perf_counter()
@@ -245,23 +247,24 @@ def main(argv: list[str] | None = None) -> int:
         out / f"{NAME}.json",
         {"config": config, "curvature": curv, "summary": summary, "training_curves": runs, "wall_time_s": elapsed},
     )
-    d0, d1 = depths[0], depths[-1]
+    d1 = depths[-1]
     ctext = "; ".join(
-        f"{name}: {fmt(s['lambda_shallowest'])} (depth {d0}) → {fmt(s['lambda_deepest'])} (depth {d1}), median "
-        f"ratio {s['median_ratio_deepest_to_shallowest']:.3g}, lower at depth {d1} on "
-        f"{s['seeds_deepest_below_shallowest']}/{seeds} seeds"
+        f"{name}: medians by depth "
+        + ", ".join(f"{v:.3g}" for v in s["median_per_depth"])
+        + f" (range at depth {d1}: {s['lambda_deepest']['min']:.3g}–{s['lambda_deepest']['max']:.3g}), lower at "
+        f"depth {d1} than at depth 1 on {s['seeds_deepest_below_shallowest']}/{seeds} seeds"
         for name, s in summary["curvature"].items()
     )
     ttext = "; ".join(
         f"{t['family']}, width {t['width']}, {t['optimizer']}"
-        + (f" (η {fmt(t['lr'])})" if t["optimizer"] == "GD" else "")
-        + f": loss {fmt(t['final_loss'])}, train acc {fmt(t['train_accuracy'], '.2f')}"
+        + (f" (η {fmt(t['lr'], center='median')})" if t["optimizer"] == "GD" else "")
+        + f": loss {fmt(t['final_loss'], center='median')}, train acc {fmt(t['train_accuracy'], '.2f', 'median')}"
         for t in summary["training"]
     )
     print(
-        f"Vanishing curvature ({num_train} digits, MSE, {seeds} seeds; mean (seed range)). λ_max at init without the "
-        f"read-out block: {ctext}. Training at depth {deep} for {steps} full-batch steps: {ttext}. "
-        f"Wrote {png} in {elapsed:.1f} s."
+        f"Vanishing curvature ({num_train} digits, MSE, {seeds} seeds; median (seed range)). λ_max at init without "
+        f"the read-out block, depths {depths}: {ctext}. Training at depth {deep} for {steps} full-batch steps: "
+        f"{ttext}. Wrote {png} in {elapsed:.1f} s."
     )
     return 0
 
