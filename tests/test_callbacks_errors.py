@@ -134,7 +134,7 @@ def test_nan_is_logged_with_a_warning_and_training_continues(tmp_path: Path) -> 
     text = (Path(logger.log_dir) / "metrics.csv").read_text()
     assert "nan" in text.lower()
     # the warm start was dropped: the next finite measurement starts fresh (no stale vectors kept)
-    assert hess._warm_start is None
+    assert hess._warm_start == {}
 
 
 def test_lightning_cli_config_instantiates_the_callbacks(tmp_path: Path) -> None:

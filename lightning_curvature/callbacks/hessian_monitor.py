@@ -34,15 +34,17 @@ from lightning_curvature.core import (
     HessianOperator,
     LanczosResult,
     NonFiniteCurvatureError,
-    adaptive_preconditioner,
     hutchpp_trace,
     is_adaptive,
     lanczos,
     slq_density,
     stability_threshold,
-    top_subspace_overlap,
 )
 from lightning_curvature.core.eigen import cold_start_vector, preconditioned_operator
+from lightning_curvature.core.hvp import HVPMethod
+from lightning_curvature.core.operators import ScaledOperator
+from lightning_curvature.core.preconditioner import preconditioner_parts, predicted_first_step_preconditioner
+from lightning_curvature.core.vectors import Vector
 from lightning_curvature.tensorboard import (
     EDGE_RATIO,
     HESSIAN_TRACE,
@@ -64,6 +66,8 @@ __all__ = [
     "SPECTRUM_HISTOGRAM",
     "HessianEigenvalueMonitor",
 ]
+
+_METHODS = ("auto", "double_backward", "finite_difference", "forward_over_reverse")
 
 NUM_HVP = "curvature/num_hvp"
 HESSIAN_OVERHEAD = "curvature/overhead"
@@ -230,7 +234,10 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         on_epoch_end: bool = False,
         log_histogram: bool = True,
         prog_bar: bool = True,
-        reuse_graph: bool = True,
+        reuse_graph: bool | None = None,
+        method: HVPMethod = "auto",
+        max_vectors: int | None = None,
+        checkpoint_warm_start_max_entries: int = 1_000_000,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -255,10 +262,19 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         self.cold_start_every = check_positive_int("cold_start_every", cold_start_every)
         self._warm_in_a_row = 0
         self.log_histogram = bool(log_histogram)
-        self.reuse_graph = bool(reuse_graph)
-        self._warm_start: Tensor | None = None  # previous top k + 1 Ritz vectors (warm start); never checkpointed
+        self.reuse_graph = None if reuse_graph is None else bool(reuse_graph)
+        self.method: HVPMethod = check_choice("method", method, _METHODS)  # type: ignore[assignment]
+        if max_vectors is not None:
+            check_positive_int("max_vectors", max_vectors, minimum=self.k + 4)
+        self.max_vectors = max_vectors
+        self.checkpoint_warm_start_max_entries = check_positive_int(
+            "checkpoint_warm_start_max_entries", checkpoint_warm_start_max_entries, minimum=0
+        )
+        # previous top k + 1 Ritz vectors per measured optimizer (warm start); checkpointed when small
+        self._warm_start: dict[int, list[Vector]] = {}
         self._warned: set[str] = set()
-        self._feedable = False  # the latest measurement may be passed to schedulers
+        self._fed: dict[int, float] = {}  # optimizer index -> sharpness fed to its schedulers
+        self.last_method: str | None = None  # how the latest products were computed
 
     # -- public view of the latest measurement --------------------------------------------------------------------
     @property
@@ -280,7 +296,8 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            self._warm_start = None  # a fit starts cold: the vectors may belong to another model or batch
+            # a fit starts cold (the vectors may belong to another model or batch) unless a checkpoint restores them
+            self._warm_start = {}
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -318,94 +335,176 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         if threshold is not None:
             metrics[STABILITY_THRESHOLD] = threshold
             metrics[EDGE_RATIO] = nan
-        self._warm_start = None
-        self._feedable = False
+        self._warm_start = {}
+        self._fed = {}
         return metrics
+
+    def _preconditioner(
+        self, optimizer: torch.optim.Optimizer | None, params: list[Tensor], H: HessianOperator
+    ) -> tuple[Vector | None, bool]:
+        """``(P, predicted)``: the adaptive optimizer's preconditioner, or before its first step the one it will use."""
+        if optimizer is None or not is_adaptive(optimizer):
+            return None, False
+        P = preconditioner_parts(optimizer, params)
+        predicted = False
+        if P is None:
+            P = predicted_first_step_preconditioner(optimizer, params, H.gradient())
+            predicted = True
+        if P is None:
+            return None, False
+        vec = H.space.coerce(list(P))
+        if not all(bool((torch.isfinite(t) & (t > 0)).all()) for t in vec):
+            raise NonFiniteCurvatureError("The optimizer's preconditioner is not finite and positive.")
+        return vec, predicted
+
+    def _optimizers_to_measure(self, trainer: pl.Trainer) -> list[int]:
+        """Optimizer 0 (the logged tags) and every other optimizer a scheduler wants fed."""
+        indices = [0] if trainer.optimizers else []
+        for config in trainer.lr_scheduler_configs:
+            if not callable(getattr(config.scheduler, "observe_sharpness", None)):
+                continue
+            for i, opt in enumerate(trainer.optimizers):
+                if getattr(config.scheduler, "optimizer", None) is opt and i not in indices:
+                    indices.append(i)
+        return indices
 
     @override
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, batch: Any, step: int
     ) -> dict[str, float]:
-        optimizer = first_optimizer(trainer)
-        params = measured_parameters(pl_module, optimizer)
-        adaptive = optimizer is not None and is_adaptive(optimizer)
-        precond = adaptive_preconditioner(optimizer, params) if adaptive else None  # type: ignore[arg-type]
-        if precond is not None and not bool((torch.isfinite(precond) & (precond > 0)).all()):
-            raise NonFiniteCurvatureError("The optimizer's preconditioner is not finite and positive.")
-        self._feedable = (not adaptive) or precond is not None
-        threshold = self._threshold(optimizer)
-        with HessianOperator(
-            pl_module, loss_fn, batch, params=params, mode=self.mode, reduce_fn=make_reduce_fn(trainer),
-            reuse_graph=self.reuse_graph,
-        ) as H:  # fmt: skip
-            res = self._eigenpairs(H, precond)
-            metrics: dict[str, float] = {SHARPNESS: float(res.eigenvalues[0])}
-            metrics.update({eig_tag(i + 1): float(v) for i, v in enumerate(res.eigenvalues)})
-            if threshold is not None:
-                metrics[STABILITY_THRESHOLD] = threshold
-                if self._feedable:
-                    metrics[EDGE_RATIO] = metrics[SHARPNESS] / threshold
-            if self.compute_trace:
-                tr = hutchpp_trace(H.matvec, H.dim, self.trace_samples, dtype=H.dtype, device=H.device)
-                metrics[HESSIAN_TRACE] = tr.estimate
-                metrics[HESSIAN_TRACE_STD_ERROR] = tr.std_error
-            if self.compute_overlap and res.eigenvectors is not None:
-                metrics[SUBSPACE_OVERLAP] = _overlap(H.gradient(), res.eigenvectors, precond)
-            density = None
-            if self.compute_density:
-                density = slq_density(
-                    H.matvec, H.dim, num_probes=self.density_num_probes, num_iters=self.density_num_iters,
-                    dtype=H.dtype, device=H.device,
-                )  # fmt: skip
-            metrics[NUM_HVP] = float(H.num_hvp)
+        self._fed = {}
+        indices: list[int | None] = list(self._optimizers_to_measure(trainer)) or [None]
+        metrics: dict[str, float] = {}
+        density = None
+        res_main = None
+        threshold_main = None
+        adaptive_main = False
+        for index in indices:
+            optimizer = trainer.optimizers[index] if index is not None else None
+            params = measured_parameters(pl_module, optimizer)
+            adaptive = optimizer is not None and is_adaptive(optimizer)
+            threshold = self._threshold(optimizer)
+            with HessianOperator(
+                pl_module, loss_fn, batch, params=params, mode=self.mode, reduce_fn=make_reduce_fn(trainer),
+                reuse_graph=self.reuse_graph, method=self.method,
+            ) as H:  # fmt: skip
+                precond, _ = self._preconditioner(optimizer, params, H)
+                feedable = (not adaptive) or precond is not None
+                op = preconditioned_operator(H, precond)
+                res = self._eigenpairs(op, H, index or 0)
+                sharpness = float(res.eigenvalues[0])
+                if feedable and math.isfinite(sharpness):
+                    self._fed[index or 0] = sharpness
+                if index not in (0, None):
+                    tag = f"curvature/optimizer_{index}"
+                    metrics[f"{tag}/sharpness"] = sharpness
+                    if threshold is not None and feedable:
+                        metrics[f"{tag}/edge_ratio"] = sharpness / threshold
+                    metrics[NUM_HVP] = metrics.get(NUM_HVP, 0.0) + float(H.num_hvp)
+                    continue
+                res_main, threshold_main, adaptive_main = res, threshold, adaptive
+                metrics[SHARPNESS] = sharpness
+                metrics.update({eig_tag(i + 1): float(v) for i, v in enumerate(res.eigenvalues)})
+                if threshold is not None:
+                    metrics[STABILITY_THRESHOLD] = threshold
+                    if feedable:
+                        metrics[EDGE_RATIO] = sharpness / threshold
+                if self.compute_trace:
+                    tr = hutchpp_trace(H, num_matvecs=self.trace_samples)
+                    metrics[HESSIAN_TRACE] = tr.estimate
+                    metrics[HESSIAN_TRACE_STD_ERROR] = tr.std_error
+                if self.compute_overlap and res.eigenvectors is not None:
+                    g = H.gradient()
+                    if isinstance(op, ScaledOperator):
+                        g = [d * t for d, t in zip(op.scale, g)]
+                    metrics[SUBSPACE_OVERLAP] = _overlap(H.space, g, res.eigenvectors)
+                if self.compute_density:
+                    density = slq_density(H, num_probes=self.density_num_probes, num_iters=self.density_num_iters)
+                metrics[NUM_HVP] = metrics.get(NUM_HVP, 0.0) + float(H.num_hvp)
+                self.last_method = H.method
         writer = find_summary_writer(trainer)
         if density is not None:
-            markers = {"stability threshold": threshold} if threshold is not None and not adaptive else None
+            markers = (
+                {"stability threshold": threshold_main} if threshold_main is not None and not adaptive_main else None
+            )
             log_density_figure(writer, DENSITY_FIGURE, density.grid, density.density, step, markers=markers)  # type: ignore[arg-type]
-        if self.log_histogram:
-            log_spectrum_histogram(writer, SPECTRUM_HISTOGRAM, res.eigenvalues, step)
+        if self.log_histogram and res_main is not None:
+            log_spectrum_histogram(writer, SPECTRUM_HISTOGRAM, res_main.eigenvalues, step)
         return metrics
 
-    def _eigenpairs(self, H: HessianOperator, precond: Tensor | None) -> LanczosResult:
-        """Top-k eigenpairs of ``H`` (or of ``P^{-1/2} H P^{-1/2}``), warm-started from the previous Ritz vectors."""
-        matvec, d = preconditioned_operator(H, precond)
+    def _eigenpairs(self, op: Any, H: HessianOperator, index: int) -> LanczosResult:
+        """Top-k eigenpairs of ``op`` (``H`` or ``P^{-1/2} H P^{-1/2}``), warm-started from the last Ritz vectors."""
         k = min(self.k, H.dim)
         if k < self.k:
             self._warn_once("k", f"{type(self).__name__}: k={self.k} exceeds the {H.dim} parameters; using k={k}.")
-        prev = self._warm_start
+        prev = self._warm_start.get(index)
         # the previous block, if it lives in the same parameter space (the block start needs at least k vectors)
-        v0 = prev if self.warm_start and prev is not None and prev.shape[-1] == H.dim and len(prev) >= k else None
+        usable = (
+            self.warm_start
+            and prev is not None
+            and len(prev) >= k
+            and all(t.shape == s for t, s in zip(prev[0], H.space.shapes))
+            and len(prev[0]) == len(H.space.shapes)
+        )
+        v0: Any = prev if usable else None
         if v0 is not None and self._warm_in_a_row >= self.cold_start_every:
             v0 = None  # the periodic cold start (see `cold_start_every`)
         self._warm_in_a_row = 0 if v0 is None else self._warm_in_a_row + 1
+        self._warm_start.pop(index, None)  # its memory counts in max_vectors: drop it before the solve
         if v0 is None:
-            v0 = cold_start_vector(H, k, scale=d)  # the gradient start for k = 1, as in `hessian_eigenvalues`
+            scale = op.scale if isinstance(op, ScaledOperator) else None
+            v0 = cold_start_vector(H, k, scale=scale)  # the gradient start for k = 1, as in `hessian_eigenvalues`
+        max_vectors = self.max_vectors
         res = lanczos(
-            matvec, H.dim, k=k, tol=self.tol, max_iter=max(self.max_iter, k), v0=v0,
-            return_eigenvectors=self.compute_overlap, return_warm_start=self.warm_start, dtype=H.dtype,
-            device=H.device,
+            op, k=k, tol=self.tol, max_iter=max(self.max_iter, k), v0=v0,
+            return_eigenvectors=self.compute_overlap, return_warm_start=self.warm_start, max_vectors=max_vectors,
         )  # fmt: skip
-        self._warm_start = res.warm_start if self.warm_start else None
+        if self.warm_start and res.warm_start is not None:
+            self._warm_start[index] = [[t.clone() for t in v] for v in res.warm_start]
         return res
 
     @override
     def _after_measurement(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float], step: int, ok: bool
     ) -> None:
-        if not ok or not self._feedable:
+        if not ok:
             return
-        sharpness = metrics[SHARPNESS]
         for config in trainer.lr_scheduler_configs:
             observe = getattr(config.scheduler, "observe_sharpness", None)
-            if callable(observe):
-                observe(sharpness, step)
+            if not callable(observe):
+                continue
+            opt = getattr(config.scheduler, "optimizer", None)
+            index = next((i for i, o in enumerate(trainer.optimizers) if o is opt), 0)
+            value = self._fed.get(index)
+            if value is not None:
+                observe(value, step)
+
+    # -- checkpointing --------------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        total = sum(t.numel() for vectors in self._warm_start.values() for v in vectors for t in v)
+        if self.warm_start and 0 < total <= self.checkpoint_warm_start_max_entries:
+            state["warm_start"] = {
+                int(i): [[t.detach().cpu().clone() for t in v] for v in vectors]
+                for i, vectors in self._warm_start.items()
+            }
+            state["warm_in_a_row"] = self._warm_in_a_row
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        restored = state_dict.get("warm_start")
+        if isinstance(restored, dict):
+            self._warm_start = {int(i): [list(v) for v in vectors] for i, vectors in restored.items()}
+        self._warm_in_a_row = int(state_dict.get("warm_in_a_row", self._warm_in_a_row))
 
 
-def _overlap(gradient: Tensor, eigenvectors: Tensor, precond: Tensor | None) -> float:
-    """Share of the gradient in the eigenvectors' span, in the preconditioned coordinates if ``precond``."""
-    if precond is not None:
-        gradient = gradient * precond.to(device=gradient.device, dtype=gradient.dtype).rsqrt()
-    try:
-        return top_subspace_overlap(gradient, eigenvectors)
-    except ValueError:  # zero gradient: the overlap is undefined
+def _overlap(space: Any, gradient: Vector, eigenvectors: list[Vector]) -> float:
+    r"""Share of the gradient in the eigenvectors' span, :math:`\sum_i (v_i^\top g)^2 / \|g\|^2`."""
+    gg = float(space.dot(gradient, gradient))
+    if gg == 0.0 or not math.isfinite(gg):  # zero gradient: the overlap is undefined
         return math.nan
+    proj = space.dots([(v, gradient) for v in eigenvectors])
+    return min(1.0, float((proj**2).sum()) / gg)

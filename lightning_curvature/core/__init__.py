@@ -18,8 +18,9 @@ from lightning_curvature.core.eigen import (
 )
 from lightning_curvature.core.errors import NonFiniteCurvatureError
 from lightning_curvature.core.hvp import HessianOperator, all_reduce_sum, hessian_vector_product
-from lightning_curvature.core.lanczos import LanczosResult, lanczos, power_iteration
+from lightning_curvature.core.lanczos import LanczosResult, lanczos
 from lightning_curvature.core.per_example import per_example_gradient_chunks
+from lightning_curvature.core.power import power_iteration
 from lightning_curvature.core.preconditioner import adaptive_preconditioner
 from lightning_curvature.core.stability import (
     adam_stability_threshold,

@@ -38,13 +38,13 @@ def _devices_of(module: nn.Module) -> list[torch.device]:
 
 @contextmanager
 def preserved_model_state(
-    module: nn.Module, mode: MeasurementMode = "train", seed: int | None = 0
+    module: nn.Module, mode: MeasurementMode = "train", seed: int | None = 0, eager: bool = True
 ) -> Iterator[nn.Module]:
     """Run a block that evaluates ``module`` without leaving any trace on it.
 
     On exit, every submodule gets back its own ``training`` flag, every buffer its value (BatchNorm running
     statistics, ``num_batches_tracked``), and the global CPU and accelerator RNG streams their state. Inside, the
-    module runs eagerly even if it was compiled (:func:`eager_execution`).
+    module runs eagerly even if it was compiled (:func:`eager_execution`), unless ``eager=False``.
 
     Args:
         module: the model to protect.
@@ -52,6 +52,7 @@ def preserved_model_state(
             dropout is active), ``"eval"`` switches every submodule to eval mode for the block.
         seed: if not ``None``, the (forked) global RNG is seeded with it on entry, so the dropout masks of a
             measurement are a deterministic function of ``seed``.
+        eager: run compiled code eagerly inside the block.
 
     Yields:
         ``module`` itself.
@@ -73,7 +74,8 @@ def preserved_model_state(
         stack.enter_context(torch.random.fork_rng(devices=devices, device_type=_device_type(devices)))
         if seed is not None:
             seed_generators(seed, devices)
-        stack.enter_context(eager_execution(module))
+        if eager:
+            stack.enter_context(eager_execution(module))
         if mode == "eval":
             module.eval()
         try:
