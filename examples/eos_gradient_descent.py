@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from _digits import (
+    HVP_METHOD,
     band,
     example_parser,
     fmt,
@@ -48,7 +49,9 @@ def run(lr: float, steps: int, every: int, num_train: int, seed: int) -> dict[st
     rec: dict[str, Any] = {"lr": lr, "seed": seed, "steps": [], "sharpness": [], "loss": [], "num_hvp": 0}
     for step in range(steps + 1):
         if step % every == 0:
-            res = hessian_eigenvalues(model, mse_loss, batch, k=1, tol=1e-3, return_warm_start=True, v0=warm)
+            res = hessian_eigenvalues(
+                model, mse_loss, batch, k=1, tol=1e-3, return_warm_start=True, v0=warm, method=HVP_METHOD
+            )
             warm = res.warm_start
             rec["num_hvp"] += res.num_hvp
             rec["steps"].append(step)

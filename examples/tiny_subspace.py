@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from _digits import (
+    HVP_METHOD,
     LOSSES,
     band,
     example_parser,
@@ -77,6 +78,7 @@ def top_space(model: nn.Module, loss: str, batch: Any, k: int, warm: Tensor | No
         return_eigenvectors=True,
         return_warm_start=True,
         v0=warm,
+        method=HVP_METHOD,
     )
 
 
@@ -273,11 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = {
             "num_train": 200,
             "steps": 200,
-            "every": 40,
-            "k_spectrum": 12,
+            "every": 100,
+            "k_spectrum": 11,
             "branch_at": 100,
-            "branch_steps": 40,
-            "recompute_every": 20,
+            "branch_steps": 30,
+            "recompute_every": 15,
         }
         seeds, edge_lr = min(args.seeds, 2), 0.7
     else:
