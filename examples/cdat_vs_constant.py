@@ -95,6 +95,9 @@ def summarise(cfg: dict[str, Any], per_seed: list[dict[str, Run]]) -> dict[str, 
         out[n] = {
             "score": spread(scores[n]),
             "beats_best_constant_on_seeds": sum(a < b for a, b in zip(scores[n], scores[best])),
+            "beats_other_cdat_on_seeds": sum(
+                a < b for other in cdat if other != n for a, b in zip(scores[n], scores[other])
+            ),
             "score_over_best_constant": spread([a / b for a, b in zip(scores[n], scores[best])]),
             "lr_first": spread([lr[0] for lr in lrs]),
             "lr_max_first_fifth": spread([max(e) for e in early]),
@@ -214,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             c = s[n]
             text += (
                 f"; {n} {fmt(c['score'])} (×{fmt(c['score_over_best_constant'])} of the best constant, lower on "
-                f"{c['beats_best_constant_on_seeds']}/{seeds} seeds; lr {fmt(c['lr_first'])} at step 0, up to "
+                f"{c['beats_best_constant_on_seeds']}/{seeds} seeds, than the other σ on "
+                f"{c['beats_other_cdat_on_seeds']}/{seeds}; lr {fmt(c['lr_first'])} at step 0, up to "
                 f"{fmt(c['lr_max_first_fifth'])} in the first fifth, {fmt(c['lr_median_last_fifth'])} in the "
                 f"last)"
             )

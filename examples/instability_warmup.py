@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                 "largest_peak_lr_trained_on_every_seed": peaks[stable[-1]] if stable else math.nan,
                 "best_peak_lr": peaks[pick] if pick is not None else math.nan,
                 "best_late_loss": spread([row[pick] if pick is not None else math.nan for row in rows]),
+                # hindsight per seed: the lowest late loss over every peak lr that trained on that seed
+                "lowest_late_loss_any_peak": spread([min(row) for row in rows]),
             }
         )
     const = per_warmup[0]
@@ -286,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     grid_text = "; ".join(
         ("constant lr" if w["warmup"] == 0 else f"{w['warmup']}-step warm-up")
         + f": largest peak lr that trained on every seed {w['largest_peak_lr_trained_on_every_seed']:g}, best "
-        f"of those (lowest mean) {w['best_peak_lr']:g} with late loss {fmt(w['best_late_loss'])}"
+        f"of those (lowest mean) {w['best_peak_lr']:g} with late loss {fmt(w['best_late_loss'])}, lowest late loss "
+        f"of any peak lr per seed (hindsight) {fmt(w['lowest_late_loss_any_peak'])}"
         + (f", below the best constant lr on {w['beats_best_constant_on_seeds']}/{seeds} seeds" if w["warmup"] else "")
         for w in per_warmup
     )
