@@ -14,9 +14,9 @@ attained values of λ_1(H) and λ_1(K) along the trajectory are smaller for a la
 Conjecture 2: the maximum attained λ*_K/λ_1(K) is larger for a larger η or a smaller B.
 
 The paper's λ*_K is not measurable here: the spectrum of K decays smoothly over many decades and its smallest
-eigenvalues sit at the round-off level of the float32 per-example gradients (λ_{N−1}/λ_1 of 1e-13 to 1e-21), so
-we measure the conditioning of the whole spectrum by its effective rank tr(K)/λ_1(K) (larger: better conditioned)
-and keep the literal λ_{N−1}(K)/λ_1(K) in the JSON.
+eigenvalues sit at the round-off level of the float32 per-example gradients (λ_{N−1}/λ_1 falls to 1e-13..1e-21,
+and to 0 once clamped, on every run), so we measure the conditioning of the whole spectrum by its effective rank
+tr(K)/λ_1(K) (larger: better conditioned) and keep the literal λ_{N−1}(K)/λ_1(K) in the JSON.
 
 We test the conjectures as stated (maxima over the trajectory after initialisation) and, because a larger learning
 rate also trains faster, at equal training loss: for every loss level in a range that both runs pass through, the
