@@ -33,12 +33,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-#: Hessian-vector products for every curvature measurement of the examples: exact double backward (these plain
-#: MLPs need nothing else). The engine's default ``method="auto"`` checks double backward against finite differences
-#: and, in float32, finite differences of a ReLU network cross activation kinks: on the break-even ReLU MLP it then
-#: switches to them and returns λ_max 1.29 where the float64 answer is 0.4825 (double backward: 0.4825).
-HVP_METHOD: Literal["double_backward"] = "double_backward"
-
 Batch = tuple[Tensor, Tensor, Tensor]
 LossFn = Callable[[nn.Module, Batch], Tensor]
 Activation = Literal["tanh", "relu"]

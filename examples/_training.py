@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from _digits import HVP_METHOD, Batch, LossFn, mse_loss
+from _digits import Batch, LossFn, mse_loss
 from torch import Tensor, nn
 
 from lightning_curvature import (
@@ -151,7 +151,7 @@ def train_sharpness_aware(
         if step % every:
             return
         res = hessian_eigenvalues(
-            model, loss_fn, batch, k=1, tol=1e-2, max_iter=30, v0=state["v0"], return_warm_start=True, method=HVP_METHOD
+            model, loss_fn, batch, k=1, tol=1e-2, max_iter=30, v0=state["v0"], return_warm_start=True
         )
         state["v0"] = res.warm_start
         sched.observe_sharpness(res.sharpness, step)

@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 from _digits import (
-    HVP_METHOD,
     band,
     cross_entropy_loss,
     example_parser,
@@ -91,9 +90,7 @@ def run(cfg: dict[str, Any], lr: float, batch_size: int, seed: int) -> dict[str,
     }
     for step in range(cfg["steps"] + 1):
         if step in when:
-            res = hessian_eigenvalues(
-                model, cross_entropy_loss, fixed, k=1, tol=1e-3, return_warm_start=True, v0=warm, method=HVP_METHOD
-            )
+            res = hessian_eigenvalues(model, cross_entropy_loss, fixed, k=1, tol=1e-3, return_warm_start=True, v0=warm)
             warm = res.warm_start
             cov = gradient_covariance(model, cross_entropy_loss, fixed, k=n_fixed - 1, chunk_size=64)
             spectrum = cov.eigenvalues

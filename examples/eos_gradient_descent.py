@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from _digits import (
-    HVP_METHOD,
     band,
     example_parser,
     fmt,
@@ -49,9 +48,7 @@ def run(lr: float, steps: int, every: int, num_train: int, seed: int) -> dict[st
     rec: dict[str, Any] = {"lr": lr, "seed": seed, "steps": [], "sharpness": [], "loss": [], "num_hvp": 0}
     for step in range(steps + 1):
         if step % every == 0:
-            res = hessian_eigenvalues(
-                model, mse_loss, batch, k=1, tol=1e-3, return_warm_start=True, v0=warm, method=HVP_METHOD
-            )
+            res = hessian_eigenvalues(model, mse_loss, batch, k=1, tol=1e-3, return_warm_start=True, v0=warm)
             warm = res.warm_start
             rec["num_hvp"] += res.num_hvp
             rec["steps"].append(step)

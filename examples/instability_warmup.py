@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from _digits import (
-    HVP_METHOD,
     band,
     example_parser,
     fmt,
@@ -86,9 +85,7 @@ def run(peak: float, warmup: int, steps: int, num_train: int, seed: int, track: 
             break
         rec["loss"].append(value)
         if track and (measure_now(step) or step == steps):
-            res = hessian_eigenvalues(
-                model, mse_loss, batch, k=1, tol=1e-3, return_warm_start=True, v0=warm, method=HVP_METHOD
-            )
+            res = hessian_eigenvalues(model, mse_loss, batch, k=1, tol=1e-3, return_warm_start=True, v0=warm)
             warm = res.warm_start
             rec["steps"].append(step)
             rec["sharpness"].append(res.sharpness)

@@ -22,7 +22,7 @@ import argparse
 import time
 
 import torch
-from _digits import HVP_METHOD, load_digits_data, make_mlp, mse_loss
+from _digits import load_digits_data, make_mlp, mse_loss
 
 from lightning_curvature import SharpnessAwareLR, hessian_eigenvalues
 
@@ -48,9 +48,7 @@ def main() -> None:
     for step in range(steps):
         if step % every == 0:
             # 1. measure (the model, its .grad and the RNG are left untouched) and feed the scheduler
-            res = hessian_eigenvalues(
-                model, mse_loss, data, k=1, tol=1e-2, v0=warm_start, return_warm_start=True, method=HVP_METHOD
-            )
+            res = hessian_eigenvalues(model, mse_loss, data, k=1, tol=1e-2, v0=warm_start, return_warm_start=True)
             warm_start = res.warm_start
             scheduler.observe_sharpness(res.sharpness, step=step)
         # 2. an ordinary training step

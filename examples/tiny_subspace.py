@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 from _digits import (
-    HVP_METHOD,
     LOSSES,
     band,
     example_parser,
@@ -78,7 +77,6 @@ def top_space(model: nn.Module, loss: str, batch: Any, k: int, warm: Tensor | No
         return_eigenvectors=True,
         return_warm_start=True,
         v0=warm,
-        method=HVP_METHOD,
     )
 
 

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from _digits import (
-    HVP_METHOD,
     Activation,
     Init,
     accuracy,
@@ -59,7 +58,7 @@ def hidden_params(model: nn.Sequential) -> list[torch.Tensor]:
 
 def sharpness(model: nn.Sequential, batch: Any, params: list[torch.Tensor] | None = None) -> float:
     """λ_max of the Hessian (of ``params``, default all)."""
-    return hessian_eigenvalues(model, mse_loss, batch, k=1, tol=1e-3, params=params, method=HVP_METHOD).sharpness
+    return hessian_eigenvalues(model, mse_loss, batch, k=1, tol=1e-3, params=params).sharpness
 
 
 def curvature_vs_depth(widths: list[int], depths: list[int], seeds: list[int], batch: Any) -> dict[str, Any]:
