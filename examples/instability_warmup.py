@@ -3,10 +3,10 @@
 Full-batch gradient descent (half squared error on one-hot targets, tanh MLP 64-64-64-10 whose read-out layer is
 initialised 3x larger than PyTorch's default, so training starts in a sharp region, λ_max ≈ 15) over several seeds:
 
-* **mechanism**: at peak learning rate η = 0.8 (12x the initial 2/λ_max), without warm-up and with linear warm-ups of
-  several lengths, λ_max of the training loss is measured with ``hessian_eigenvalues`` throughout training and
-  drawn against the stability threshold 2/η_t of the current learning rate (the quadratic model is stable iff
-  λ_max < 2/η_t); a constant η = 0.3 run is drawn beside them;
+* **mechanism**: at peak learning rate η = 0.8 (about 6x the initial 2/λ_max), without warm-up and with linear
+  warm-ups of several lengths, λ_max of the training loss is measured with ``hessian_eigenvalues`` throughout
+  training and drawn against the stability threshold 2/η_t of the current learning rate (the quadratic model is
+  stable iff λ_max < 2/η_t); a constant η = 0.3 run is drawn beside them;
 * **benefit**: a grid of peak learning rates × warm-up lengths (0 = constant learning rate), scored by the mean
   training loss over the last 20% of steps: which peak learning rates train without diverging, and whether the best
   warm-up run beats the best constant learning rate.
