@@ -48,6 +48,28 @@ def directions(name: str, case32, H32: HessianOperator) -> dict[str, list[torch.
     return out
 
 
+def bf16_rows(name: str) -> list[dict]:
+    """Finite differences through a forward that runs in bfloat16 (autocast; what an FSDP2 run with a bf16
+    ``param_dtype`` policy does), against the float64 exact product."""
+    case32 = make_case(name)
+    case64 = make_case(name, dtype=torch.float64)
+
+    def bf16_loss(model, batch):  # type: ignore[no-untyped-def]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return case32.loss_fn(model, batch).float()
+
+    rows = []
+    with (
+        HessianOperator(case64.model, case64.loss_fn, case64.batch, method="double_backward") as H64,
+        HessianOperator(case32.model, bf16_loss, case32.batch, method="finite_difference") as F16,
+    ):
+        gen = torch.Generator().manual_seed(0)
+        for dname, v in (("random", F16.space.randn(gen)), ("gradient", [g.clone() for g in F16.gradient()])):
+            ref = H64.matvec([t.double() for t in v])
+            rows.append({"direction": dname, "finite_difference_bf16_forward": relative_error(F16.matvec(v), ref)})
+    return rows
+
+
 def timed(fn, reps: int) -> float:
     times = []
     for _ in range(reps):
@@ -88,6 +110,7 @@ def run_case(name: str, reps: int) -> dict:
         "case": name,
         "num_params": H32.dim,
         "accuracy": rows,
+        "bf16_forward": bf16_rows(name),
         "seconds": {"gradient": t_grad, "double_backward": t_db, "finite_difference": t_fd, "central": t_fd2},
         "per_gradient": {
             "double_backward": t_db / t_grad,
@@ -113,6 +136,11 @@ def main() -> None:
             vals = [row["double_backward_f32"]] + [row[f"finite_difference_f32_x{f:g}"] for f in (0.25, 1.0, 4.0)]
             vals.append(row["central_difference_f32"])
             print(f"{r['case']:12s} {row['direction']:16s} " + " ".join(f"{x:13.1e}" for x in vals))
+    print()
+    print("finite differences through a bfloat16 forward (autocast), against float64 double backward")
+    for r in results:
+        for row in r["bf16_forward"]:
+            print(f"{r['case']:12s} {row['direction']:16s} {row['finite_difference_bf16_forward']:13.1e}")
     print()
     print(f"{'case':12s} {'params':>9s} {'grad s':>8s} {'DB/grad':>8s} {'FD4/grad':>9s} {'FD2/grad':>9s}")
     for r in results:

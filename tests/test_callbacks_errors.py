@@ -66,23 +66,26 @@ def test_covariance_monitor_rejects_bad_arguments(kwargs: dict[str, Any], match:
         GradientCovarianceMonitor(**kwargs)
 
 
-def test_sharded_strategies_are_refused_naming_the_supported_ones() -> None:
+def test_unsupported_strategies_are_refused_naming_the_supported_ones() -> None:
     class FSDPStrategy:  # a stand-in: only the class name matters to the check
         pass
 
     class DeepSpeedStrategy(DDPStrategy):
         pass
 
-    for strategy in (FSDPStrategy(), DeepSpeedStrategy()):
-        with pytest.raises(MisconfigurationException, match=rf"{type(strategy).__name__}.*ddp_spawn"):
-            check_strategy(strategy, "HessianEigenvalueMonitor")
+    for sharded_ok in (False, True):  # DeepSpeed: never
+        with pytest.raises(MisconfigurationException, match=r"DeepSpeedStrategy.*ddp_spawn.*FSDP"):
+            check_strategy(DeepSpeedStrategy(), "HessianEigenvalueMonitor", sharded_ok=sharded_ok)
+    with pytest.raises(MisconfigurationException, match=r"FSDPStrategy"):  # per-example gradients need full params
+        check_strategy(FSDPStrategy(), "GradientCovarianceMonitor", sharded_ok=False)
+    check_strategy(FSDPStrategy(), "HessianEigenvalueMonitor", sharded_ok=True)
     check_strategy(SingleDeviceStrategy(device=torch.device("cpu")), "x")
     check_strategy(DDPStrategy(), "x")
 
     class FakeTrainer:
-        strategy = FSDPStrategy()
+        strategy = DeepSpeedStrategy()
 
-    with pytest.raises(MisconfigurationException, match="FSDPStrategy"):
+    with pytest.raises(MisconfigurationException, match="DeepSpeedStrategy"):
         HessianEigenvalueMonitor().setup(FakeTrainer(), TinyClassifier(), "fit")  # type: ignore[arg-type]
 
 

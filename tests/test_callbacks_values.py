@@ -230,10 +230,13 @@ def _per_example_reference(model: torch.nn.Module, x: Tensor, y: Tensor, k: int)
     gbar = G.mean(0)
     K = (G - gbar).T @ (G - gbar) / n
     evals = torch.linalg.eigvalsh(K).flip(0)
+    # unbiased |G|² and tr Σ (McCandlish et al. 2018, A.1) from per-example norms against the mean
+    small, big = float((G * G).sum(1).mean()), float(gbar.dot(gbar))
+    g2, tr_sigma = (n * big - small) / (n - 1), n * (small - big) / (n - 1)
     return {
         **{f"grad_cov/eig_{i + 1}": float(evals[i]) for i in range(k)},
         "grad_cov/trace": float(torch.trace(K)),
-        "grad_cov/noise_scale": float(torch.trace(K) / gbar.dot(gbar)),
+        "grad_cov/noise_scale": tr_sigma / g2 if g2 > 0 else float("inf"),
         "grad_cov/condition_number": float(evals[0] / evals[k - 1]),
         "grad_cov/frobenius_norm": float(torch.linalg.matrix_norm(K)),
     }
@@ -343,3 +346,32 @@ def test_periodic_cold_start(tmp_path, monkeypatch) -> None:
     make_trainer(tmp_path, max_steps=6, callbacks=[monitor]).fit(TinyClassifier(), classification_loader(x, y, seed=0))
     assert len(seen) >= 6
     assert seen[:6] == [False, True, True, False, True, True]
+
+
+def test_tracking_mode_follows_the_certified_sharpness_with_two_products_per_step() -> None:
+    """every_n_steps=1 with tracking_products=2: warm measurements take 2 products (Lanczos from the last top
+    vector), every 5th is a cold certified solve; the tracked values stay close to an independent tight solve."""
+
+    class Reference(pl.Callback):
+        def __init__(self, monitor: HessianEigenvalueMonitor) -> None:
+            self.monitor, self.refs = monitor, {}
+
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
+            fixed = self.monitor._source.get(None)
+            self.refs[step_axis(trainer)] = hessian_eigenvalues(pl_module, _loss, fixed, k=1, tol=1e-9).sharpness
+
+    torch.manual_seed(0)
+    model = TinyClassifier(lr=0.05)
+    x, y = random_tensors(n=64)
+    monitor = _SeriesHessian(every_n_steps=1, k=1, num_examples=32, tracking_products=2, cold_start_every=5)
+    ref = Reference(monitor)
+    trainer = make_trainer("unused", max_steps=12, callbacks=[ref, monitor])
+    trainer.fit(model, classification_loader(x, y, batch_size=16, seed=0))
+    cold_steps = [s for s in monitor.series if s == 0 or s % 6 == 0]  # the first, then after 5 warm ones
+    for step, logged in monitor.series.items():
+        if step in cold_steps:
+            continue
+        assert logged["curvature/num_hvp"] == 2.0, step
+        assert abs(logged["curvature/sharpness"] - ref.refs[step]) <= 0.02 * ref.refs[step], step
+    for step in cold_steps:
+        assert monitor.series[step]["curvature/sharpness"] == pytest.approx(ref.refs[step], rel=1e-3)

@@ -9,7 +9,6 @@ from torch import nn
 
 from lightning_curvature import MultiBatch, NonFiniteCurvatureError, gradient_covariance
 
-
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 

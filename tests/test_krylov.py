@@ -14,7 +14,6 @@ from lightning_curvature.core.lanczos import lanczos
 from lightning_curvature.core.operators import CurvatureOperator, DenseOperator
 from lightning_curvature.core.vectors import Vector, VectorSpace, dot64
 
-
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 

@@ -15,7 +15,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_curvature import HessianOperator, hessian_eigenvalues, hessian_trace, hessian_vector_product
 from lightning_curvature.core import hvp as hvp_module
 
-
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 

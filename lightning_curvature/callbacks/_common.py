@@ -29,6 +29,7 @@ import math
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -39,6 +40,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_curvature.callbacks._batch_source import BatchSource
+from lightning_curvature.callbacks._compiled import lightning_eager
 from lightning_curvature.callbacks._loss import LossFn, resolve_loss_fn
 from lightning_curvature.core import NonFiniteCurvatureError, preserved_model_state
 from lightning_curvature.core._batch import iter_batches
@@ -59,8 +61,12 @@ __all__ = [
 ]
 
 #: What the monitors support, quoted in the error raised for other strategies.
-SUPPORTED_STRATEGIES = "single device ('auto', SingleDeviceStrategy) and DDP ('ddp', 'ddp_spawn', 'ddp_fork')"
-_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+SUPPORTED_STRATEGIES = (
+    "single device ('auto', SingleDeviceStrategy), DDP ('ddp', 'ddp_spawn', 'ddp_fork'), and for the Hessian "
+    "monitor also FSDP (ModelParallelStrategy with fully_shard, FSDPStrategy)"
+)
+_UNSUPPORTED = ("DeepSpeedStrategy",)
+_SHARDED = ("FSDPStrategy", "ModelParallelStrategy")
 
 #: The clock of the adaptive cadence (a module global so that tests can replace it with a fake clock).
 _now: Callable[[], float] = time.perf_counter
@@ -159,18 +165,20 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     return str(value)
 
 
-def check_strategy(strategy: Any, owner: str) -> None:
-    """Reject sharded strategies (their parameters are split across processes).
+def check_strategy(strategy: Any, owner: str, sharded_ok: bool = False) -> None:
+    """Reject strategies the monitor cannot measure under.
+
+    Sharded strategies (FSDP) are supported where ``sharded_ok`` (Hessian products by finite differences through
+    the shards); DeepSpeed is not (its ZeRO stages partition parameters outside ``torch.distributed.tensor``).
 
     Raises:
-        MisconfigurationException: for FSDP, DeepSpeed or model-parallel strategies, naming what is supported.
+        MisconfigurationException: for DeepSpeed, or a sharded strategy where ``sharded_ok`` is false, naming what
+            is supported.
     """
     names = {cls.__name__ for cls in type(strategy).__mro__}
-    sharded = names.intersection(_SHARDED)
-    if sharded:
+    if names.intersection(_UNSUPPORTED) or (names.intersection(_SHARDED) and not sharded_ok):
         raise MisconfigurationException(
-            f"{owner} does not support the sharded strategy {type(strategy).__name__} yet; supported are "
-            f"{SUPPORTED_STRATEGIES}."
+            f"{owner} does not support the strategy {type(strategy).__name__}; supported are {SUPPORTED_STRATEGIES}."
         )
 
 
@@ -249,6 +257,8 @@ class CurvatureMonitorBase(Callback):
     _may_be_infinite: frozenset[str] = frozenset()
     #: Tag of the realised overhead (measuring time / training time in this fit).
     _overhead_key: str = ""
+    #: Whether the monitor measures under sharded strategies (FSDP).
+    _sharded_ok: bool = False
     min_gap: int = 10
     max_gap: int = 10_000
 
@@ -368,7 +378,7 @@ class CurvatureMonitorBase(Callback):
     # -- hooks --------------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategy(trainer.strategy, type(self).__name__)
+        check_strategy(trainer.strategy, type(self).__name__, sharded_ok=self._sharded_ok)
         if stage == "fit":
             self._resolved_loss = resolve_loss_fn(pl_module, self.loss_fn)
             # a new fit starts its own step axis and plan; a resumed one gets `last_step` and the plan back from the
@@ -487,7 +497,9 @@ class CurvatureMonitorBase(Callback):
             metrics = self._failed_metrics(trainer)
         else:
             try:
-                metrics = self._measure(trainer, pl_module, loss_fn, batch, step)
+                eager = lightning_eager(pl_module) if self._eager_measurement() else nullcontext()
+                with eager:  # Lightning-compiled methods run eagerly where the measurement needs it
+                    metrics = self._measure(trainer, pl_module, loss_fn, batch, step)
             except NonFiniteCurvatureError as exc:
                 error = str(exc)
                 metrics = self._failed_metrics(trainer)
@@ -536,6 +548,10 @@ class CurvatureMonitorBase(Callback):
                 loss = loss_fn(pl_module, b)
                 ok = ok and bool(torch.isfinite(loss.detach()).all())
         return bool(trainer.strategy.reduce_boolean_decision(ok, all=True))
+
+    def _eager_measurement(self) -> bool:
+        """Whether to run Lightning-compiled methods eagerly during a measurement (double backward and vmap need it)."""
+        return True
 
     def _mode_for(self, pl_module: torch.nn.Module) -> Any:
         return getattr(self, "mode", "train")

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -29,6 +30,7 @@ from lightning_curvature.callbacks._common import (
     make_reduce_fn,
     measured_parameters,
 )
+from lightning_curvature.callbacks._compiled import lightning_compiled
 from lightning_curvature.callbacks._loss import LossFn
 from lightning_curvature.core import (
     HessianOperator,
@@ -42,8 +44,10 @@ from lightning_curvature.core import (
 )
 from lightning_curvature.core.eigen import cold_start_vector, preconditioned_operator
 from lightning_curvature.core.hvp import HVPMethod
+from lightning_curvature.core.lanczos import Handoff
 from lightning_curvature.core.operators import ScaledOperator
 from lightning_curvature.core.preconditioner import preconditioner_parts, predicted_first_step_preconditioner
+from lightning_curvature.core.sharded import reshard
 from lightning_curvature.core.vectors import Vector
 from lightning_curvature.tensorboard import (
     EDGE_RATIO,
@@ -60,6 +64,7 @@ from lightning_curvature.tensorboard import (
 
 __all__ = [
     "DENSITY_FIGURE",
+    "ERROR_BOUND",
     "HESSIAN_OVERHEAD",
     "HESSIAN_TRACE_STD_ERROR",
     "NUM_HVP",
@@ -70,6 +75,7 @@ __all__ = [
 _METHODS = ("auto", "double_backward", "finite_difference", "forward_over_reverse")
 
 NUM_HVP = "curvature/num_hvp"
+ERROR_BOUND = "curvature/error_bound"
 HESSIAN_OVERHEAD = "curvature/overhead"
 HESSIAN_TRACE_STD_ERROR = "curvature/trace_std_error"
 SPECTRUM_HISTOGRAM = "curvature/spectrum"
@@ -177,6 +183,11 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         compute_overlap: also log the share of the mean gradient in the top-k eigenspace.
         warm_start: start the eigenvalue solve from the previous measurement's Ritz vectors (kept in memory, not in
             checkpoints).
+        tracking_products: tracking mode (with ``every_n_steps=1``): a warm measurement takes at most this many
+            products from the previous Ritz vectors (for ``k=1``, Lanczos from the last top vector: 2 products give
+            the Rayleigh–Ritz value of the plane it spans with its residual) instead of running to ``tol``; its error
+            estimate is logged as ``curvature/error_bound``, and every ``cold_start_every`` measurements a cold,
+            certified one runs (Ramasinghe et al. 2026 track the preconditioned sharpness at every step this way).
         cold_start_every: with ``warm_start``, every this many warm measurements one starts cold from a random
             vector instead: a direction that became dominant outside the previous top ``k + 1`` eigenspace is then
             found at the latest that many measurements later.
@@ -211,6 +222,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     _prog_bar_key = SHARPNESS
     _headline_key = SHARPNESS
     _overhead_key = HESSIAN_OVERHEAD
+    _sharded_ok = True
 
     def __init__(
         self,
@@ -238,6 +250,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         method: HVPMethod = "auto",
         max_vectors: int | None = None,
         checkpoint_warm_start_max_entries: int = 1_000_000,
+        tracking_products: int | None = None,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -270,6 +283,13 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         self.checkpoint_warm_start_max_entries = check_positive_int(
             "checkpoint_warm_start_max_entries", checkpoint_warm_start_max_entries, minimum=0
         )
+        if tracking_products is not None:
+            check_positive_int("tracking_products", tracking_products, minimum=self.k + 1)
+            if not self.warm_start:
+                raise MisconfigurationException(
+                    "`tracking_products` needs `warm_start=True` (it refines the last Ritz vectors)."
+                )
+        self.tracking_products = tracking_products
         # previous top k + 1 Ritz vectors per measured optimizer (warm start); checkpointed when small
         self._warm_start: dict[int, list[Vector]] = {}
         self._warned: set[str] = set()
@@ -327,6 +347,11 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             return None
 
     @override
+    def _eager_measurement(self) -> bool:
+        # "auto" measures Lightning-compiled code through its compiled methods (finite differences)
+        return self.method != "auto"
+
+    @override
     def _failed_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         nan = math.nan
         metrics = {SHARPNESS: nan, **{eig_tag(i): nan for i in range(1, self.k + 1)}}
@@ -373,6 +398,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, batch: Any, step: int
     ) -> dict[str, float]:
         self._fed = {}
+        reshard(pl_module)  # FSDP2: a forward without backward (the finiteness check) leaves the modules unsharded
         indices: list[int | None] = list(self._optimizers_to_measure(trainer)) or [None]
         metrics: dict[str, float] = {}
         density = None
@@ -387,6 +413,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             with HessianOperator(
                 pl_module, loss_fn, batch, params=params, mode=self.mode, reduce_fn=make_reduce_fn(trainer),
                 reuse_graph=self.reuse_graph, method=self.method,
+                compiled=True if lightning_compiled(pl_module) and self.method == "auto" else None,
             ) as H:  # fmt: skip
                 precond, _ = self._preconditioner(optimizer, params, H)
                 feedable = (not adaptive) or precond is not None
@@ -405,6 +432,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
                 res_main, threshold_main, adaptive_main = res, threshold, adaptive
                 metrics[SHARPNESS] = sharpness
                 metrics.update({eig_tag(i + 1): float(v) for i, v in enumerate(res.eigenvalues)})
+                metrics[ERROR_BOUND] = float(res.error_bounds[0])
                 if threshold is not None:
                     metrics[STABILITY_THRESHOLD] = threshold
                     if feedable:
@@ -451,13 +479,21 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             v0 = None  # the periodic cold start (see `cold_start_every`)
         self._warm_in_a_row = 0 if v0 is None else self._warm_in_a_row + 1
         self._warm_start.pop(index, None)  # its memory counts in max_vectors: drop it before the solve
+        max_iter = max(self.max_iter, k)
         if v0 is None:
             scale = op.scale if isinstance(op, ScaledOperator) else None
-            v0 = cold_start_vector(H, k, scale=scale)  # the gradient start for k = 1, as in `hessian_eigenvalues`
-        max_vectors = self.max_vectors
+            cold = cold_start_vector(H, k, scale=scale)  # the gradient start for k = 1, as in `hessian_eigenvalues`
+            v0 = None if cold is None else Handoff([cold])
+        elif self.tracking_products is not None:
+            # tracking: a few products from the previous top-k vectors (for k = 1 Lanczos from the last top vector),
+            # not run to tol; the error estimate is logged and a certified cold solve comes every cold_start_every
+            v0 = Handoff([v0[0]] if k == 1 else v0[:k])
+            max_iter = self.tracking_products
+        else:
+            v0 = Handoff(v0)  # the solver owns the warm block (it counts in max_vectors)
         res = lanczos(
-            op, k=k, tol=self.tol, max_iter=max(self.max_iter, k), v0=v0,
-            return_eigenvectors=self.compute_overlap, return_warm_start=self.warm_start, max_vectors=max_vectors,
+            op, k=k, tol=self.tol, max_iter=max_iter, v0=v0,
+            return_eigenvectors=self.compute_overlap, return_warm_start=self.warm_start, max_vectors=self.max_vectors,
         )  # fmt: skip
         if self.warm_start and res.warm_start is not None:
             self._warm_start[index] = [[t.clone() for t in v] for v in res.warm_start]

@@ -119,6 +119,7 @@ def davidson_warm_start(
     max_vectors: int | None = None,
     num_vectors: int = 0,
     seed: int = 0,
+    owned: bool = False,
 ) -> KrylovOutcome:
     """Rayleigh–Ritz on ``block`` expanded by residuals until ``rule`` accepts the top ``k`` (see module docstring).
 
@@ -130,8 +131,11 @@ def davidson_warm_start(
     sp = op.space
     capacity = None if max_vectors is None else (max_vectors - 3) // 2
     pair = _Pair(op, capacity)
-    for q in orthonormal_block(op, block, gen):
-        pair.add(q)
+    ortho = orthonormal_block(op, block, gen, in_place=owned)
+    if owned:
+        block.clear()
+    while ortho:
+        pair.add(ortho.pop(0))
     kk_max = min(k + GUARD, sp.dim)
     theta = resid = bounds = torch.zeros(0, dtype=torch.float64)
     Y = torch.zeros(0, 0, dtype=torch.float64)

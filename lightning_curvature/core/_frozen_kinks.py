@@ -133,6 +133,7 @@ class FrozenKinks(TorchFunctionMode):
         x = args[0]
         dims = _POOLS[func]
         with_indices = func not in _WITH_INDICES or bool(kwargs.get("return_indices", False))
+        indexed: Any
         if func in _WITH_INDICES:
             kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
             # positional return_indices sits after the pooling arguments; those variants take it as keyword only

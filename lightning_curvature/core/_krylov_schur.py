@@ -91,13 +91,20 @@ def _random_orthogonal(op: CurvatureOperator, basis: Basis, others: list[Vector]
     raise RuntimeError("could not draw a direction orthogonal to the basis (the space is exhausted)")
 
 
-def orthonormal_block(op: CurvatureOperator, vectors: list[Vector], gen: torch.Generator) -> list[Vector]:
-    """Orthonormalise ``vectors`` (copies; Gram–Schmidt twice); a dependent or zero one is replaced by a random one."""
+def orthonormal_block(
+    op: CurvatureOperator, vectors: list[Vector], gen: torch.Generator, in_place: bool = False
+) -> list[Vector]:
+    """Orthonormalise ``vectors`` (Gram–Schmidt twice); a dependent or zero one is replaced by a random one.
+
+    The vectors are copied unless ``in_place`` (the solver owns them: see :class:`~.lanczos.Handoff`).
+    """
     space = op.space
     out: list[Vector] = []
     empty = Basis(space)
     for v in vectors:
-        w = [t.detach().to(dtype=d, device=dev).clone() for t, d, dev in zip(v, space.dtypes, space.devices)]
+        w = [t.detach().to(dtype=d, device=dev) for t, d, dev in zip(v, space.dtypes, space.devices)]
+        if not in_place:
+            w = [t.clone() for t in w]
         before = float(space.norm(w))
         for _ in range(2):
             for o in out:
@@ -124,6 +131,7 @@ def krylov_schur(
     max_vectors: int | None = None,
     num_vectors: int = 0,
     seed: int = 0,
+    owned: bool = False,
 ) -> KrylovOutcome:
     """Run block Lanczos (block size ``len(start)``) until ``rule`` accepts the top ``k`` or ``max_iter`` products.
 
@@ -137,6 +145,7 @@ def krylov_schur(
         max_vectors: most parameter-sized vectors held at once (basis, products, pending block); ``None``: no bound.
         num_vectors: Ritz vectors to return (in place of the basis, which is rotated).
         seed: seed of the random directions drawn after a breakdown.
+        owned: ``start`` belongs to the solver: normalised in place and released (the list is emptied).
 
     Returns:
         A :class:`KrylovOutcome`.
@@ -156,7 +165,9 @@ def krylov_schur(
         )
     capacity = None if max_vectors is None else max_vectors - b
     basis = Basis(space, block_rows=16 if max_vectors is None else 4, capacity=capacity)
-    Q = orthonormal_block(op, start, gen)
+    Q = orthonormal_block(op, start, gen, in_place=owned)
+    if owned:
+        start.clear()  # the caller's references go: the start vectors live on only in the basis
     T = torch.zeros(0, 0, dtype=torch.float64)
     C = torch.zeros(b, 0, dtype=torch.float64)
     u = _unit_roundoff(space.dtype)

@@ -90,10 +90,6 @@ def preserved_model_state(
                         b.copy_(saved)
 
 
-# methods Lightning's ``from_compiled`` replaces by their compiled versions (keeping the originals in _compiler_ctx)
-_LIGHTNING_COMPILED = ("forward", "training_step", "validation_step", "test_step", "predict_step")
-
-
 def unwrap_compiled(model: nn.Module) -> nn.Module:
     """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, or ``model`` itself.
 
@@ -109,24 +105,17 @@ def eager_execution(module: nn.Module) -> Iterator[nn.Module]:
     """Run ``module`` and its submodules eagerly for the block, whichever way they were compiled.
 
     Code compiled by ``torch.compile`` (AOTAutograd) cannot be differentiated twice ("torch.compile with
-    aot_autograd does not currently support double backward"), so a Hessian-vector product through it fails. For
-    the block, submodules compiled in place (``nn.Module.compile()``) use their eager call, and a LightningModule
-    compiled through Lightning (``trainer.fit(torch.compile(model))`` stores the originals in ``_compiler_ctx``) gets
-    its eager ``forward``/``*_step`` methods back; the compiled ones are restored on exit. The values are those of
-    the same code without compilation.
+    aot_autograd does not currently support double backward"), so a double-backward product through it fails. For
+    the block, submodules compiled in place (``nn.Module.compile()``) use their eager call; the compiled ones are
+    restored on exit. The values are those of the same code without compilation. (A ``torch.compile`` wrapper,
+    ``OptimizedModule``, is unwrapped by the callers instead; Lightning's own compilation is undone by the callbacks,
+    :mod:`lightning_curvature.callbacks._compiled`.)
     """
     saved: list[tuple[nn.Module, str, object]] = []
     for m in module.modules():
         if getattr(m, "_compiled_call_impl", None) is not None:
             saved.append((m, "_compiled_call_impl", m._compiled_call_impl))
             m._compiled_call_impl = None
-        ctx = getattr(m, "_compiler_ctx", None)
-        if isinstance(ctx, dict):
-            for name in _LIGHTNING_COMPILED:
-                original = ctx.get(f"original_{name}")
-                if original is not None and name in m.__dict__:
-                    saved.append((m, name, m.__dict__[name]))
-                    setattr(m, name, original)
     try:
         yield module
     finally:

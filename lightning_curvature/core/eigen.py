@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_curvature.core.hvp import HessianOperator, HVPMethod, LossFn, ReduceFn
-from lightning_curvature.core.lanczos import Which, lanczos
+from lightning_curvature.core.lanczos import Handoff, Which, lanczos
 from lightning_curvature.core.operators import CurvatureOperator, ScaledOperator
 from lightning_curvature.core.power import power_iteration
 from lightning_curvature.core.preconditioner import adaptive_preconditioner
@@ -79,6 +79,11 @@ class EigenResult:
     def sharpness(self) -> float:
         """The first eigenvalue as a float."""
         return float(self.eigenvalues[0])
+
+    @property
+    def num_matvecs(self) -> int:
+        """Products used (the name :class:`~lightning_curvature.core.lanczos.LanczosResult` uses)."""
+        return self.num_hvp
 
     @property
     def eigenvectors(self) -> Tensor | None:
@@ -287,12 +292,13 @@ def hessian_eigenvalues(
         if isinstance(k, int) and k > H.dim:
             raise ValueError(f"`k`={k} exceeds the number of parameters {H.dim}.")
         if v0 is None:
-            v0 = cold_start_vector(H, k, start=start, which=which, scale=scale, seed=seed)
+            cold = cold_start_vector(H, k, start=start, which=which, scale=scale, seed=seed)
+            v0 = None if cold is None else Handoff([cold])  # the solver owns it: no copy of the start vector
         if algorithm == "power":
             res = power_iteration(op, tol=tol, max_iter=max_iter, v0=v0, seed=seed)
         else:
             res = lanczos(
-                op, k=k, which=which, tol=tol, abs_floor=abs_tol, max_iter=max_iter, v0=v0,
+                op, k=k, which=which, tol=tol, abs_tol=abs_tol, max_iter=max_iter, v0=v0,
                 return_eigenvectors=return_eigenvectors, return_warm_start=return_warm_start, seed=seed,
                 max_vectors=max_vectors, block_size=block_size,
             )  # fmt: skip

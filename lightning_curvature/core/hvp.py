@@ -63,6 +63,7 @@ from lightning_curvature.core._state import (
 )
 from lightning_curvature.core.errors import NonFiniteCurvatureError
 from lightning_curvature.core.operators import CurvatureOperator
+from lightning_curvature.core.sharded import ShardedGradients, is_sharded, local_tensor, reshard, shard_space
 from lightning_curvature.core.vectors import Vector, VectorSpace, add_
 
 __all__ = [
@@ -162,13 +163,11 @@ def direction_scale(space: VectorSpace, theta: Vector, v: Vector) -> float:
 
 
 def is_compiled(module: nn.Module) -> bool:
-    """Whether ``module`` or a submodule runs compiled code (``torch.compile``, ``.compile()``, Lightning)."""
+    """Whether ``module`` or a submodule runs code compiled by ``torch.compile`` (a wrapper or ``.compile()``)."""
     for m in module.modules():
         if isinstance(getattr(m, "_orig_mod", None), nn.Module):
             return True
         if getattr(m, "_compiled_call_impl", None) is not None:
-            return True
-        if isinstance(getattr(m, "_compiler_ctx", None), dict):
             return True
     return False
 
@@ -263,6 +262,9 @@ class HessianOperator(CurvatureOperator):
         mode: ``"train"`` (model flags as they are: BatchNorm batch statistics, one fixed dropout mask per
             measurement) or ``"eval"``.
         seed: seed of the forked RNG, so dropout masks are the same in every product.
+        compiled: whether the model runs compiled code (``"auto"`` then uses finite differences through it); default:
+            detected from ``torch.compile`` wrappers and in-place compiled submodules (a framework that compiles
+            methods its own way, such as Lightning, says so here).
         fd_order: finite-difference stencil: 4 (default; gradients at ±ε and ±2ε combined by Richardson's
             extrapolation, error :math:`O(\varepsilon^4)`, four gradients per product) or 2 (central difference,
             two gradients, about 4x less accurate).
@@ -295,6 +297,7 @@ class HessianOperator(CurvatureOperator):
         mode: MeasurementMode = "train",
         seed: int | None = 0,
         fd_order: int = 4,
+        compiled: bool | None = None,
     ) -> None:
         if method not in _METHODS:
             raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
@@ -302,7 +305,8 @@ class HessianOperator(CurvatureOperator):
             raise ValueError(f"`fd_order` must be 2 or 4, got {fd_order!r}.")
         self.fd_order = fd_order
         self.mode = check_mode(mode)
-        self.compiled = is_compiled(model)
+        reshard(model)  # FSDP2 modules left unsharded by a forward without backward: measure the shards
+        self.compiled = is_compiled(model) if compiled is None else bool(compiled)
         self.model = model
         self.loss_fn = loss_fn
         self.requested_method: str = method
@@ -321,7 +325,19 @@ class HessianOperator(CurvatureOperator):
         first = self._named[0][1]
         self.dtype_in = first.dtype
         dtype = compute_dtype_for(first.dtype)
-        self.space = VectorSpace([p for _, p in self._named], dtype=dtype)
+        params_list = [p for _, p in self._named]
+        #: the parameters are FSDP shards: products by finite differences through the module's own forward/backward
+        self.sharded = is_sharded(params_list)
+        if self.sharded:
+            if method in ("double_backward", "forward_over_reverse"):
+                raise ValueError(
+                    f"method={method!r} needs a double backward or forward-mode AD, which do not exist through FSDP's "
+                    "sharded parameters; use method='finite_difference' or 'auto'."
+                )
+            self.method = "finite_difference"
+            self.space = shard_space(params_list, first.dtype)
+        else:
+            self.space = VectorSpace(params_list, dtype=dtype)
         self.shapes = list(self.space.shapes)
         self.numels = list(self.space.numels)
         self.num_matvecs = 0
@@ -423,8 +439,17 @@ class HessianOperator(CurvatureOperator):
         if self.reduce_fn is None and not torch.isfinite(loss):
             raise NonFiniteCurvatureError(f"The loss is not finite ({loss.item()}); no curvature to measure.")
 
+    def _seeded_loss(self, model: nn.Module, batch: Any) -> Tensor:
+        if self.seed is not None:
+            seed_generators(self.seed, self._devices)  # the same dropout mask in every evaluation
+        return _checked_loss(self.loss_fn(model, batch))
+
     def _gradient_at(self, batch: Any, shift: Vector | None = None, alpha: float = 0.0) -> Vector:
-        """First-order gradient of the batch's mean loss at ``θ + α·shift``."""
+        """First-order gradient of the batch's mean loss at ``θ + α·shift`` (sharded: its global-mean share)."""
+        if self.sharded:
+            out = self._sharded_oracle.gradient(batch, batch_size(batch), shift, alpha)
+            self.num_grad += 1
+            return out
         params = self.parameter_copies(shift, alpha)
         loss = self._loss(params, batch)
         self._check_finite_loss(loss)
@@ -437,6 +462,20 @@ class HessianOperator(CurvatureOperator):
             self._graphs = [self._grad_with_graph(b) for b in self._batches]
 
     def _prepare(self) -> None:
+        if self.sharded:
+            local = sum(batch_size(b) for b in self._batches)
+            assert self.space.reduce_fn is not None
+            count = self.space.reduce_fn(torch.tensor([float(local)], dtype=torch.float64, device=self.space.device))
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            self._sharded_oracle = ShardedGradients(
+                self.model,
+                self._seeded_loss,
+                [p for _, p in self._named],
+                float(count[0]),
+                world,
+                lambda b: to_compute(b, self.space.device, self.dtype_in),
+            )
+            return
         if self.method == "auto":
             self.method = self._resolve_auto()
         if self.method == "double_backward" and self.reuse_graph and self._graphs is None:
@@ -444,8 +483,10 @@ class HessianOperator(CurvatureOperator):
 
     def _finish(self, parts: Vector, local_count: float, what: str) -> Vector:
         """Divide the weighted sums by the (global) example count; under DDP one all-reduce of count and sums."""
+        if self.sharded:  # the sharded oracle returns each batch's share of the global mean, already reduced
+            return parts
         if self.reduce_fn is None:
-            return [t / local_count for t in parts]
+            return [t.div_(local_count) for t in parts] if local_count != 1 else parts
         dtype = self.space.dtype
         flat = torch.cat([torch.tensor([local_count], dtype=dtype, device=self.space.device)] + [
             t.reshape(-1).to(device=self.space.device) for t in parts
@@ -465,39 +506,44 @@ class HessianOperator(CurvatureOperator):
         return self._product(v, self.method)
 
     def _product(self, v: Vector, method: str) -> Vector:
-        acc = self.space.zeros()
+        acc: Vector | None = None  # weighted sum of the batches' products, built in place (no extra vector)
         count = 0.0
+        # one batch in one process: its product is the answer (no weighting, no division)
+        alone = self._batches.single and self.reduce_fn is None and not self.sharded
         if method == "double_backward":
             with self._exact_context():
                 if self._graphs is not None:
                     for params, grads, n in self._graphs:
-                        add_(acc, self._double_backward(params, grads, v, retain=True), float(n))
+                        n = 1 if alone else n
+                        acc = _accumulate(acc, self._double_backward(params, grads, v, retain=True), n)
                         count += n
                 else:
                     for b in self._batches:
                         params, grads, n = self._grad_with_graph(b)
-                        add_(acc, self._double_backward(params, grads, v, retain=False), float(n))
+                        n = 1 if alone else n
+                        acc = _accumulate(acc, self._double_backward(params, grads, v, retain=False), n)
+                        del params, grads
                         count += n
         elif method == "forward_over_reverse":
             with self._exact_context():
                 for b in self._batches:
-                    n = batch_size(b)
-                    add_(acc, self._forward_over_reverse(b, v), float(n))
+                    n = 1 if alone else batch_size(b)
+                    acc = _accumulate(acc, self._forward_over_reverse(b, v), n)
                     count += n
         else:
             eps = self._fd_step(v)
             for i, b in enumerate(self._batches):
-                n = batch_size(b)
-                plus, minus = self._central_pair(i, b, v, eps)
-                if self.fd_order == 2:  # (g(+ε) − g(−ε)) / 2ε
-                    for a, gp, gm in zip(acc, plus, minus):
-                        a.add_(gp - gm, alpha=float(n) / (2.0 * eps))
-                else:  # (8(g(+ε) − g(−ε)) − (g(+2ε) − g(−2ε))) / 12ε, Richardson's extrapolation: error O(ε⁴)
-                    plus2, minus2 = self._central_pair(i, b, v, 2.0 * eps)
-                    for a, gp, gm, gp2, gm2 in zip(acc, plus, minus, plus2, minus2):
-                        a.add_(gp - gm, alpha=8.0 * float(n) / (12.0 * eps))
-                        a.add_(gp2 - gm2, alpha=-float(n) / (12.0 * eps))
+                n = 1 if (self.sharded or alone) else batch_size(b)
+                d1 = self._central_difference(i, b, v, eps)  # g(+ε) − g(−ε)
+                if self.fd_order == 2:
+                    part = [t.mul_(1.0 / (2.0 * eps)) for t in d1]
+                else:  # (8(g(+ε) − g(−ε)) − (g(+2ε) − g(−2ε))) / 12ε: Richardson's extrapolation, error O(ε⁴)
+                    d2 = self._central_difference(i, b, v, 2.0 * eps)
+                    part = [a.mul_(8.0 / (12.0 * eps)).add_(c, alpha=-1.0 / (12.0 * eps)) for a, c in zip(d1, d2)]
+                    del d2
+                acc = _accumulate(acc, part, n)
                 count += n
+        assert acc is not None
         return self._finish(acc, count, "Hessian-vector product")
 
     def _kink_pattern(self, i: int, batch: Any) -> list[Any]:
@@ -510,6 +556,13 @@ class HessianOperator(CurvatureOperator):
             if self._batches.materialised is not None:
                 self._kinks[i] = records
         return records
+
+    def _central_difference(self, i: int, batch: Any, v: Vector, eps: float) -> Vector:
+        """``∇L(θ + εv) − ∇L(θ − εv)`` computed in place in the first gradient (two gradient vectors at most)."""
+        plus, minus = self._central_pair(i, batch, v, eps)
+        for a, b in zip(plus, minus):
+            a.sub_(b)
+        return plus
 
     def _central_pair(self, i: int, batch: Any, v: Vector, eps: float) -> tuple[Vector, Vector]:
         """Gradients at θ ± εv, with the activation pattern frozen at θ (see :mod:`._frozen_kinks`)."""
@@ -532,6 +585,12 @@ class HessianOperator(CurvatureOperator):
         return self._gradient_at(batch, v, eps), self._gradient_at(batch, v, -eps)
 
     def _loss_no_grad(self, batch: Any) -> None:
+        if self.sharded:  # through FSDP's own forward (it all-gathers the shards)
+            if self.seed is not None:
+                seed_generators(self.seed, self._devices)
+            self.loss_fn(self.model, to_compute(batch, self.space.device, self.dtype_in))
+            reshard(self.model)
+            return
         params = [p.detach().to(d, copy=True) for (_, p), d in zip(self._named, self.space.dtypes)]
         mapping: dict[str, Tensor] = dict(zip(self._names, params))
         batch = to_compute(batch, self.space.device, self.space.dtype)
@@ -541,13 +600,12 @@ class HessianOperator(CurvatureOperator):
 
     def _double_backward(self, params: list[Tensor], grads: list[Tensor], v: Vector, retain: bool) -> Vector:
         live = [i for i, g in enumerate(grads) if g.requires_grad]  # a constant gradient has a zero Hessian row
-        out = [torch.zeros_like(p) for p in params]
-        if live:
-            hv = torch.autograd.grad(
-                [grads[i] for i in live], params, [v[i] for i in live], retain_graph=retain, allow_unused=True
-            )
-            out = [h.detach() if h is not None else o for h, o in zip(hv, out)]
-        return out
+        if not live:
+            return [torch.zeros_like(p) for p in params]
+        hv = torch.autograd.grad(
+            [grads[i] for i in live], params, [v[i] for i in live], retain_graph=retain, allow_unused=True
+        )
+        return [h.detach() if h is not None else torch.zeros_like(p) for h, p in zip(hv, params)]
 
     def _forward_over_reverse(self, batch: Any, v: Vector) -> Vector:
         params = tuple(p.detach().to(self.space.dtypes[i], copy=True) for i, (_, p) in enumerate(self._named))
@@ -559,7 +617,7 @@ class HessianOperator(CurvatureOperator):
         return [t.detach() for t in out]
 
     def _fd_step(self, v: Vector) -> float:
-        theta = [p.detach() for _, p in self._named]
+        theta = [local_tensor(p).detach() for _, p in self._named]
         scale = direction_scale(self.space, theta, v)
         return finite_difference_step(self.space.dtype, scale, float(self.space.norm(v)), self.fd_order)
 
@@ -619,19 +677,23 @@ class HessianOperator(CurvatureOperator):
         self._require_open()
         if self._gradient is not None:
             return self._gradient
-        acc = self.space.zeros()
+        if self._graphs is not None and len(self._graphs) == 1 and self.reduce_fn is None:
+            self._gradient = [g.detach() for g in self._graphs[0][1]]  # the graph's own gradient: no copy
+            return self._gradient
+        acc: Vector | None = None
         count = 0.0
         if self._graphs is not None:
             for _, grads, n in self._graphs:
-                add_(acc, [g.detach() for g in grads], float(n))
+                acc = _accumulate(acc, [g.detach().clone() for g in grads], n)
                 count += n
         else:
             ctx = self._exact_context() if self.method == "double_backward" else nullcontext()
             with ctx:
                 for b in self._batches:
-                    n = batch_size(b)
-                    add_(acc, self._gradient_at(b), float(n))
+                    n = 1 if self.sharded else batch_size(b)
+                    acc = _accumulate(acc, self._gradient_at(b), n)
                     count += n
+        assert acc is not None
         self._gradient = self._finish(acc, count, "gradient")
         return self._gradient
 
@@ -642,6 +704,13 @@ class HessianOperator(CurvatureOperator):
     def parameter_values(self) -> Vector:
         """The current parameter values as a vector of the space (copies)."""
         return [p.detach().to(d, copy=True) for (_, p), d in zip(self._named, self.space.dtypes)]
+
+
+def _accumulate(acc: Vector | None, part: Vector, weight: float) -> Vector:
+    """``acc + weight · part``, reusing ``part``'s memory for the first term (it is a fresh product)."""
+    if acc is None:
+        return [t.mul_(float(weight)) for t in part] if weight != 1 else part
+    return add_(acc, part, float(weight))
 
 
 def _checked_loss(loss: Any) -> Tensor:

@@ -44,9 +44,17 @@ from lightning_curvature.core.errors import NonFiniteCurvatureError
 from lightning_curvature.core.operators import CallableOperator, CurvatureOperator, DenseOperator, as_operator
 from lightning_curvature.core.vectors import Vector, add_, scale_
 
-__all__ = ["LanczosResult", "Operator", "Which", "lanczos", "lanczos_tridiagonal"]
+__all__ = ["Handoff", "LanczosResult", "Operator", "Which", "lanczos", "lanczos_tridiagonal"]
 
 Operator = CurvatureOperator | Tensor | Callable[[Tensor], Tensor]
+
+
+class Handoff(list):  # type: ignore[type-arg]
+    """Start vectors handed to :func:`lanczos` to own: normalised in place and released during the solve.
+
+    ``lanczos(op, v0=Handoff([vector]))`` (or a block) saves the copy a start vector otherwise costs, so the memory
+    bound ``max_vectors`` counts the start vectors too. The list is emptied.
+    """
 
 
 @dataclass
@@ -76,6 +84,11 @@ class LanczosResult:
     converged: bool
     warm_start: Any = None
     peak_vectors: int = 0
+
+    @property
+    def num_hvp(self) -> int:
+        """Products used (the name :class:`~lightning_curvature.core.eigen.EigenResult` uses)."""
+        return self.num_matvecs
 
 
 def _is_flat(op: CurvatureOperator) -> bool:
@@ -122,7 +135,7 @@ def lanczos(
     k: int = 1,
     which: Which = "largest",
     tol: float = 1e-3,
-    abs_floor: float = 1e-6,
+    abs_tol: float = 1e-6,
     max_iter: int = 100,
     min_iter: int | None = None,
     v0: Any = None,
@@ -134,6 +147,7 @@ def lanczos(
     return_warm_start: bool = False,
     block_size: int = 1,
     max_vectors: int | None = None,
+    abs_floor: float | None = None,
 ) -> LanczosResult:
     r"""The ``k`` extreme eigenpairs of a symmetric operator (see the module docstring).
 
@@ -144,8 +158,8 @@ def lanczos(
         k: number of eigenpairs.
         which: ``"largest"`` (algebraic, largest first) or ``"smallest"`` (most negative first).
         tol: relative tolerance on each eigenvalue: stop when its error estimate is at most
-            ``tol · max(|θ|, abs_floor)``.
-        abs_floor: absolute floor of the tolerance scale, for spectra near zero.
+            ``tol · max(|θ|, abs_tol)``.
+        abs_tol: absolute floor of the tolerance scale, for spectra near zero.
         max_iter: maximum number of products.
         min_iter: do not stop before this many products (default ``k + 1``).
         v0: start vector (flat, or parameter-shaped for a parameter-space operator), default a seeded Gaussian
@@ -160,6 +174,7 @@ def lanczos(
         block_size: vectors per Krylov block (1: Lanczos; ``b > 1`` sees eigenvalues of multiplicity up to ``b``).
         max_vectors: the most parameter-sized vectors held at once (the basis is thick-restarted to stay within it;
             the answer still meets ``tol``); ``None`` for no bound.
+        abs_floor: deprecated name of ``abs_tol``.
 
     Returns:
         A :class:`LanczosResult`.
@@ -179,6 +194,9 @@ def lanczos(
     """
     if which not in WHICH:
         raise ValueError(f"`which` must be one of {WHICH}, got {which!r}.")
+    if abs_floor is not None:
+        warnings.warn("`abs_floor` is deprecated; use `abs_tol`.", DeprecationWarning, stacklevel=2)
+        abs_tol = abs_floor
     if isinstance(v0, Tensor) and not isinstance(A, (CurvatureOperator, Tensor)):
         dim = v0.shape[-1] if dim is None else dim
         dtype = v0.dtype if dtype is None else dtype
@@ -202,6 +220,7 @@ def lanczos(
     min_iter = k + 1 if min_iter is None else min_iter
     gen = torch.Generator(device="cpu").manual_seed(seed)
     block = False
+    owned = v0 is None or isinstance(v0, Handoff)
     if v0 is None:
         start = [op.space.randn(gen) for _ in range(block_size)]
     else:
@@ -209,6 +228,8 @@ def lanczos(
             start, block = _start_vectors(op, v0)
         except ValueError as err:
             raise ValueError(f"`v0` does not match the operator: {err}") from err
+        if isinstance(v0, Handoff):
+            v0.clear()
         if not block:
             norm = float(op.space.norm(start[0]))
             if not (math.isfinite(norm) and norm > 0):
@@ -228,16 +249,16 @@ def lanczos(
         for v in start[1:]:
             add_(summed, v)
         start = [summed]
-    stopping = StoppingRule(k, tol, abs_floor, rule, min(min_iter, n), warm=use_davidson)
+    stopping = StoppingRule(k, tol, abs_tol, rule, min(min_iter, n), warm=use_davidson)
     if use_davidson:
         out = davidson_warm_start(
             op, start, k=k, which=which, rule=stopping, max_iter=max_iter, max_vectors=max_vectors,
-            num_vectors=num_vectors, seed=seed,
+            num_vectors=num_vectors, seed=seed, owned=owned,
         )  # fmt: skip
     else:
         out = krylov_schur(
             op, start, k=k, which=which, rule=stopping, max_iter=max_iter, max_vectors=max_vectors,
-            num_vectors=num_vectors, seed=seed,
+            num_vectors=num_vectors, seed=seed, owned=owned,
         )  # fmt: skip
     if out.theta.numel() < k:
         raise ValueError(f"The search space has dimension {out.theta.numel()} < k={k}.")

@@ -27,6 +27,7 @@ __all__ = ["check_per_example_safe", "default_chunk_size", "per_example_gradient
 def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
+
 PerExampleStrategy = Literal["auto", "vmap", "loop"]
 
 
