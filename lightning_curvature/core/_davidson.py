@@ -145,19 +145,32 @@ def davidson_warm_start(
         kk = min(kk_max, m)
         # residuals: explicit for the top kk pairs, from the Gram identity further in
         resid = ((Y * (pair.G @ Y)).sum(0) - theta**2).clamp_min(0.0).sqrt()
-        explicit = []
-        for i in range(kk):
-            r = _combine(pair.W, Y[:, i])
-            add_(r, _combine(pair.B, Y[:, i]), -float(theta[i]))
-            explicit.append(sp.norm(r))
-        refined = []
         coeffs = refined_coefficients(pair.T, pair.G, theta[:kk])
-        for i in range(kk):
-            u = _combine(pair.B, coeffs[i])
-            au = _combine(pair.W, coeffs[i])
-            add_(au, u, -float(theta[i]))
-            refined.append(sp.norm(au) / sp.norm(u).clamp_min(1e-300))
-        both = torch.stack(explicit + refined).cpu()  # one sync
+        residual_vectors: list[Vector] | None = None
+        if capacity is None:  # memory is not bounded: all 2kk combinations in one pass over each basis
+            both_coeffs = torch.cat([Y[:, :kk].T, coeffs])
+            xs, axs = pair.B.combine(both_coeffs), pair.W.combine(both_coeffs)
+            shifts = torch.cat([theta[:kk], theta[:kk]]).tolist()
+            for ax, x, t in zip(axs, xs, shifts):
+                add_(ax, x, -t)
+            sq = sp.dots([(r, r) for r in axs] + [(u, u) for u in xs[kk:]])
+            norms = sq.clamp_min(0.0).sqrt()
+            both = torch.cat([norms[:kk], norms[kk : 2 * kk] / norms[2 * kk :].clamp_min(1e-300)]).cpu()  # one sync
+            residual_vectors = axs[:kk]
+            del xs
+        else:  # one vector at a time: at most three beyond B and W
+            explicit = []
+            for i in range(kk):
+                r = _combine(pair.W, Y[:, i])
+                add_(r, _combine(pair.B, Y[:, i]), -float(theta[i]))
+                explicit.append(sp.norm(r))
+            refined = []
+            for i in range(kk):
+                u = _combine(pair.B, coeffs[i])
+                au = _combine(pair.W, coeffs[i])
+                add_(au, u, -float(theta[i]))
+                refined.append(sp.norm(au) / sp.norm(u).clamp_min(1e-300))
+            both = torch.stack(explicit + refined).cpu()  # one sync
         resid[:kk] = both[:kk]
         if not (math.isfinite(float(theta.abs().max())) and bool(torch.isfinite(both).all())):
             raise NonFiniteCurvatureError("The warm start met a non-finite Rayleigh–Ritz value.")
@@ -182,8 +195,11 @@ def davidson_warm_start(
             todo = todo[: max(1, capacity - kk)]
         added = 0
         for i in todo:
-            resid_i = _combine(pair.W, Y[:m, i])
-            add_(resid_i, _combine(pair.B, Y[:m, i]), -float(theta[i]))
+            if residual_vectors is not None:
+                resid_i = residual_vectors[i]  # computed above, before the basis grew
+            else:
+                resid_i = _combine(pair.W, Y[:m, i])
+                add_(resid_i, _combine(pair.B, Y[:m, i]), -float(theta[i]))
             direction = pair.orthonormal_direction(resid_i)
             if direction is not None:
                 pair.add(direction)

@@ -79,6 +79,26 @@ def ritz_pairs(T: Tensor, which: Which) -> tuple[Tensor, Tensor]:
     return theta, S
 
 
+def _smallest_rank_one_update(d: Tensor, c: Tensor, iters: int = 100) -> Tensor:
+    r"""Smallest eigenvalue of :math:`\mathrm{diag}(d) + cc^\top` (``d ≥ 0``) for each row of ``d``, ``c``.
+
+    It lies between the two smallest ``d`` (interlacing) where the secular function
+    :math:`1 + \sum_j c_j^2/(d_j - \lambda)` crosses zero; found by bisection, :math:`O(m)` per step.
+    """
+    order = torch.argsort(d, dim=1)
+    d = torch.gather(d, 1, order)
+    c2 = torch.gather(c * c, 1, order)
+    lo = d[:, 0].clone()
+    hi = d[:, 1].clone() if d.shape[1] > 1 else d[:, 0] + c2.sum(1)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        f = 1.0 + (c2 / (d - mid[:, None])).sum(1)
+        hi = torch.where(f > 0, mid, hi)
+        lo = torch.where(f > 0, lo, mid)
+    out = 0.5 * (lo + hi)
+    return torch.where(c2[:, 0] <= 1e-300, d[:, 0], out)  # no coupling to the nearest value: it stays
+
+
 def refined_residuals(T: Tensor, coupling: Tensor, theta: Tensor) -> Tensor:
     r""":math:`\min_{\|u\|=1,\ u \in \mathrm{span}(V)} \|(A - \theta) u\|` for each ``theta``: the refined residuals.
 
@@ -88,6 +108,13 @@ def refined_residuals(T: Tensor, coupling: Tensor, theta: Tensor) -> Tensor:
     is one candidate, so it never exceeds the Ritz residual.
     """
     m = T.shape[0]
+    if coupling.shape[0] == 1 and m > 1:
+        # σ_min² = λ_min((T − θ)² + CᵀC) = λ_min(diag((θ_j − θ)²) + ccᵀ) in T's eigenbasis (c = Sᵀ Cᵀ): a rank-one
+        # update of a diagonal, solved by its secular equation instead of an SVD per θ (which cost O(m³) each)
+        evals, S = torch.linalg.eigh(T.to(torch.float64))
+        c = (coupling.to(torch.float64) @ S).reshape(-1)
+        d = (evals[None, :] - theta.to(torch.float64)[:, None]) ** 2
+        return _smallest_rank_one_update(d, c.expand_as(d)).clamp_min(0.0).sqrt()
     stacked = torch.cat([T, coupling]).to(torch.float64)
     eye = torch.eye(m + coupling.shape[0], m, dtype=torch.float64)
     return torch.linalg.svdvals(stacked - theta[:, None, None] * eye)[:, -1]
