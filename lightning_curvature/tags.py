@@ -66,6 +66,7 @@ DENSITY_FIGURE = "curvature/density"
 
 # --- gradient-covariance monitor -------------------------------------------------------------------------------
 GRAD_COV_FROBENIUS_NORM = "grad_cov/frobenius_norm"
+GRAD_COV_NOISE_SCALE_BATCH = "grad_cov/noise_scale_batch"
 GRAD_COV_OVERHEAD = "grad_cov/overhead"
 
 # --- directional monitor (CDAT) --------------------------------------------------------------------------------
