@@ -135,7 +135,7 @@ class GradientCovarianceMonitor(CurvatureMonitorBase):
     """
 
     _headline_key = GRAD_COV_EIG_1
-    _may_be_infinite = frozenset({GRAD_COV_CONDITION_NUMBER, GRAD_COV_NOISE_SCALE})
+    _may_be_infinite = frozenset({GRAD_COV_CONDITION_NUMBER, GRAD_COV_NOISE_SCALE, GRAD_COV_NOISE_SCALE_BATCH})
     _overhead_key = GRAD_COV_OVERHEAD
 
     def __init__(
@@ -228,7 +228,8 @@ class GradientCovarianceMonitor(CurvatureMonitorBase):
         metrics[GRAD_COV_TRACE] = cov.trace
         # pooled over measurements: the ratio of averaged unbiased |G|² and tr Σ (McCandlish et al. 2018, A.1)
         metrics[GRAD_COV_NOISE_SCALE] = self._noise.update(cov.gradient_norm_sq_unbiased, cov.trace_sigma_unbiased)
-        metrics[GRAD_COV_NOISE_SCALE_BATCH] = cov.noise_scale
+        if not math.isnan(cov.noise_scale):  # NaN: too few examples for the unbiased estimates (N < 2)
+            metrics[GRAD_COV_NOISE_SCALE_BATCH] = cov.noise_scale
         if cov.frobenius_norm is not None:
             metrics[GRAD_COV_FROBENIUS_NORM] = cov.frobenius_norm
         return metrics
