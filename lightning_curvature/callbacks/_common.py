@@ -1,4 +1,7 @@
-"""What both curvature monitors share: argument checks, cadence, the step axis, logging, state and DDP reduce.
+"""The monitors' base classes: measuring safely (failures contained, DDP agreement), publishing, state.
+
+Argument checks live in :mod:`._validation`, the Trainer helpers (step axis, reductions, logging) in
+:mod:`._trainer`, the cadence in :mod:`.cadence`; their names are re-exported here.
 
 Step axis: every value is written at ``trainer.fit_loop.epoch_loop._batches_that_stepped`` (the number of
 optimizer steps taken so far), the step ``LearningRateMonitor`` and the training loss are logged at. Step
@@ -42,11 +45,10 @@ until the process group's timeout ends the run.
 from __future__ import annotations
 
 import math
-import numbers
 import re
 import time
 from abc import abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
@@ -68,11 +70,33 @@ from lightning_curvature.callbacks._loss import (
     is_training_step_fallback,
     resolve_loss_fn,
 )
+from lightning_curvature.callbacks._trainer import (
+    first_optimizer,
+    log_scalars,
+    make_reduce_fn,
+    measured_parameters,
+    publish_metrics,
+    step_axis,
+)
+from lightning_curvature.callbacks._validation import (
+    SUPPORTED_STRATEGIES,
+    check_batch_dim_arg,
+    check_bool,
+    check_choice,
+    check_optional_int,
+    check_overhead,
+    check_positive_float,
+    check_positive_int,
+    check_strategy,
+)
+from lightning_curvature.callbacks.cadence import EMA_CLIP, EMA_WEIGHT, CadencePlanner, adaptive_gap
 from lightning_curvature.core import NonFiniteCurvatureError, math_attention, preserved_model_state
-from lightning_curvature.core._batch import BatchDim, LayoutLoss, check_batch_dim, iter_batches, to_compute
+from lightning_curvature.core._batch import BatchDim, LayoutLoss, iter_batches, to_compute
 from lightning_curvature.core.sharded import is_sharded
 
 __all__ = [
+    "EMA_CLIP",
+    "EMA_WEIGHT",
     "SUPPORTED_STRATEGIES",
     "CurvatureCallback",
     "CurvatureMonitorBase",
@@ -86,6 +110,7 @@ __all__ = [
     "check_positive_float",
     "check_positive_int",
     "check_strategy",
+    "first_optimizer",
     "log_scalars",
     "make_reduce_fn",
     "measured_parameters",
@@ -93,232 +118,14 @@ __all__ = [
     "step_axis",
 ]
 
-#: What the monitors support, quoted in the error raised for other strategies.
-SUPPORTED_STRATEGIES = (
-    "single device ('auto', SingleDeviceStrategy), DDP ('ddp', 'ddp_spawn', 'ddp_fork'), and for the Hessian "
-    "monitor also FSDP (ModelParallelStrategy with fully_shard, FSDPStrategy)"
-)
-_UNSUPPORTED = ("DeepSpeedStrategy",)
-_SHARDED = ("FSDPStrategy", "ModelParallelStrategy")
-
 #: The clock of the adaptive cadence (a module global so that tests can replace it with a fake clock).
 _now: Callable[[], float] = time.perf_counter
-#: Smoothing of the step-time average: ``ema += max(1/n, EMA_WEIGHT) * (dt - ema)`` for the ``n``-th timed step
-#: (a running mean for the first ``1/EMA_WEIGHT`` steps, then an exponential average over about as many steps).
-EMA_WEIGHT = 0.02
-#: A step interval longer than this many times the average (validation, checkpointing, a stall) counts as this many.
-EMA_CLIP = 10.0
 
 
 class _MeasuringClock:
     """Wall time spent measuring by every curvature monitor of this process (subtracted from step times)."""
 
     total_s = 0.0
-
-
-def adaptive_gap(t_measure: float, t_step: float, max_overhead: float, min_gap: int = 10, max_gap: int = 10_000) -> int:
-    r"""Steps until the next measurement so that measuring costs ``max_overhead`` of the training time.
-
-    .. math:: \mathrm{gap} = \operatorname{clamp}\left(\left\lceil
-        \frac{t_\mathrm{measure}}{\mathrm{max\_overhead}\cdot t_\mathrm{step}} \right\rceil,
-        \ \mathrm{min\_gap},\ \mathrm{max\_gap}\right)
-
-    A relative ``1e-9`` is forgiven before rounding up, so that an exact ratio is not pushed to the next integer by
-    floating-point error. Pure: no clock, no state.
-
-    Args:
-        t_measure: wall time of one measurement (seconds).
-        t_step: wall time of one training step (seconds).
-        max_overhead: budget, measuring time / training time.
-        min_gap: fewest steps between measurements.
-        max_gap: most steps between measurements (the overhead can exceed the budget when this binds).
-
-    Returns:
-        The number of optimizer steps until the next measurement.
-
-    Example::
-
-        >>> adaptive_gap(t_measure=0.5, t_step=0.01, max_overhead=0.05)
-        1000
-        >>> adaptive_gap(t_measure=0.001, t_step=0.01, max_overhead=0.05), adaptive_gap(60.0, 0.01, 0.05)
-        (10, 10000)
-    """
-    if not (t_step > 0 and math.isfinite(t_step)):
-        return min_gap
-    ratio = max(t_measure, 0.0) / (max_overhead * t_step)
-    if not math.isfinite(ratio):
-        return max_gap
-    return int(min(max(math.ceil(ratio * (1.0 - 1e-9)), min_gap), max_gap))
-
-
-# --- argument checks ------------------------------------------------------------------------------------------
-def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` as an int ``>= minimum`` (NumPy integers accepted; bools, floats and strings are not).
-
-    Raises:
-        MisconfigurationException: naming ``name`` and the bad value.
-
-    Example::
-
-        >>> check_positive_int("k", 5)
-        5
-        >>> check_positive_int("k", 5.0)
-        Traceback (most recent call last):
-        ...
-        lightning.fabric.utilities.exceptions.MisconfigurationException: `k` must be an integer >= 1, got 5.0.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise MisconfigurationException(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
-
-
-def check_optional_int(name: str, value: Any) -> int | None:
-    """``value`` as an int (any sign, e.g. a seed) or ``None``.
-
-    Raises:
-        MisconfigurationException: naming ``name`` and the bad value.
-    """
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise MisconfigurationException(f"`{name}` must be an integer or None, got {value!r}.")
-    return int(value)
-
-
-def check_bool(name: str, value: Any) -> bool:
-    """``value`` if it is a bool (``"no"``, ``0`` or ``1.0`` are refused: ``bool("no")`` would be ``True``).
-
-    Raises:
-        MisconfigurationException: naming ``name`` and the bad value.
-
-    Example::
-
-        >>> check_bool("log", False)
-        False
-        >>> check_bool("log", "no")
-        Traceback (most recent call last):
-        ...
-        lightning.fabric.utilities.exceptions.MisconfigurationException: `log` must be True or False, got 'no'.
-    """
-    if not isinstance(value, bool):
-        raise MisconfigurationException(f"`{name}` must be True or False, got {value!r}.")
-    return value
-
-
-def check_batch_dim_arg(value: Any) -> BatchDim:
-    """``value`` as a ``batch_dim`` (an int, ``None``, or a tuple/list/dict of these nested like the batch).
-
-    Raises:
-        MisconfigurationException: naming the bad value.
-    """
-    try:
-        return check_batch_dim(value)
-    except TypeError as err:
-        raise MisconfigurationException(str(err)) from None
-
-
-def check_positive_float(name: str, value: Any) -> float:
-    """``value`` as a finite float ``> 0``.
-
-    Raises:
-        MisconfigurationException: naming ``name`` and the bad value.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
-        raise MisconfigurationException(f"`{name}` must be a positive finite number, got {value!r}.")
-    return float(value)
-
-
-def check_overhead(value: Any) -> float:
-    """``value`` as a float in ``(0, 1]`` (the ``max_overhead`` budget).
-
-    Raises:
-        MisconfigurationException: naming ``max_overhead`` and the bad value.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1):
-        raise MisconfigurationException(
-            f"`max_overhead` must be a fraction of the training time in (0, 1], got {value!r}."
-        )
-    return float(value)
-
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    """``value`` if it is one of ``choices``.
-
-    Raises:
-        MisconfigurationException: naming ``name``, the choices and the bad value.
-    """
-    if value not in choices:
-        raise MisconfigurationException(f"`{name}` must be one of {tuple(choices)}, got {value!r}.")
-    return str(value)
-
-
-def check_strategy(strategy: Any, owner: str, sharded_ok: bool = False) -> None:
-    """Reject strategies the monitor cannot measure under.
-
-    Sharded strategies (FSDP) are supported where ``sharded_ok`` (Hessian products by finite differences through
-    the shards); DeepSpeed is not (its ZeRO stages partition parameters outside ``torch.distributed.tensor``).
-
-    Raises:
-        MisconfigurationException: for DeepSpeed, or a sharded strategy where ``sharded_ok`` is false, naming what
-            is supported.
-    """
-    names = {cls.__name__ for cls in type(strategy).__mro__}
-    if names.intersection(_UNSUPPORTED) or (names.intersection(_SHARDED) and not sharded_ok):
-        raise MisconfigurationException(
-            f"{owner} does not support the strategy {type(strategy).__name__}; supported are {SUPPORTED_STRATEGIES}."
-        )
-
-
-# --- trainer helpers ------------------------------------------------------------------------------------------
-def step_axis(trainer: pl.Trainer) -> int:
-    """The step every curvature value is logged at: optimizer steps taken so far (``LearningRateMonitor``'s)."""
-    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
-
-
-def make_reduce_fn(trainer: pl.Trainer) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """A SUM all-reduce through the strategy when there are several processes, else ``None``."""
-    if trainer.world_size <= 1:
-        return None
-    strategy = trainer.strategy
-
-    def reduce_fn(t: torch.Tensor) -> torch.Tensor:
-        return strategy.reduce(t.clone(), reduce_op="sum")  # the DDP reduce works in place
-
-    return reduce_fn
-
-
-def first_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer | None:
-    """``trainer.optimizers[0]``, whose parameters and hyperparameters the monitors measure, or ``None``."""
-    return trainer.optimizers[0] if trainer.optimizers else None
-
-
-def measured_parameters(pl_module: torch.nn.Module, optimizer: Any | None) -> list[torch.Tensor]:
-    """Trainable parameters curvature is taken over: those managed by ``optimizer`` (all if ``None``)."""
-    trainable: list[torch.Tensor] = [p for p in pl_module.parameters() if p.requires_grad]
-    if optimizer is None:
-        return trainable
-    managed = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    chosen = [p for p in trainable if id(p) in managed]
-    return chosen or trainable
-
-
-def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
-    """Write ``metrics`` at ``step`` through every logger (rank zero only; nothing without loggers)."""
-    if not metrics:
-        return
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
-
-
-def publish_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-    """Put ``metrics`` in ``trainer.callback_metrics`` (tensors on the root device, as ``LearningRateMonitor`` does).
-
-    ``EarlyStopping`` and ``ModelCheckpoint`` read their ``monitor`` key there.
-    """
-    if not metrics:
-        return
-    device = trainer.strategy.root_device
-    trainer.callback_metrics.update({k: torch.tensor(float(v), device=device) for k, v in metrics.items()})
 
 
 def check_loss_value(loss: Any) -> Tensor:
@@ -623,20 +430,11 @@ class CurvatureMonitorBase(CurvatureCallback):
         # checkpointed state (and the base class's)
         self.last_step = -1
         self.history: list[tuple[int, float]] = []
-        # adaptive plan (checkpointed): next step, provisional flag, step-time average, last measuring time
-        self._next_step = 0
-        self._provisional = False
-        self._step_time_ema: float | None = None
-        self._last_measure_s = 0.0
+        #: the measuring plan (checkpointed): :class:`~lightning_curvature.callbacks.cadence.CadencePlanner`
+        self.planner = CadencePlanner(self.every_n_steps, self.max_overhead, self.min_gap, self.max_gap)
         # not checkpointed
         self.measure_time_s = 0.0
-        self.train_time_s = 0.0
         self._fit_measure_s = 0.0
-        self._t_prev: float | None = None  # clock at the latest step change, and what had been spent measuring then
-        self._spent_prev = 0.0
-        self._step_prev = -1
-        self._ema_count = 0  # steps averaged into the step-time average (a resumed average counts as settled)
-        self._skip_interval = False  # the next step interval is not averaged (the first of a fit)
 
     # -- identity and state -------------------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
@@ -660,15 +458,50 @@ class CurvatureMonitorBase(CurvatureCallback):
     @property
     def next_step(self) -> int:
         """Step of the next planned measurement (fixed cadence: the next multiple of ``every_n_steps``)."""
-        if self.every_n_steps is None:
-            return self._next_step
-        n = self.every_n_steps
-        return (self.last_step // n + 1) * n if self.last_step >= 0 else 0
+        return self.planner.scheduled(self.last_step)
 
     @property
     def step_time_s(self) -> float | None:
         """Moving average of the wall time of one training step (``None`` before a step was timed)."""
-        return self._step_time_ema
+        return self.planner.step_time_s
+
+    @property
+    def train_time_s(self) -> float:
+        """Wall time of the training steps timed in this fit, without any monitor's measuring time."""
+        return self.planner.train_time_s
+
+    # the plan under its 0.1 attribute names
+    @property
+    def _next_step(self) -> int:
+        return self.planner.next_step
+
+    @_next_step.setter
+    def _next_step(self, value: int) -> None:
+        self.planner.next_step = value
+
+    @property
+    def _provisional(self) -> bool:
+        return self.planner.provisional
+
+    @_provisional.setter
+    def _provisional(self, value: bool) -> None:
+        self.planner.provisional = value
+
+    @property
+    def _step_time_ema(self) -> float | None:
+        return self.planner.step_time_s
+
+    @_step_time_ema.setter
+    def _step_time_ema(self, value: float | None) -> None:
+        self.planner.step_time_s = value
+
+    @property
+    def _last_measure_s(self) -> float:
+        return self.planner.last_measure_s
+
+    @_last_measure_s.setter
+    def _last_measure_s(self, value: float) -> None:
+        self.planner.last_measure_s = value
 
     @property
     def overhead(self) -> float | None:
@@ -685,10 +518,7 @@ class CurvatureMonitorBase(CurvatureCallback):
             **self._base_state(),
             "last_step": self.last_step,
             "history": [[int(s), float(v)] for s, v in self.history],
-            "next_step": int(self._next_step),
-            "plan_provisional": bool(self._provisional),
-            "step_time_ema_s": None if self._step_time_ema is None else float(self._step_time_ema),
-            "last_measure_s": float(self._last_measure_s),
+            **self.planner.state_dict(),
         }
 
     @override
@@ -696,13 +526,7 @@ class CurvatureMonitorBase(CurvatureCallback):
         self._load_base_state(state_dict)
         self.last_step = int(state_dict.get("last_step", -1))
         self.history = [(int(s), float(v)) for s, v in state_dict.get("history", [])]
-        # checkpoints without a plan: re-plan `min_gap` steps after the latest measurement
-        default_next = self.last_step + self.min_gap if self.last_step >= 0 else 0
-        self._next_step = int(state_dict.get("next_step", default_next))
-        self._provisional = bool(state_dict.get("plan_provisional", "next_step" not in state_dict))
-        ema = state_dict.get("step_time_ema_s")
-        self._step_time_ema = None if ema is None else float(ema)
-        self._last_measure_s = float(state_dict.get("last_measure_s", 0.0))
+        self.planner.load_state_dict(state_dict, self.last_step)
 
     # -- hooks --------------------------------------------------------------------------------------------------
     @override
@@ -712,16 +536,15 @@ class CurvatureMonitorBase(CurvatureCallback):
             # a new fit starts its own step axis and plan; a resumed one gets `last_step` and the plan back from the
             # checkpoint (callbacks' states are loaded after `setup`)
             self.last_step = -1
-            self._next_step, self._provisional, self._step_time_ema, self._last_measure_s = 0, False, None, 0.0
+            self.planner.reset()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._resolved_loss is None:
             self._resolve_loss(pl_module)
         self._source.prepare(trainer, pl_module)
-        self.train_time_s, self._fit_measure_s, self._t_prev, self._step_prev = 0.0, 0.0, None, -1
-        self._ema_count = 0 if self._step_time_ema is None else round(1 / EMA_WEIGHT)
-        self._skip_interval = True  # the first step of a fit carries one-off costs
+        self._fit_measure_s = 0.0
+        self.planner.start_fit()
 
     @override
     def on_train_batch_start(
@@ -730,21 +553,13 @@ class CurvatureMonitorBase(CurvatureCallback):
         if self._source.kind == "current":
             self._last_batch = batch
         step = step_axis(trainer)
-        self._time_step(step)
-        if step == self.last_step:
+        planner = self.planner
+        planner.min_gap, planner.max_gap = self.min_gap, self.max_gap  # an instance may override the class bounds
+        planner.time_step(step, _now(), _MeasuringClock.total_s)  # hot path: one clock read, no device sync
+        if not self.planner.due(step, self.last_step, self._broadcast(trainer)):
             return
-        if self.every_n_steps is not None:
-            if step % self.every_n_steps == 0:
-                self.measure(trainer, pl_module, batch, step, prog_bar=self.prog_bar)
-            return
-        if step < self._next_step:
-            return
-        if self._provisional:
-            self._replan(trainer, step)
-            if step < self._next_step:
-                return
         self.measure(trainer, pl_module, batch, step, prog_bar=self.prog_bar)
-        self._plan(trainer, step)
+        self.planner.plan(step, self._last_measure_s, self._broadcast(trainer))
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -754,53 +569,24 @@ class CurvatureMonitorBase(CurvatureCallback):
         if self._source.kind == "current" and self._last_batch is None:
             return  # no training batch seen yet
         self.measure(trainer, pl_module, self._last_batch, step, prog_bar=False)
-        if self.every_n_steps is None:
-            self._plan(trainer, step)
+        self.planner.min_gap, self.planner.max_gap = self.min_gap, self.max_gap
+        self.planner.plan(step, self._last_measure_s, self._broadcast(trainer))
 
     # -- adaptive cadence -----------------------------------------------------------------------------------------
-    def _time_step(self, step: int) -> None:
-        """Update the step-time average when the step axis has moved (hot path: one clock read, no sync)."""
-        if step == self._step_prev:
-            return  # gradient accumulation: the optimizer step is still running
-        now, spent = _now(), _MeasuringClock.total_s
-        if self._t_prev is not None and step > self._step_prev:
-            dt = max(0.0, (now - self._t_prev) - (spent - self._spent_prev))
-            self.train_time_s += dt
-            per_step = dt / (step - self._step_prev)
-            ema = self._step_time_ema
-            if self._skip_interval:
-                self._skip_interval = False
-            elif ema is None:
-                self._step_time_ema, self._ema_count = per_step, 1
-            else:
-                self._ema_count += 1
-                per_step = min(per_step, EMA_CLIP * ema)
-                self._step_time_ema = ema + max(1.0 / self._ema_count, EMA_WEIGHT) * (per_step - ema)
-        self._t_prev, self._spent_prev, self._step_prev = now, spent, step
-
-    def _gap(self, t_measure: float, t_step: float) -> int:
-        """Steps from a measurement that took ``t_measure`` to the next one (:func:`adaptive_gap`)."""
-        return adaptive_gap(t_measure, t_step, self.max_overhead, self.min_gap, self.max_gap)
-
     def _agree(self, trainer: pl.Trainer, next_step: int, provisional: bool) -> None:
-        """Adopt rank 0's plan on every process (the measurement all-reduces: all must measure together)."""
+        """Adopt rank 0's plan on every process (a measurement all-reduces: all must measure at the same steps)."""
         if trainer.world_size > 1:
             next_step, provisional = trainer.strategy.broadcast((int(next_step), bool(provisional)), src=0)
-        self._next_step, self._provisional = int(next_step), bool(provisional)
+        self.planner.next_step, self.planner.provisional = int(next_step), bool(provisional)
 
-    def _plan(self, trainer: pl.Trainer, step: int) -> None:
-        """Plan the next measurement after the one just done at ``step``."""
-        if self._step_time_ema is None:  # no step timed yet: a conservative gap, re-planned when it is reached
-            self._agree(trainer, step + self.min_gap, True)
-        else:
-            self._agree(trainer, step + self._gap(self._last_measure_s, self._step_time_ema), False)
+    def _broadcast(self, trainer: pl.Trainer) -> Callable[[tuple[int, bool]], tuple[int, bool]]:
+        """The planner's way to agree on a plan: through :meth:`_agree`."""
 
-    def _replan(self, trainer: pl.Trainer, step: int) -> None:
-        """At a provisional step: plan from the latest measurement with the step time known by now."""
-        if self._step_time_ema is None:
-            self._agree(trainer, step + self.min_gap, True)
-        else:
-            self._agree(trainer, self.last_step + self._gap(self._last_measure_s, self._step_time_ema), False)
+        def agree(plan: tuple[int, bool]) -> tuple[int, bool]:
+            self._agree(trainer, plan[0], plan[1])
+            return self.planner.next_step, self.planner.provisional
+
+        return agree
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
