@@ -51,10 +51,11 @@ def test_measuring_time_is_not_training_time_and_outliers_are_clipped() -> None:
     # a step whose interval holds 2 s of measuring (by any monitor) still counts as 10 ms of training
     planner.time_step(30, last + 2.01, spent=2.0)
     assert planner.step_time_s == pytest.approx(0.01)
-    # a validation run of 100x a step counts as EMA_CLIP steps in the average
+    # a validation run of 100x a step counts as EMA_CLIP steps; it is the 30th interval averaged (the first of the
+    # fit is skipped), so its weight is 1/30 (a running mean until 1/EMA_WEIGHT intervals)
     before = planner.step_time_s
     planner.time_step(31, last + 2.01 + 1.0, spent=2.0)
-    assert planner.step_time_s == pytest.approx(before + 0.02 * (EMA_CLIP * before - before))
+    assert planner.step_time_s == pytest.approx(before + (EMA_CLIP * before - before) / 30)
 
 
 def test_state_round_trip_and_checkpoints_without_a_plan() -> None:
