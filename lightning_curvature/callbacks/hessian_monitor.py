@@ -115,8 +115,12 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     stochastic Lanczos quadrature (:func:`~lightning_curvature.core.slq_density`) and the mean gradient, so the
     gradient graph is built once. With ``warm_start=True`` the eigenvalue solve starts from the previous
     measurement's top ``k + 1`` Ritz vectors (``LanczosResult.warm_start``: Rayleigh–Ritz on them, then residual
-    expansion), which needs fewer Hessian-vector products while the spectrum moves slowly; the vectors are kept in
-    memory only (every fit, resumed or not, starts cold) and dropped after a failed measurement. A cold start for
+    expansion), which needs fewer Hessian-vector products while the spectrum moves slowly; the vectors are saved in
+    checkpoints when they hold at most ``checkpoint_warm_start_max_entries`` numbers (so a resumed run continues
+    with the uninterrupted run's values; larger ones start cold after a resume) and dropped after a failed
+    measurement. Products are computed by ``method`` (``"auto"``: double backward where valid, finite differences
+    for compiled code and FSDP shards; see :class:`~lightning_curvature.core.HessianOperator`), and ``max_vectors``
+    bounds the parameter-sized vectors a measurement holds, warm-start vectors included. A cold start for
     ``k=1`` begins from the gradient mixed with a seeded Gaussian
     (:func:`~lightning_curvature.core.gradient_start_vector`), for ``k > 1`` from a Gaussian.
     The result still meets ``tol``, but its last digits depend on the start: with the adaptive cadence, on which
@@ -135,13 +139,16 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     **Adaptive optimizers.** For Adam, AdamW and RMSprop the sharpness and eigenvalues are those of the
     *preconditioned* Hessian :math:`P^{-1/2} H P^{-1/2}`, with :math:`P` read from the optimizer state
     (:func:`~lightning_curvature.core.adaptive_preconditioner`), which is what their threshold applies to (Cohen et
-    al. 2022, arXiv 2207.14484). Before the optimizer's first step there is no :math:`P`: the plain Hessian is
-    logged then, without ``edge_ratio``, and schedulers are not fed. Trace and density are always those of the
-    plain Hessian; the subspace overlap is computed in the preconditioned coordinates (gradient
+    al. 2022, arXiv 2207.14484). Before the optimizer's first step there is no state to read: the preconditioner of
+    its first step is predicted from the curvature batch's gradient (Adam: :math:`P_1 = (1-\beta_1)(|g| + \epsilon)`,
+    :func:`~lightning_curvature.core.preconditioner.predicted_first_step_preconditioner`), so the value at step 0
+    is the sharpness the first update meets and schedulers are fed from the start. Trace and density are always those
+    of the plain Hessian; the subspace overlap is computed in the preconditioned coordinates (gradient
     :math:`P^{-1/2} g`).
 
     **Parameters measured.** Those of ``trainer.optimizers[0]`` that require grad (all trainable parameters
-    without an optimizer).
+    without an optimizer), logged under the tags above; and those of every other optimizer that a curvature-fed
+    scheduler is built on, logged as ``curvature/optimizer_{i}/sharpness`` and ``.../edge_ratio``.
 
     **Batch, BatchNorm and dropout.** See :mod:`lightning_curvature.callbacks._batch_source` for ``batch``. With
     ``mode="train"`` (default) the model keeps its flags: BatchNorm normalises with the curvature batch's own
@@ -156,12 +163,13 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     precision (autocast is not active in callbacks; half-precision parameters are upcast).
 
     **Distributed.** Under DDP every Hessian-vector product is all-reduced, so the estimate is that of the
-    global curvature batch and all processes compute the same eigenvalues; only rank 0 writes. Sharded
-    strategies (FSDP, DeepSpeed) raise at setup.
+    global curvature batch and all processes compute the same eigenvalues; only rank 0 writes. Under FSDP
+    (``ModelParallelStrategy`` with ``fully_shard``, ``FSDPStrategy``) products are finite differences through the
+    sharded module (:mod:`lightning_curvature.core.sharded`) and the vectors stay sharded. DeepSpeed raises at setup.
 
-    **Schedulers.** After each finite measurement, every ``trainer.lr_scheduler_configs[i].scheduler`` with a
-    method ``observe_sharpness(sharpness: float, step: int)`` receives it; at fit start, schedulers with
-    ``attach_monitor(monitor)`` receive this callback.
+    **Schedulers.** After each successful measurement every scheduler of ``trainer.lr_scheduler_configs`` with an
+    ``observe_sharpness(sharpness, step)`` method receives the sharpness of its own optimizer's parameters (at fit
+    start, those with ``attach_monitor(monitor)`` receive this callback).
 
     **Failures.** A NaN or infinite measurement is logged as NaN/inf with a warning and never stops training.
 

@@ -55,7 +55,8 @@ class EigenResult:
         residuals: ``‖Hv − λv‖`` per pair (float64).
         error_bounds: error estimate of each eigenvalue (``min(r, r²/gap)`` with a gap estimated from Ritz values,
             never below the accuracy of the products in their dtype).
-        num_hvp: Hessian-vector products used (including the validity check of ``method="auto"``).
+        num_hvp: Hessian-vector products used by the solver (the validity check of ``method="auto"``, once per model
+            and loss, is not counted).
         converged: every eigenvalue met the tolerance within ``max_iter`` products.
         preconditioned: the spectrum is that of ``P^{-1/2} H P^{-1/2}``.
         warm_start: the top ``k + 1`` Ritz vectors for the next measurement (``return_warm_start=True``), as a list
