@@ -3,8 +3,8 @@ r"""Evaluate a network with the on/off pattern of its piecewise-linear ops froze
 The gradient of a ReLU or max-pool network jumps where a pre-activation crosses zero (or a pool's argmax switches).
 A central difference :math:`(\nabla L(\theta+\varepsilon v) - \nabla L(\theta-\varepsilon v))/2\varepsilon` then
 picks up those jumps: the fraction of units that flip grows like :math:`\varepsilon`, each jump is divided by
-:math:`\varepsilon`, and the error does not vanish as :math:`\varepsilon \to 0` (measured: 40%–500% on the benchmark
-CNN and the ReLU transformer). The Hessian that double backward computes is the almost-everywhere one
+:math:`\varepsilon`, and the error does not vanish as :math:`\varepsilon \to 0`. The Hessian that double backward
+computes is the almost-everywhere one
 (:math:`\sigma'' = 0` away from the kinks). With the pattern recorded at :math:`\theta` and replayed at
 :math:`\theta \pm \varepsilon v`, the perturbed networks are smooth functions that agree with the network to first
 order at :math:`\theta`, and their central difference converges to that Hessian.

@@ -6,14 +6,13 @@ When the parameters are shards (FSDP), each tensor is this process's local shard
 local partial sums across processes with :attr:`VectorSpace.reduce_fn`, so every process gets the same scalars and
 the vectors never leave their shards. Nothing here concatenates parameters.
 
-**Accurate reductions.** ``torch.dot`` and ``torch.linalg.vector_norm`` accumulate in the input dtype; on a
-17M-entry float32 vector their relative error reaches 1e-4 and 7e-4 (measured on CPU), which is enough to break
-the orthogonality of a Lanczos basis and make its tridiagonal disagree with :math:`V^\top A V`. Every inner product
-here is computed in rows of :data:`ROW` entries (one batched matrix product), and the row sums are added in float64:
-the error is then about that of the float32 products of the entries, even when a vector's mass sits in a few entries
-(an eigenvector converging to a few coordinates; rows of 1024 left 4e-7 there). Products with a whole basis are
-float32 matrix-vector products over column chunks of :data:`COLUMN_CHUNK` entries added in float64 (chunks of 2^15
-and 2^18 left 2.5x and 12x the eigenvalue error of 2^13 on a 4M-entry diagonal operator).
+**Accurate reductions.** ``torch.dot`` and ``torch.linalg.vector_norm`` accumulate long float32 sums in float32;
+over tens of millions of entries that error is enough to break the orthogonality of a Lanczos basis and make its
+tridiagonal disagree with :math:`V^\top A V`. Every inner product here is computed in short rows of :data:`ROW`
+entries (one batched matrix product) whose sums are added in float64, so the error stays about that of the float32
+products of the entries, even when a vector's mass sits in a few entries (an eigenvector converging to a few
+coordinates). Products with a whole basis are float32 matrix-vector products over column chunks of
+:data:`COLUMN_CHUNK` entries added in float64. The measurements behind both sizes are in ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
