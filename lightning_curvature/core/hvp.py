@@ -312,6 +312,8 @@ class HessianOperator(CurvatureOperator):
         self.mode = check_mode(mode)
         reshard(model)  # FSDP2 modules left unsharded by a forward without backward: measure the shards
         self.compiled = is_compiled(model) if compiled is None else bool(compiled)
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+        self._math_kernel = on_cpu or method in ("double_backward", "forward_over_reverse")
         if lean_double_backward is None:  # measured to pay on CPU (bench_engine.py); untested on accelerators
             lean_double_backward = all(p.device.type == "cpu" for p in model.parameters())
         self.lean_double_backward = bool(lean_double_backward)
@@ -402,10 +404,14 @@ class HessianOperator(CurvatureOperator):
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def _exact_context(self) -> Any:
-        """Kernels and execution for exact (second-order) products: eager code, math attention kernel."""
+        """Kernels and execution for exact (second-order) products: eager code; the math attention kernel on CPU
+        or when double backward was asked for (on an accelerator ``"auto"`` keeps training's fused kernel, whose
+        missing double backward then sends it to finite differences: the math kernel's memory is quadratic in the
+        sequence length)."""
         stack = ExitStack()
         stack.enter_context(eager_execution(self.model))
-        stack.enter_context(math_attention())
+        if self._math_kernel:
+            stack.enter_context(math_attention())
         return stack
 
     def parameter_copies(self, shift: Vector | None = None, alpha: float = 0.0) -> list[Tensor]:
