@@ -172,8 +172,8 @@ def _infinite(m: Any, b: Any) -> Tensor:
 BAD_LOSSES = [
     (_detached, "does not depend on the parameters"),
     (_no_grad, "does not depend on the parameters"),
-    (_integer, "floating point"),
-    (_per_example, "must be a scalar"),
+    (_integer, "floating-point"),
+    (_per_example, "must return a scalar"),
     (_infinite, "not finite"),
 ]
 

@@ -92,6 +92,7 @@ from lightning_curvature.callbacks._validation import (
 from lightning_curvature.callbacks.cadence import EMA_CLIP, EMA_WEIGHT, CadencePlanner, adaptive_gap
 from lightning_curvature.core import NonFiniteCurvatureError, math_attention, preserved_model_state
 from lightning_curvature.core._batch import BatchDim, LayoutLoss, iter_batches, to_compute
+from lightning_curvature.core.hvp import check_loss
 from lightning_curvature.core.sharded import is_sharded
 
 __all__ = [
@@ -132,21 +133,11 @@ def check_loss_value(loss: Any) -> Tensor:
     """``loss`` if it is what curvature needs: a finite floating-point scalar tensor that depends on the parameters.
 
     Raises:
-        TypeError: for a non-tensor or a non-floating loss.
-        ValueError: for a non-scalar loss, or one that does not require grad (detached or computed without grad).
+        TypeError: for a non-tensor, non-scalar or non-floating loss.
+        ValueError: for a loss that does not require grad (detached or computed without grad).
         NonFiniteCurvatureError: for a NaN or infinite loss.
     """
-    if not isinstance(loss, Tensor):
-        raise TypeError(f"The loss must be a scalar tensor, got {type(loss).__name__}.")
-    if loss.numel() != 1:
-        raise ValueError(f"The loss must be a scalar (the mean over the batch), got shape {tuple(loss.shape)}.")
-    if not loss.is_floating_point():
-        raise TypeError(f"The loss must be floating point, got dtype {loss.dtype}: an integer loss has no gradient.")
-    if not loss.requires_grad:
-        raise ValueError(
-            "The loss does not depend on the parameters: it was detached (`.detach()`, `.item()`, a new tensor) or "
-            "computed under `torch.no_grad()`/`torch.inference_mode()`; curvature needs its graph."
-        )
+    check_loss(loss)  # the engine's own check: a floating scalar connected to the parameters
     if not bool(torch.isfinite(loss.detach()).all()):
         raise NonFiniteCurvatureError(f"The loss is not finite ({float(loss.detach().reshape(-1)[0])}).")
     return loss

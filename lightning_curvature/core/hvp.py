@@ -72,6 +72,7 @@ __all__ = [
     "HessianOperator",
     "LossFn",
     "ReduceFn",
+    "check_loss",
     "finite_difference_step",
     "hessian_vector_product",
     "select_parameters",
@@ -737,8 +738,13 @@ def _accumulate(acc: Vector | None, part: Vector, weight: float) -> Vector:
     return add_(acc, part, float(weight))
 
 
-def _checked_loss(loss: Any) -> Tensor:
-    """``loss`` as a 0-dim floating tensor connected to the parameters, or a clear error."""
+def check_loss(loss: Any) -> Tensor:
+    """``loss`` if curvature can be taken of it: a floating-point scalar tensor connected to the parameters.
+
+    Raises:
+        TypeError: for a non-tensor, a non-scalar or a non-floating loss.
+        ValueError: for a loss that does not depend on the parameters (detached, ``no_grad``, ``.item()``).
+    """
     if not isinstance(loss, Tensor):
         raise TypeError(f"`loss_fn` must return a scalar tensor, got {type(loss).__name__}.")
     if loss.numel() != 1:
@@ -750,6 +756,12 @@ def _checked_loss(loss: Any) -> Tensor:
             "`loss_fn` returned a loss that does not depend on the parameters (it was detached, or computed under "
             "torch.no_grad()/inference_mode, or .item() was taken); curvature needs a differentiable loss."
         )
+    return loss
+
+
+def _checked_loss(loss: Any) -> Tensor:
+    """``loss`` checked (:func:`check_loss`) as a 0-dim tensor in float32 or wider."""
+    loss = check_loss(loss)
     return loss.reshape(()).to(torch.float32 if loss.dtype in (torch.float16, torch.bfloat16) else loss.dtype)
 
 
