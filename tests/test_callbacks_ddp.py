@@ -27,6 +27,7 @@ from lightning_curvature import (
     gradient_covariance,
     hessian_eigenvalues,
 )
+from lightning_curvature.callbacks.cadence import CadencePlanner
 
 pytestmark = [pytest.mark.integration, pytest.mark.distributed, pytest.mark.usefixtures("torch_single_thread")]
 
@@ -44,13 +45,21 @@ class RankAgreement(pl.Callback):
             assert torch.equal(gathered[0], gathered[1]), gathered
 
 
+class RankSkewedPlanner(CadencePlanner):
+    """Adaptive plans that disagree: rank 0 asks for a gap of 3 steps, rank 1 for 2."""
+
+    def gap(self, t_measure: float, t_step: float) -> int:
+        return 3 if torch.distributed.get_rank() == 0 else 2
+
+
 class RankSkewedHessian(HessianEigenvalueMonitor):
-    """Adaptive cadence whose local plans disagree: rank 0 asks for a gap of 3 steps, rank 1 for 2."""
+    """A Hessian monitor whose processes plan differently (the broadcast must make them agree)."""
 
     min_gap = 1
 
-    def _gap(self, t_measure: float, t_step: float) -> int:
-        return 3 if torch.distributed.get_rank() == 0 else 2
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.planner = RankSkewedPlanner(self.every_n_steps, self.max_overhead, self.min_gap, self.max_gap)
 
 
 class StepAgreement(pl.Callback):
