@@ -46,7 +46,7 @@ def dense_hessian(model: nn.Module, loss_fn: Any, batch: Any) -> Tensor:
         return torch.autograd.functional.hessian(f, flat_params(model))
 
 
-def _pooled(batch: Any) -> tuple[Tensor, Tensor]:
+def pooled_batch(batch: Any) -> tuple[Tensor, Tensor]:
     """One ``(x, y)`` batch, or several (e.g. a monitor's ``MultiBatch``) pooled into one; float inputs in float64."""
     batches = list(batch) if isinstance(batch[0], (list, tuple)) else [batch]  # several (x, y) or one
     x = torch.cat([b[0] for b in batches])
@@ -61,13 +61,13 @@ def dense_eigvalsh(net: nn.Module, batch: Any, loss_fn: Any = None) -> Tensor:
     which is the size-weighted average of the batch means for a mean loss without cross-example terms (no BatchNorm
     in train mode). ``net`` is copied to float64; ``loss_fn`` defaults to :func:`ce_loss`.
     """
-    H = dense_hessian(copy.deepcopy(net).double(), loss_fn or ce_loss, _pooled(batch))
+    H = dense_hessian(copy.deepcopy(net).double(), loss_fn or ce_loss, pooled_batch(batch))
     return torch.linalg.eigvalsh(H).flip(0)
 
 
 def dense_preconditioned_eigvalsh(net: nn.Module, batch: Any, precond: Tensor, loss_fn: Any = None) -> Tensor:
     """Eigenvalues, largest first, of ``P^{-1/2} H P^{-1/2}`` (``H`` as in :func:`dense_eigvalsh`, ``P`` diagonal)."""
-    H = dense_hessian(copy.deepcopy(net).double(), loss_fn or ce_loss, _pooled(batch))
+    H = dense_hessian(copy.deepcopy(net).double(), loss_fn or ce_loss, pooled_batch(batch))
     d = precond.double().rsqrt()
     return torch.linalg.eigvalsh(d[:, None] * H * d[None, :]).flip(0)
 
