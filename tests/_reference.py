@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +44,63 @@ def dense_hessian(model: nn.Module, loss_fn: Any, batch: Any) -> Tensor:
     # torch 2.13; central finite differences of the gradient agree with the row-by-row Hessian to 2e-9.
     with sdpa_kernel([SDPBackend.MATH]):
         return torch.autograd.functional.hessian(f, flat_params(model))
+
+
+def pooled_batch(batch: Any) -> tuple[Tensor, Tensor]:
+    """One ``(x, y)`` batch, or several (e.g. a monitor's ``MultiBatch``) pooled into one; float inputs in float64."""
+    batches = list(batch) if isinstance(batch[0], (list, tuple)) else [batch]  # several (x, y) or one
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    return (x.double() if x.is_floating_point() else x), y
+
+
+def dense_eigvalsh(net: nn.Module, batch: Any, loss_fn: Any = None) -> Tensor:
+    """Eigenvalues, largest first, of the dense float64 Hessian of the mean loss over every example of ``batch``.
+
+    ``batch`` is one ``(x, y)`` batch or several (e.g. a monitor's ``MultiBatch``): their examples are pooled,
+    which is the size-weighted average of the batch means for a mean loss without cross-example terms (no BatchNorm
+    in train mode). ``net`` is copied to float64; ``loss_fn`` defaults to :func:`ce_loss`.
+    """
+    H = dense_hessian(copy.deepcopy(net).double(), loss_fn or ce_loss, pooled_batch(batch))
+    return torch.linalg.eigvalsh(H).flip(0)
+
+
+def dense_preconditioned_eigvalsh(net: nn.Module, batch: Any, precond: Tensor, loss_fn: Any = None) -> Tensor:
+    """Eigenvalues, largest first, of ``P^{-1/2} H P^{-1/2}`` (``H`` as in :func:`dense_eigvalsh`, ``P`` diagonal)."""
+    H = dense_hessian(copy.deepcopy(net).double(), loss_fn or ce_loss, pooled_batch(batch))
+    d = precond.double().rsqrt()
+    return torch.linalg.eigvalsh(d[:, None] * H * d[None, :]).flip(0)
+
+
+def optimizer_preconditioner(opt: torch.optim.Optimizer, params: Sequence[Tensor]) -> Tensor:
+    """Diagonal ``P`` of the preconditioned sharpness (Cohen et al. 2022), read from the state torch wrote.
+
+    Adam/AdamW: ``P = (1 - β₁ᵗ)(√(v / (1 - β₂ᵗ)) + ε)``; RMSprop: ``P = √v + ε`` (torch applies no bias correction).
+    """
+    group = opt.param_groups[0]
+    parts = []
+    for p in params:
+        state = opt.state[p]
+        if isinstance(opt, torch.optim.RMSprop):
+            parts.append(state["square_avg"].double().sqrt() + group["eps"])
+        else:
+            b1, b2 = group["betas"]
+            t = float(state["step"])
+            v = state["exp_avg_sq"].double() / (1 - b2**t)
+            parts.append((1 - b1**t) * (v.sqrt() + group["eps"]))
+    return torch.cat([q.reshape(-1) for q in parts])
+
+
+def first_step_preconditioner(opt: torch.optim.Optimizer, grads: Sequence[Tensor]) -> Tensor:
+    """``P`` after one real step of a fresh twin of ``opt`` (same class and hyper-parameters) fed ``grads``."""
+    twins = [torch.zeros_like(g, dtype=torch.float64, requires_grad=True) for g in grads]
+    accepted = inspect.signature(type(opt)).parameters
+    hyper = {k: v for k, v in opt.param_groups[0].items() if k in accepted and k != "params"}
+    twin = type(opt)(twins, **hyper)
+    for w, g in zip(twins, grads):
+        w.grad = g.detach().double().clone()
+    twin.step()
+    return optimizer_preconditioner(twin, twins)
 
 
 def plain_hvp(model: nn.Module, loss_fn: Any, batch: Any, v: list[Tensor]) -> Tensor:

@@ -3,13 +3,22 @@ CSV and no logger; schedulers fed through ``observe_sharpness``/``attach_monitor
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from _reference import (
+    ce_loss,
+    dense_preconditioned_eigvalsh,
+    first_step_preconditioner,
+    optimizer_preconditioner,
+    pooled_batch,
+)
 from conftest import TinyClassifier, classification_loader, make_trainer, random_tensors
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -158,15 +167,39 @@ def test_adaptive_optimizer_is_fed_preconditioned_values_from_step_0(tmp_path: P
             self.sched = _ObservingSGD(opt)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": self.sched, "interval": "step"}}
 
+    class Reference(pl.Callback):
+        """λ_max(P^{-1/2} H P^{-1/2}) of the fixed batch, dense float64; P from a real Adam step (step 0: a fresh
+        Adam fed the fixed batch's gradient, the step the first update will take; step 2: the optimizer's state)."""
+
+        def __init__(self, monitor: HessianEigenvalueMonitor) -> None:
+            self.monitor, self.refs = monitor, {}
+
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
+            step = trainer.global_step
+            if step not in (0, 2):
+                return
+            fixed = self.monitor._source.get(None)
+            opt = trainer.optimizers[0]
+            if step == 0:
+                net = copy.deepcopy(pl_module.net).double()
+                grads = torch.autograd.grad(ce_loss(net, pooled_batch(fixed)), list(net.parameters()))
+                precond = first_step_preconditioner(opt, grads)
+            else:
+                precond = optimizer_preconditioner(opt, list(pl_module.parameters()))
+            self.refs[step] = float(dense_preconditioned_eigvalsh(pl_module.net, fixed, precond)[0])
+
     torch.manual_seed(0)
     model = Adam()
     x, y = random_tensors(n=48)
-    hess = HessianEigenvalueMonitor(every_n_steps=2, k=1, num_examples=16)
-    trainer = make_trainer(tmp_path, max_steps=3, callbacks=[hess])
+    hess = HessianEigenvalueMonitor(every_n_steps=2, k=1, tol=1e-6, num_examples=16)
+    ref = Reference(hess)
+    trainer = make_trainer(tmp_path, max_steps=3, callbacks=[ref, hess])
     trainer.fit(model, classification_loader(x, y, batch_size=16))
     # step 0: no Adam state yet; the preconditioner of Adam's first step is predicted from the gradient and fed
     assert [s for s, _ in hess.history] == [0, 2]
-    assert [s for _, s in model.sched.observed] == [0, 2]
+    assert model.sched.observed == [(v, s) for s, v in hess.history]
+    for value, step in model.sched.observed:
+        assert value == pytest.approx(ref.refs[step], rel=1e-5), step
 
 
 class _WithSharpnessAwareLR(TinyClassifier):

@@ -94,10 +94,11 @@ def test_bit_identical_with_loader_generator_and_workers() -> None:
     _assert_identical(plain, watched)
 
 
-def _snapshot(module: torch.nn.Module) -> tuple[dict[str, bool], dict[str, Tensor]]:
+def _snapshot(module: torch.nn.Module) -> tuple[dict[str, bool], dict[str, Tensor], dict[str, Tensor | None]]:
     flags = {name: m.training for name, m in module.named_modules()}
     buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
-    return flags, buffers
+    grads = {name: None if p.grad is None else p.grad.clone() for name, p in module.named_parameters()}
+    return flags, buffers, grads
 
 
 class _Before(pl.Callback):
@@ -113,14 +114,17 @@ class _Before(pl.Callback):
 
 class _After(pl.Callback):
     def __init__(self, before: _Before) -> None:
-        self.before, self.checked = before, 0
+        self.before, self.checked, self.grads_seen = before, 0, 0
 
     def _check(self, pl_module: Any) -> None:
-        flags, buffers = _snapshot(pl_module)
+        flags, buffers, grads = _snapshot(pl_module)
         assert flags == self.before.snap[0]
         for name, b in buffers.items():
             assert torch.equal(b, self.before.snap[1][name]), name
-        assert all(p.grad is None or p.grad.abs().sum() >= 0 for p in pl_module.parameters())
+        for name, g in grads.items():  # the .grad training left (the previous step's) is the one it finds again
+            g0 = self.before.snap[2][name]
+            assert (g is None and g0 is None) or (g is not None and g0 is not None and torch.equal(g, g0)), name
+        self.grads_seen += sum(g is not None for g in grads.values())
         self.checked += 1
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
@@ -145,5 +149,6 @@ def test_flags_and_buffers_unchanged_after_each_hook(mode: str) -> None:
     trainer = make_trainer("unused", max_steps=4, callbacks=[before, *monitors, after])
     trainer.fit(model, classification_loader(x, y, batch_size=16))
     assert after.checked == 4 + 2  # every batch start and both epoch ends (the second epoch is cut by max_steps)
+    assert after.grads_seen > 0  # the .grad comparison above compared tensors, not only Nones
     assert not model.net[3].training and model.net[1].training
     assert all(p.grad is not None for p in model.parameters())  # training's own gradients, untouched

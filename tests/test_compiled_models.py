@@ -8,9 +8,13 @@ compiler for Inductor.
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.nn.functional as F
+from _reference import dense_eigvalsh
 from torch import Tensor, nn
 
 from lightning_curvature import (
@@ -80,10 +84,19 @@ def test_lightning_compiled_module_is_monitored(tmp_path):
     """``trainer.fit(torch.compile(module))``: the monitor measures, training stays compiled."""
     x, y = _batch()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-    monitor = HessianEigenvalueMonitor(every_n_steps=2, k=1)
+    monitor = HessianEigenvalueMonitor(every_n_steps=2, k=1, tol=1e-6)
+
+    class Reference(pl.Callback):  # λ_max of the dense float64 Hessian of the fixed batch, on the eager network
+        def __init__(self) -> None:
+            self.refs: dict[int, float] = {}
+
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
+            self.refs[trainer.global_step] = float(dense_eigvalsh(pl_module.net, monitor._source.get(None))[0])
+
+    ref = Reference()
     trainer = pl.Trainer(
         max_steps=4,
-        callbacks=[monitor],
+        callbacks=[ref, monitor],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -92,5 +105,7 @@ def test_lightning_compiled_module_is_monitored(tmp_path):
     )
     module = _Classifier()
     trainer.fit(torch.compile(module, backend="aot_eager"), loader)
-    assert torch.isfinite(trainer.callback_metrics["curvature/sharpness"])
+    assert [s for s, _ in monitor.history] == [0, 2]
+    assert [v for _, v in monitor.history] == pytest.approx([ref.refs[0], ref.refs[2]], rel=1e-4)
+    assert float(trainer.callback_metrics["curvature/sharpness"]) == pytest.approx(ref.refs[2], rel=1e-4)
     assert module._compiler_ctx is not None and module.forward is not module._compiler_ctx["original_forward"]

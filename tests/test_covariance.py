@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from _reference import ce_loss, digits, mlp, per_example_grads
@@ -136,9 +138,14 @@ def test_batchnorm_in_train_mode_is_rejected_and_eval_works() -> None:
     x, y = digits(16)
     with pytest.raises(ValueError, match="BatchNorm.*mode='eval'"):
         gradient_covariance(model, ce_loss, (x, y))
+    with torch.no_grad():  # non-trivial running statistics
+        model(x)
     before = [b.clone() for b in model.buffers()]
-    cov = gradient_covariance(model, ce_loss, (x, y), mode="eval")
-    assert cov.trace > 0 and model.training and model[1].training
+    cov = gradient_covariance(model, ce_loss, (x, y), k=3, mode="eval")
+    ref = _reference(copy.deepcopy(model).eval(), x, y)  # per-example loop, BatchNorm on its running statistics
+    torch.testing.assert_close(cov.eigenvalues, ref["evals"][:3], rtol=1e-9, atol=1e-12)
+    assert cov.trace == pytest.approx(ref["trace"], rel=1e-10)
+    assert model.training and model[1].training
     assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
 
 

@@ -45,8 +45,7 @@ def test_top_k_within_tolerance(case: dict, k: int, seed: int) -> None:
     assert res.converged
     rel = ((res.eigenvalues - ref).abs() / ref.abs()).max().item()
     assert rel <= 1e-3, rel
-    # the reported bound holds where it is meant to: for resolved eigenvalues
-    assert torch.all(res.error_bounds >= 0)
+    # the reported bounds against the true error: test_error_bounds_cover_the_error (not for "cluster", see there)
 
 
 @pytest.mark.parametrize("k", [1, 3])

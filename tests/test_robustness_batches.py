@@ -13,6 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from _reference import ce_loss, per_example_grads
 from conftest import make_trainer
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
@@ -403,5 +404,16 @@ def test_endless_loader_with_num_examples_none_is_refused_at_construction(tmp_pa
     drawn = _DrawnBatch(monitor)
     trainer = make_trainer(tmp_path, max_steps=1, callbacks=[monitor, drawn])
     trainer.fit(_ContainerModel("tuple"), DataLoader(_Endless(), batch_size=8))
-    assert math.isfinite(monitor.last_metrics["grad_cov/eig_1"])
     assert [len(b[1]) for b in drawn.batch] == [8, 8]  # two physical batches of the stream, 16 examples
+    # the first 16 examples of the stream, and their covariance (1/N) by a per-example loop at the initial weights
+    stream = iter(_Endless())
+    xs, ys = zip(*(next(stream) for _ in range(16)))
+    x, y = torch.stack(xs), torch.stack(ys)
+    assert torch.equal(torch.cat([b[0] for b in drawn.batch]), x) and torch.equal(
+        torch.cat([b[1] for b in drawn.batch]), y
+    )
+    G = per_example_grads(_ContainerModel("tuple").net.double(), ce_loss, x.double(), y)
+    centred = G - G.mean(0)
+    eig = torch.linalg.eigvalsh(centred.T @ centred / 16).flip(0)
+    assert monitor.last_metrics["grad_cov/eig_1"] == pytest.approx(float(eig[0]), rel=1e-4)
+    assert monitor.last_metrics["grad_cov/eig_2"] == pytest.approx(float(eig[1]), rel=1e-4)
