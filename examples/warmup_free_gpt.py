@@ -117,8 +117,8 @@ class Settings:
     batch_size: int = 32
     curvature_examples: int = 8
     every: int = 25
-    tol: float = 0.05
-    max_iter: int = 10
+    tol: float = 0.1
+    max_iter: int = 8
     eval_windows: int = 256
     loop: str = "plain"
     config: dict[str, int] = field(default_factory=dict)

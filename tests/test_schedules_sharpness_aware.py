@@ -45,7 +45,7 @@ def test_pure_rule_edge_cases() -> None:
             sharpness_aware_lr(0.1, bad, 2.0)
 
 
-@pytest.mark.parametrize("ratio", [1.5, 2.0, 4.0], ids=lambda r: f"rho_max={r}")
+@pytest.mark.parametrize("ratio", [0.9, 2.0, 4.0], ids=lambda r: f"rho_g={r}")
 def test_pure_edge_rule_matches_numpy(ratio: float) -> None:
     rng = np.random.default_rng(3)
     base = rng.uniform(1e-3, 2.0, 60)
@@ -55,15 +55,19 @@ def test_pure_edge_rule_matches_numpy(ratio: float) -> None:
     floor = rng.uniform(0.0, 0.01, 60)
     reset = rng.uniform(size=60) < 0.3
     edge = 38.0 / sharp
-    expected = np.where(reset, np.minimum(base, edge), np.minimum(np.minimum(base, growth * prev), ratio * edge))
+    held_or_grown = np.maximum(prev, np.minimum(growth * prev, ratio * edge))
+    expected = np.where(reset, np.minimum(base, 0.8 * edge), np.minimum(base, held_or_grown))
     expected = np.maximum(floor, expected)
     got = [
-        edge_following_lr(b, p, s_, 38.0, reset=bool(r), max_edge_ratio=ratio, max_growth=g, min_lr=f)
+        edge_following_lr(
+            b, p, s_, 38.0, reset=bool(r), growth_edge_ratio=ratio, reset_edge_ratio=0.8, max_growth=g, min_lr=f
+        )
         for b, p, s_, g, f, r in zip(base, prev, sharp, growth, floor, reset)
     ]
     np.testing.assert_allclose(got, expected, rtol=1e-15)
     assert edge_following_lr(0.3, 0.1, None, 2.0, min_lr=0.5) == 0.5  # before any measurement: base, floored
-    assert edge_following_lr(0.3, None, 10.0, 2.0) == 0.2  # no previous lr: start on the edge
+    assert edge_following_lr(0.3, None, 10.0, 2.0, reset_edge_ratio=1.0) == 0.2  # no previous lr: a start
+    assert edge_following_lr(0.3, 0.25, 10.0, 2.0, growth_edge_ratio=1.0) == 0.25  # above the edge: held
     with pytest.raises(ValueError, match="sharpness"):
         edge_following_lr(0.1, 0.1, math.nan, 2.0)
 
@@ -92,9 +96,10 @@ def _adam(lr: float = 1.0, groups: int = 1) -> torch.optim.Optimizer:
 
 
 def test_edge_rule_starts_on_the_edge_and_rises_geometrically_to_twice_it() -> None:
-    """Closed form under a constant sharpness: lr_t = min(base, (c/λ)·min(γ^t, ρ_max))."""
+    """Closed form under a constant sharpness (Adam): lr_t = min(base, (c/λ)·min(0.9·γ^t, 2))."""
     opt = _adam(lr=1.0)
     sched = SharpnessAwareLR(opt, max_growth=1.25)
+    assert (sched.max_edge_ratio, sched.growth_edge_ratio, sched.safety) == (2.0, 2.0, 0.9)
     sched.observe_sharpness(3800.0, step=0)  # Adam, β₁ = 0.9: c = 38, edge 0.01
     lrs = []
     for t in range(8):
@@ -103,9 +108,11 @@ def test_edge_rule_starts_on_the_edge_and_rises_geometrically_to_twice_it() -> N
             sched.observe_sharpness(3800.0, step=t)  # unchanged curvature: no effect
         opt.step()
         sched.step()
-    expected = [0.01 * min(1.25**t, 2.0) for t in range(8)]
+    expected = [0.01 * min(0.9 * 1.25**t, 2.0) for t in range(8)]
     assert lrs == pytest.approx(expected, rel=1e-12)
     assert sched.num_resets == 0 and sched.wants_measurement()  # held at 2x the edge: only a measurement helps
+    assert not sched.wants_measurement(step=8)  # ... but not before 1/(1 - β₁) = 10 steps after the last one
+    assert sched.wants_measurement(step=15) and sched.hold_interval == 10
     sched.observe_sharpness(38.0, step=8)  # much flatter (edge 1.0): the lr rises to the base schedule
     for _ in range(4):
         opt.step()
@@ -117,10 +124,11 @@ def test_edge_rule_starts_on_the_edge_and_rises_geometrically_to_twice_it() -> N
     assert opt.param_groups[0]["lr"] == 1.0 and not sched.wants_measurement()
 
 
-def test_edge_rule_resets_to_the_edge_after_a_runaway_only() -> None:
+def test_edge_rule_resets_below_the_edge_after_a_runaway_only() -> None:
     opt = _adam(lr=1.0)
     sched = SharpnessAwareLR(opt, max_growth=2.0)
-    sched.observe_sharpness(38.0, step=0)  # edge 1.0 = base
+    sched.observe_sharpness(38.0, step=0)  # edge 1.0 = base: start at 0.9
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.9)
     opt.step()
     sched.step()
     assert opt.param_groups[0]["lr"] == 1.0
@@ -132,8 +140,30 @@ def test_edge_rule_resets_to_the_edge_after_a_runaway_only() -> None:
     assert opt.param_groups[0]["lr"] == 1.0  # recorded; learning rates change in step() only
     opt.step()
     sched.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(1 / 2.5) and sched.num_resets == 1
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.9 / 2.5) and sched.num_resets == 1
     assert sched.reset_steps == [2]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_defaults_hold_below_the_edge_and_reset_past_it(momentum: float) -> None:
+    """SGD: rise to 0.9x the edge, hold in (0.9, 1] (not lowered), reset to 0.9x the edge past 1."""
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=1.0, momentum=momentum)
+    c = 2.0 + 2.0 * momentum
+    sched = SharpnessAwareLR(opt)
+    assert (sched.max_edge_ratio, sched.growth_edge_ratio) == (1.0, 0.9)
+    sched.observe_sharpness(c / 0.1, step=0)  # edge 0.1
+    for _ in range(50):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.09)
+    sched.observe_sharpness(c / 0.095, step=50)  # the sharpness rose: ratio 0.95, within the edge: held
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.09) and sched.num_resets == 0
+    sched.observe_sharpness(c / 0.08, step=51)  # ratio 1.125: past the edge, reset to 0.9 x 0.08
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.072) and sched.num_resets == 1
 
 
 def test_no_ratchet_at_the_edge_of_stability() -> None:
@@ -161,12 +191,13 @@ def test_edge_ratios_and_wants_measurement() -> None:
     sched = SharpnessAwareLR(opt)
     assert sched.edge_ratios() is None and sched.max_stable_lrs() is None and sched.wants_measurement(0)
     sched.observe_sharpness(380.0, step=0)  # edge 0.1
-    assert sched.edge_ratios() == pytest.approx([1.0]) and sched.max_stable_lrs() == pytest.approx([0.1])
-    assert not sched.wants_measurement()  # free to rise by the growth limit
-    for _ in range(8):
+    assert sched.edge_ratios() == pytest.approx([0.9]) and sched.max_stable_lrs() == pytest.approx([0.1])
+    assert not sched.wants_measurement(1)  # free to rise by the growth limit e^0.1 per step
+    for _ in range(10):
         opt.step()
         sched.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.2) and sched.wants_measurement()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2)  # 0.09 e^(t/10) reaches 2x the edge at t = 8
+    assert not sched.wants_measurement(9) and sched.wants_measurement(10)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -210,7 +241,7 @@ def test_adam_uses_preconditioned_threshold() -> None:
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * 38.0 / 1000.0)
     edge = SharpnessAwareLR(torch.optim.Adam([w], lr=1.0, betas=(0.5, 0.999)))
     edge.observe_sharpness(1000.0)
-    assert edge.optimizer.param_groups[0]["lr"] == pytest.approx(3.0 / 0.5 / 1000.0)  # (2 + 2β₁)/((1 − β₁)λ)
+    assert edge.optimizer.param_groups[0]["lr"] == pytest.approx(0.9 * 3.0 / 0.5 / 1000.0)  # (2 + 2β₁)/((1 − β₁)λ)
 
 
 def test_per_group_thresholds_and_floors() -> None:
@@ -370,7 +401,8 @@ def test_missing_monitor_raises_at_first_step() -> None:
     ("kwargs", "error", "match"),
     [
         ({"rule": "warmup"}, ValueError, "rule"),
-        ({"max_edge_ratio": 1.0}, ValueError, "max_edge_ratio"),
+        ({"max_edge_ratio": 0.5}, ValueError, "max_edge_ratio"),
+        ({"growth_edge_ratio": 1.5}, ValueError, "growth_edge_ratio"),
         ({"max_edge_ratio": math.inf}, ValueError, "max_edge_ratio"),
         ({"max_growth": 1.0}, ValueError, "max_growth"),
         ({"max_growth": True}, ValueError, "max_growth"),
@@ -384,7 +416,8 @@ def test_missing_monitor_raises_at_first_step() -> None:
     ],
     ids=[
         "rule",
-        "edge_ratio=1",
+        "edge_ratio<1",
+        "growth>max",
         "edge_ratio=inf",
         "growth=1",
         "growth=bool",

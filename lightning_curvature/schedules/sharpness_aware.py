@@ -12,31 +12,35 @@ Two rules, per parameter group, on top of any base schedule :math:`\eta^{\text{b
 
 * running far past the edge early in training is what blows a run up (Gilmer et al. 2021): the first updates of
   an untuned run sit at tens to thousands of times the edge;
-* sitting *at* the edge is benign: gradient descent and adaptive methods self-stabilise there, the sharpness
-  hovering around :math:`c/\eta` whatever :math:`\eta` (Cohen et al. 2021, 2022), so a measured
+* sitting *at* the edge is benign: gradient descent, momentum and adaptive methods self-stabilise there, the
+  sharpness hovering around :math:`c/\eta` whatever :math:`\eta` (Cohen et al. 2021, 2022), so a measured
   :math:`\rho \approx 1` says nothing against the current lr, and a cap at a fraction of :math:`c/\lambda` only
   ratchets the lr down;
-* warm-up works because raising the lr at the edge makes the network move to flatter regions, so the lr can rise
-  as fast as the curvature follows; it may start at the edge of the initial sharpness rather than at zero
-  (Kalra & Barkeshli 2024).
+* warm-up works because raising the lr towards and past the edge makes the network move to flatter regions, so
+  the lr can rise as fast as the curvature follows; it may start at the edge of the initial sharpness rather than
+  at zero (Kalra & Barkeshli 2024). Adaptive methods also flatten through their preconditioner, which grows with
+  the oscillation an lr past the edge causes (Cohen et al. 2022); heavy-ball momentum has no such mechanism and
+  amplifies a mode past its edge by a factor 1.8 per step already at :math:`\rho = 1.1` (β = 0.9).
 
-Hence, with :math:`\lambda` the latest measurement, :math:`\rho_{\max}` = ``max_edge_ratio`` and :math:`\gamma` =
-``max_growth``:
+Hence, with :math:`e = c/\lambda` the edge of the latest measurement, ``safety`` :math:`s` (0.9),
+``growth_edge_ratio`` :math:`\rho_g` and ``max_edge_ratio`` :math:`\rho_{\max}` (2 and 2 for Adam/AdamW/RMSprop;
+:math:`s` and 1 for SGD) and ``max_growth`` :math:`\gamma` (:func:`default_growth`, :math:`e^{1-\beta}`):
 
 .. math::
 
-    \eta_{t+1} = \max\Bigl(\eta_{\min},\ \min\bigl(\eta^{\text{base}}_{t+1},\ \gamma\,\eta_t,\
-    \rho_{\max}\, c/\lambda\bigr)\Bigr),
+    \eta_{t+1} = \min\Bigl(\eta^{\text{base}}_{t+1},\ \max\bigl(\eta_t,\ \min(\gamma\,\eta_t,\
+    \rho_g\, e)\bigr)\Bigr),
 
 and, at the first measurement and after any measurement that finds the run far past the edge
-(:math:`\eta_s\lambda_s/c > \rho_{\max}`, :math:`\eta_s` the lr of the measured update), a reset to the edge:
-:math:`\eta_{t+1} = \max(\eta_{\min}, \min(\eta^{\text{base}}_{t+1}, c/\lambda))`. The lr never rises faster than
-:math:`\gamma` per step, never beyond :math:`\rho_{\max}` times the last measured edge, reaches the base schedule
-when the curvature allows, and is lowered only by a measured runaway, never by an edge ratio near 1.
+(:math:`\eta_s\lambda_s/c > \rho_{\max}`, :math:`\eta_s` the lr of the measured update), a reset:
+:math:`\eta_{t+1} = \min(\eta^{\text{base}}_{t+1}, s\,e)`. The lr starts just below the edge, rises at most
+:math:`\gamma` per step while it is below :math:`\rho_g` times the latest edge, reaches the base schedule when the
+curvature allows, and is lowered only by a measured runaway, never by a sharpness that rose to meet it.
 
 **Cap** (``rule="cap"``, the earlier rule): :math:`\eta_t = \max(\eta_{\min}, \min(\eta^{\text{base}}_t,
-\text{safety}\cdot c/\lambda))`. It holds full-batch gradient descent just below the edge; with mini-batches and
-adaptive optimizers, whose sharpness rises to meet :math:`c/\eta`, it lowers the lr at every measurement.
+s\,e))`. It holds full-batch gradient descent just below the edge (use it on convex problems, where nothing
+self-stabilises above the edge); with mini-batches and adaptive optimizers, whose sharpness rises to meet
+:math:`c/\eta`, it lowers the lr at every measurement.
 
 References:
     J. Gilmer et al., "A Loss Curvature Perspective on Training Instability in Deep Learning", arXiv 2110.04369.
@@ -55,7 +59,7 @@ from typing import Any, Literal
 import torch
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from lightning_curvature.core.stability import max_stable_lr
+from lightning_curvature.core.stability import is_adaptive, max_stable_lr
 from lightning_curvature.schedules._fed import FedScheduler
 
 __all__ = ["SharpnessAwareLR", "default_growth", "edge_following_lr", "sharpness_aware_lr"]
@@ -63,6 +67,7 @@ __all__ = ["SharpnessAwareLR", "default_growth", "edge_following_lr", "sharpness
 BaseSchedule = LRScheduler | float | Callable[[int], float] | None
 Rule = Literal["edge", "cap"]
 _RULES = ("edge", "cap")
+_ADAPTIVE_MAX_EDGE_RATIO = 2.0  # Adam/AdamW/RMSprop may be pushed up to 2x the edge (the preconditioner adapts)
 
 _MISSING_FEED = (
     "SharpnessAwareLR was stepped but no sharpness was ever observed and no monitor is attached. In Lightning, "
@@ -136,21 +141,29 @@ def edge_following_lr(
     stability_constant: float,
     *,
     reset: bool = False,
-    max_edge_ratio: float = 2.0,
+    growth_edge_ratio: float = 2.0,
+    reset_edge_ratio: float = 0.9,
     max_growth: float = 1.2,
     min_lr: float = 0.0,
 ) -> float:
     r"""The edge-following rule for one parameter group and one step. Pure: no optimizer, no state.
 
+    With :math:`e = c/\lambda` the edge of the latest sharpness, :math:`\rho_g` = ``growth_edge_ratio``,
+    :math:`s` = ``reset_edge_ratio`` and :math:`\gamma` = ``max_growth``:
+
     .. math::
 
         \eta_{t+1} =
         \begin{cases}
-          \max\bigl(\eta_{\min},\ \min(\eta^{\text{base}}_{t+1},\ c/\lambda)\bigr)
+          \max\bigl(\eta_{\min},\ \min(\eta^{\text{base}}_{t+1},\ s\,e)\bigr)
             & \text{reset (first measurement, or a runaway)},\\
-          \max\bigl(\eta_{\min},\ \min(\eta^{\text{base}}_{t+1},\ \gamma\,\eta_t,\ \rho_{\max}\,c/\lambda)\bigr)
-            & \text{otherwise.}
+          \max\Bigl(\eta_{\min},\ \min\bigl(\eta^{\text{base}}_{t+1},\
+            \max(\eta_t,\ \min(\gamma\,\eta_t,\ \rho_g\, e))\bigr)\Bigr)
+            & \text{otherwise:}
         \end{cases}
+
+    the lr rises by at most :math:`\gamma` per step while it is below :math:`\rho_g e`, is held (never lowered)
+    above it, and never exceeds the base schedule.
 
     Args:
         base_lr: :math:`\eta^{\text{base}}_{t+1}`, the base schedule's lr for the coming update.
@@ -158,8 +171,9 @@ def edge_following_lr(
         sharpness: the latest sharpness :math:`\lambda` (preconditioned for adaptive optimizers), or ``None``
             before the first measurement (then the base lr, floored, is returned).
         stability_constant: :math:`c`, the edge being :math:`c/\lambda` (see :func:`sharpness_aware_lr`).
-        reset: start again from the edge :math:`c/\lambda`.
-        max_edge_ratio: :math:`\rho_{\max}`, the largest multiple of the measured edge the lr may reach.
+        reset: start again from :math:`s\,e`.
+        growth_edge_ratio: :math:`\rho_g`, the multiple of the edge up to which the lr may rise.
+        reset_edge_ratio: :math:`s`, the multiple of the edge a reset goes to.
         max_growth: :math:`\gamma`, the largest factor by which the lr may rise from one update to the next.
         min_lr: floor :math:`\eta_{\min}`; it wins over everything.
 
@@ -172,26 +186,27 @@ def edge_following_lr(
     Example::
 
         >>> # Adam (c = 38) measured at λ = 3800: edge 0.01; base lr 0.1
-        >>> edge_following_lr(0.1, None, 3800.0, 38.0)  # first measurement: start on the edge
-        0.01
+        >>> round(edge_following_lr(0.1, None, 3800.0, 38.0), 6)  # first measurement: start at 0.9x the edge
+        0.009
         >>> edge_following_lr(0.1, 0.01, 3800.0, 38.0)  # then rise by at most 1.2x per step
         0.012
         >>> edge_following_lr(0.1, 0.019, 3800.0, 38.0)  # ... up to twice the measured edge
         0.02
         >>> edge_following_lr(0.1, 0.02, 380.0, 38.0)  # flatter (edge 0.1): the growth limit binds
         0.024
-        >>> edge_following_lr(0.1, 0.02, 9500.0, 38.0)  # sharper (edge 0.004): at most twice the edge
-        0.008
-        >>> edge_following_lr(0.1, 0.02, 9500.0, 38.0, reset=True)  # a measured runaway: back on the edge
-        0.004
+        >>> edge_following_lr(0.1, 0.02, 7600.0, 38.0)  # sharper (edge 0.005): held, not lowered
+        0.02
+        >>> round(edge_following_lr(0.1, 0.02, 7600.0, 38.0, reset=True), 6)  # a runaway: back below the edge
+        0.0045
     """
     lr = float(base_lr)
     if sharpness is not None:
         edge = stability_constant / _check_sharpness(sharpness)
         if reset or previous_lr is None:
-            lr = min(lr, edge)
+            lr = min(lr, reset_edge_ratio * edge)
         else:
-            lr = min(lr, max_growth * float(previous_lr), max_edge_ratio * edge)
+            prev = float(previous_lr)
+            lr = min(lr, max(prev, min(max_growth * prev, growth_edge_ratio * edge)))
     return max(float(min_lr), lr)
 
 
@@ -225,15 +240,15 @@ class SharpnessAwareLR(FedScheduler):
 
     .. math::
 
-        \eta_{t+1} = \max\Bigl(\eta_{\min},\ \min\bigl(\eta^{\text{base}}_{t+1},\ \gamma\,\eta_t,\
-        \rho_{\max}\,c/\lambda\bigr)\Bigr),
+        \eta_{t+1} = \min\Bigl(\eta^{\text{base}}_{t+1},\ \max\bigl(\eta_t,\ \min(\gamma\,\eta_t,\
+        \rho_g\,c/\lambda)\bigr)\Bigr),
 
-    reset to :math:`\min(\eta^{\text{base}}, c/\lambda)` at the first measurement and whenever a measurement finds
-    the edge ratio :math:`\eta\lambda/c` above :math:`\rho_{\max}`. A warm-up emerges: an untuned high-lr run
-    starts on the edge of its initial sharpness and rises to the base schedule at most :math:`\gamma` per step, as
-    fast as the sharpness lets it; a run that equilibrates at the edge (:math:`\rho \approx 1`, the normal state
-    of adaptive optimizers) keeps its lr. ``rule="cap"`` is the earlier cap at ``safety`` times the edge
-    (:func:`sharpness_aware_lr`), which holds full-batch gradient descent just below the edge.
+    reset to :math:`\min(\eta^{\text{base}}, s\,c/\lambda)` at the first measurement and whenever a measurement
+    finds the edge ratio :math:`\eta\lambda/c` above :math:`\rho_{\max}`. A warm-up emerges: an untuned high-lr run
+    starts just below the edge of its initial sharpness and rises to the base schedule at most :math:`\gamma` per
+    step, as fast as the sharpness lets it; a run that equilibrates at the edge (:math:`\rho \approx 1`, the
+    normal state of adaptive optimizers) keeps its lr. ``rule="cap"`` is the earlier cap at ``safety`` times the
+    edge (:func:`sharpness_aware_lr`), for convex problems and full-batch gradient descent held below the edge.
 
     :math:`c/\lambda` is the optimizer's own edge (:func:`~lightning_curvature.core.stability.max_stable_lr`):
     SGD :math:`2/\lambda`; heavy-ball momentum β :math:`(2+2\beta)/\lambda`; Nesterov
@@ -250,7 +265,7 @@ class SharpnessAwareLR(FedScheduler):
     first measurement the base schedule is followed. A non-finite, zero or negative measurement is ignored with a
     single warning; the last good value is kept.
 
-    **When to measure.** With the edge rule the lr can only rise past :math:`\rho_{\max}` times the last measured
+    **When to measure.** With the edge rule the lr can only rise past :math:`\rho_g` times the last measured
     edge after a new measurement: :meth:`wants_measurement` says so (it is ``True`` while the coming update's lr
     is held by that bound, or before any measurement). A monitor that measures when it is ``True`` (and otherwise
     at its own cadence) measures densely while the lr climbs and sparsely once the base schedule is reached.
@@ -265,10 +280,15 @@ class SharpnessAwareLR(FedScheduler):
         base: ``None`` (each group's initial lr), a float (one constant lr for every group), a callable
             ``step -> multiplier`` of each group's initial lr (like ``LambdaLR``), or an ``LRScheduler``.
         rule: ``"edge"`` (default) or ``"cap"`` (see above).
-        max_edge_ratio: edge rule: :math:`\rho_{\max} > 1`, the multiple of the measured edge above which a run is
-            "far past the edge" and reset, and the highest multiple the lr may reach before the next measurement.
-        max_growth: edge rule: :math:`\gamma > 1`, the largest factor between consecutive updates' lrs.
-        safety: cap rule: fraction of the edge allowed, in ``(0, 1]``.
+        max_edge_ratio: edge rule: :math:`\rho_{\max} \ge 1`, the edge ratio above which a measured run is "far
+            past the edge" and reset; ``None``: 2 for Adam/AdamW/RMSprop (their preconditioner absorbs an overshoot),
+            1 for SGD (heavy-ball momentum amplifies any mode past its edge).
+        growth_edge_ratio: edge rule: :math:`\rho_g \le \rho_{\max}`, the multiple of the latest edge up to which
+            the lr may rise; ``None``: :math:`\min(2, \rho_{\max})` for Adam/AdamW/RMSprop, ``safety`` for SGD.
+        max_growth: edge rule: :math:`\gamma > 1`, the largest factor between consecutive updates' lrs; ``None``:
+            :func:`default_growth` of each group, :math:`e^{1-\beta}`.
+        safety: :math:`s`, the fraction of the edge a start or reset goes to (edge rule) and the cap (cap rule),
+            in ``(0, 1]``.
         min_lr: absolute floor per group (a float or one per group).
         min_lr_ratio: floor as a fraction of the base lr, in ``[0, 1]``; the larger floor applies.
         warn_missing: raise at the first :meth:`step` if no monitor is attached and no sharpness was observed;
@@ -276,8 +296,8 @@ class SharpnessAwareLR(FedScheduler):
         last_epoch: as in ``LRScheduler`` (``-1`` for a fresh start).
 
     Raises:
-        ValueError: for ``rule``, ``max_edge_ratio``, ``max_growth``, ``safety``, ``min_lr`` or ``min_lr_ratio``
-            out of range, a non-positive constant ``base``, a base scheduler on another optimizer, or a wrong
+        ValueError: for ``rule``, ``max_edge_ratio``, ``growth_edge_ratio``, ``max_growth``, ``safety``, ``min_lr``
+            or ``min_lr_ratio`` out of range, a non-positive constant ``base``, a base scheduler on another optimizer, or a wrong
             number of ``min_lr`` entries.
         TypeError: for an optimizer without known stability threshold, or an unsupported ``base``
             (e.g. ``ReduceLROnPlateau``).
@@ -287,17 +307,18 @@ class SharpnessAwareLR(FedScheduler):
 
         >>> w = torch.nn.Parameter(torch.zeros(3))
         >>> opt = torch.optim.SGD([w], lr=0.5)
-        >>> sched = SharpnessAwareLR(opt)  # edge rule, base lr 0.5; plain SGD may grow e-fold per step
-        >>> sched.observe_sharpness(10.0, step=0)  # before the first step: at once, on the edge 2/λ = 0.2
+        >>> sched = SharpnessAwareLR(opt)  # edge rule, base lr 0.5
+        >>> sched.observe_sharpness(10.0, step=0)  # before the first step: at once, 0.9 x the edge 2/λ = 0.2
         >>> round(opt.param_groups[0]["lr"], 6)
-        0.2
-        >>> opt.step(); sched.step()  # rises, but not beyond twice the measured edge
+        0.18
+        >>> opt.step(); sched.step()  # SGD rises only up to 0.9 x the edge: held
         >>> round(opt.param_groups[0]["lr"], 6)
-        0.4
+        0.18
         >>> sched.observe_sharpness(2.0, step=1)  # flatter (edge 1.0): recorded, applied at the next step
-        >>> opt.param_groups[0]["lr"]
-        0.4
-        >>> opt.step(); sched.step(); opt.param_groups[0]["lr"]  # the base lr is reached
+        >>> opt.step(); sched.step()  # rises by at most e^(1 - momentum) = e per step ...
+        >>> round(opt.param_groups[0]["lr"], 6)
+        0.489291
+        >>> opt.step(); sched.step(); opt.param_groups[0]["lr"]  # ... to the base lr
         0.5
     """
 
@@ -306,7 +327,8 @@ class SharpnessAwareLR(FedScheduler):
         optimizer: torch.optim.Optimizer,
         base: BaseSchedule = None,
         rule: Rule = "edge",
-        max_edge_ratio: float = 2.0,
+        max_edge_ratio: float | None = None,
+        growth_edge_ratio: float | None = None,
         max_growth: float | None = None,
         safety: float = 0.9,
         min_lr: float | Sequence[float] = 0.0,
@@ -318,8 +340,11 @@ class SharpnessAwareLR(FedScheduler):
             raise TypeError(f"{type(optimizer).__name__} is not an Optimizer.")
         if rule not in _RULES:
             raise ValueError(f"`rule` must be one of {_RULES}, got {rule!r}.")
-        if isinstance(max_edge_ratio, bool) or not (float(max_edge_ratio) > 1.0 and math.isfinite(max_edge_ratio)):
-            raise ValueError(f"Expected a finite max_edge_ratio > 1, got max_edge_ratio={max_edge_ratio!r}.")
+        adaptive = is_adaptive(optimizer)
+        if max_edge_ratio is None:
+            max_edge_ratio = _ADAPTIVE_MAX_EDGE_RATIO if adaptive else 1.0
+        if isinstance(max_edge_ratio, bool) or not (float(max_edge_ratio) >= 1.0 and math.isfinite(max_edge_ratio)):
+            raise ValueError(f"Expected a finite max_edge_ratio >= 1, got max_edge_ratio={max_edge_ratio!r}.")
         if max_growth is not None and (
             isinstance(max_growth, bool) or not (float(max_growth) > 1.0 and math.isfinite(max_growth))
         ):
@@ -327,6 +352,12 @@ class SharpnessAwareLR(FedScheduler):
         safety = float(safety)
         if not 0.0 < safety <= 1.0:
             raise ValueError(f"Expected 0 < safety <= 1, got safety={safety!r}.")
+        if growth_edge_ratio is None:
+            growth_edge_ratio = min(_ADAPTIVE_MAX_EDGE_RATIO, float(max_edge_ratio)) if adaptive else safety
+        if isinstance(growth_edge_ratio, bool) or not 0.0 < float(growth_edge_ratio) <= float(max_edge_ratio):
+            raise ValueError(
+                f"Expected 0 < growth_edge_ratio <= max_edge_ratio={max_edge_ratio}, got {growth_edge_ratio!r}."
+            )
         n_groups = len(optimizer.param_groups)
         mins = [float(min_lr)] * n_groups if isinstance(min_lr, (int, float)) else [float(m) for m in min_lr]
         if len(mins) != n_groups:
@@ -365,7 +396,10 @@ class SharpnessAwareLR(FedScheduler):
 
         self.rule: Rule = rule
         self.max_edge_ratio = float(max_edge_ratio)
+        self.growth_edge_ratio = float(growth_edge_ratio)
         self.max_growth = None if max_growth is None else float(max_growth)
+        # while held by the edge, a new measurement is useful once the optimizer has responded: 1/(1 - β) steps
+        self.hold_interval = max(1, round(min(1.0 / math.log(g) for g in self._default_growths(optimizer))))
         self.growths = [
             default_growth(optimizer.param_groups[i]) if max_growth is None else float(max_growth)
             for i in range(n_groups)
@@ -381,12 +415,16 @@ class SharpnessAwareLR(FedScheduler):
         self.num_resets = 0  # measurements that found the run past max_edge_ratio times the edge (edge rule)
         self.reset_steps: list[int | None] = []  # their steps (for inspection)
         self._reset_pending = False
-        self._bound_active = False  # the coming update's lr is held by max_edge_ratio times the last edge
+        self._bound_active = False  # the coming update's lr is held by growth_edge_ratio times the last edge
         self._init_feed()
         self.constants = [max_stable_lr(optimizer, 1.0, i) for i in range(n_groups)]
         self.base_values: list[float] = [_as_float(g["lr"]) for g in optimizer.param_groups]
         self.lrs_in_use: list[float] = list(self.base_values)
         super().__init__(optimizer, last_epoch)  # last: it runs the first step (get_lr)
+
+    @staticmethod
+    def _default_growths(optimizer: torch.optim.Optimizer) -> list[float]:
+        return [default_growth(g) for g in optimizer.param_groups]
 
     # -- feeding --------------------------------------------------------------------------------------------------
     def observe_sharpness(self, sharpness: float | torch.Tensor, step: int | None = None) -> None:
@@ -441,17 +479,21 @@ class SharpnessAwareLR(FedScheduler):
     def wants_measurement(self, step: int | None = None) -> bool:
         """Whether a new measurement would change what this scheduler does next.
 
-        ``True`` before the first measurement, and (edge rule) while the coming update's lr is held at
-        ``max_edge_ratio`` times the last measured edge, below the base schedule and the growth limit: only a new
-        measurement can let it rise. A monitor may measure when this is ``True`` and at its own cadence otherwise.
+        ``True`` before the first measurement, and (edge rule) while the lr is held by ``growth_edge_ratio`` times
+        the last measured edge below the base schedule and the growth limit (only a new measurement can let it
+        rise), once :attr:`hold_interval` steps (:math:`1/(1-\beta)`, the optimizer's momentum memory) have passed
+        since the last measurement. A monitor may measure when this is ``True`` and at its own cadence otherwise.
 
         Args:
-            step: the step about to be taken (unused; for monitors that pass it).
+            step: the step about to be taken (optimizer steps so far); ``None`` skips the interval check.
         """
-        del step
         if self.sharpness is None:
             return True
-        return self.rule == "edge" and (self._bound_active or self._reset_pending)
+        if self.rule != "edge" or not self._bound_active:
+            return False
+        if step is None or self.sharpness_step is None:
+            return True
+        return step - self.sharpness_step >= self.hold_interval
 
     # -- schedule -------------------------------------------------------------------------------------------------
     def _read_base(self) -> list[float]:
@@ -481,11 +523,12 @@ class SharpnessAwareLR(FedScheduler):
                 continue
             lr = edge_following_lr(
                 base_lr, self.lrs_in_use[i], self.sharpness, c, reset=self._reset_pending,
-                max_edge_ratio=self.max_edge_ratio, max_growth=self.growths[i], min_lr=floor,
+                growth_edge_ratio=self.growth_edge_ratio, reset_edge_ratio=self.safety,
+                max_growth=self.growths[i], min_lr=floor,
             )  # fmt: skip
             if self.sharpness is not None and not self._reset_pending:
-                bound = self.max_edge_ratio * c / self.sharpness
-                bound_active |= bound < min(base_lr, self.growths[i] * self.lrs_in_use[i]) and lr <= bound
+                bound = self.growth_edge_ratio * c / self.sharpness
+                bound_active |= bound < min(base_lr, self.growths[i] * self.lrs_in_use[i])
             out.append(lr)
         self._bound_active = bound_active
         if self.sharpness is not None:
