@@ -199,7 +199,7 @@ def test_plain_loop_equals_quadratic_greedy_and_edge_steps(factory: Any, sigma: 
     torch.manual_seed(0)
     model = nn.Linear(5, 1).double()
     opt = factory(model.parameters())
-    sched = CurvatureDynamicsAwareLR(opt, sigma=sigma, ema_beta=0.0, eps=0.0)
+    sched = CurvatureDynamicsAwareLR(opt, sigma=sigma, ema_beta=0.0, eps=0.0, lr_max=None)
     losses = []
     for step in range(15):
         opt.zero_grad()
@@ -230,7 +230,7 @@ def test_edge_step_returns_to_current_loss_on_quadratic() -> None:
     x, y = least_squares(noise=0.3)
     model = nn.Linear(5, 1).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = CurvatureDynamicsAwareLR(opt, sigma=2.0, ema_beta=0.0, eps=0.0)
+    sched = CurvatureDynamicsAwareLR(opt, sigma=2.0, ema_beta=0.0, eps=0.0, lr_max=None)
     loss = mse_loss(model, (x, y))
     loss.backward()
     u = torch.cat([t.reshape(-1) for t in update_direction(opt)])
@@ -272,7 +272,7 @@ class LeastSquares(pl.LightningModule):
             opt: torch.optim.Optimizer = torch.optim.Adam(self.parameters(), lr=0.1)
         else:
             opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9 if self.opt == "momentum" else 0.0)
-        sched = CurvatureDynamicsAwareLR(opt, sigma=self.sigma, ema_beta=0.0, eps=0.0)
+        sched = CurvatureDynamicsAwareLR(opt, sigma=self.sigma, ema_beta=0.0, eps=0.0, lr_max=None)  # the paper's rule
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
