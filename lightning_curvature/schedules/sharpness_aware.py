@@ -297,8 +297,8 @@ class SharpnessAwareLR(FedScheduler):
 
     Raises:
         ValueError: for ``rule``, ``max_edge_ratio``, ``growth_edge_ratio``, ``max_growth``, ``safety``, ``min_lr``
-            or ``min_lr_ratio`` out of range, a non-positive constant ``base``, a base scheduler on another optimizer, or a wrong
-            number of ``min_lr`` entries.
+            or ``min_lr_ratio`` out of range, a non-positive constant ``base``, a base scheduler on another
+            optimizer, or a wrong number of ``min_lr`` entries.
         TypeError: for an optimizer without known stability threshold, or an unsupported ``base``
             (e.g. ``ReduceLROnPlateau``).
         RuntimeError: from :meth:`step`, see ``warn_missing``.
