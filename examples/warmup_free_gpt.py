@@ -496,17 +496,29 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     payload = {"settings": asdict(s), "model_parameters": cfg.num_params, "summary": rows, "targets": checks,
                "runs": runs, "total_seconds": time.perf_counter() - t_start}  # fmt: skip
-    (out / f"{NAME}.json").write_text(json.dumps(_finite(payload), indent=1), encoding="utf-8")
+    (out / f"{NAME}.json").write_text(_dumps(_finite(payload)), encoding="utf-8")
     plot(runs, rows, s, out / f"{NAME}.png")
     print_table(rows)
     print(json.dumps(_finite(checks), indent=1))
     print(f"{NAME}: {len(runs)} runs in {time.perf_counter() - t_start:.0f} s; wrote {out / (NAME + '.png')} and .json")
 
 
+def _dumps(payload: dict[str, Any]) -> str:
+    """Indented JSON, one line per run (the per-step series stay compact)."""
+    parts = []
+    for key, value in payload.items():
+        if key == "runs":
+            body = ",\n".join("  " + json.dumps(r, separators=(",", ":")) for r in value)
+            parts.append(f' "{key}": [\n{body}\n ]')
+        else:
+            parts.append(f" {json.dumps(key)}: " + json.dumps(value, indent=1).replace("\n", "\n "))
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
 def _finite(x: Any) -> Any:
-    """JSON without bare NaN/inf (they become null)."""
+    """JSON without bare NaN/inf (they become null); floats to 6 significant digits."""
     if isinstance(x, float):
-        return x if math.isfinite(x) else None
+        return float(f"{x:.6g}") if math.isfinite(x) else None
     if isinstance(x, dict):
         return {k: _finite(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
