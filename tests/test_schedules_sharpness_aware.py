@@ -561,3 +561,58 @@ def test_lightning_with_real_hessian_monitor(tmp_path: Any) -> None:
     trainer.fit(model)
     cap = 0.9 * 3.0 / least_squares_sharpness(model.x)  # SGD momentum 0.5: (2 + 2β)/λ
     assert rec.lrs == pytest.approx([cap] * 5, rel=1e-5)  # the step-0 measurement sets the first lr at once
+
+
+# --------------------------------------------------------------------------------------------------------------
+# evidence at small scale: SGD momentum 0.9, mini-batches, a sharp start (digits, tanh MLP, read-out 10x)
+
+
+def _momentum_run(rule: str | None, lr: float, steps: int = 300) -> tuple[list[float], float]:
+    from lightning_curvature.schedules._experiments import digits_problem, make_tanh_mlp, minibatches, mse_onehot
+
+    data = digits_problem(600, seed=0)
+    fixed = (data[0][:256], data[1][:256])
+    model = make_tanh_mlp(width=32, depth=2, output_scale=10.0, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    sched = None if rule is None else SharpnessAwareLR(opt, rule=rule)  # type: ignore[arg-type]
+    next_batch = minibatches(data, 64, seed=0)
+    losses: list[float] = []
+    warm = None
+    for t in range(steps):
+        if sched is not None and (t % 10 == 0 or sched.wants_measurement(t)):
+            res = hessian_eigenvalues(model, mse_onehot, fixed, k=1, tol=0.05, max_iter=10, v0=warm,
+                                      return_warm_start=True)  # fmt: skip
+            warm = res.warm_start
+            sched.observe_sharpness(res.sharpness, t)
+        opt.zero_grad()
+        loss = mse_onehot(model, next_batch())
+        loss.backward()
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]) or losses[-1] > 1e4:
+            break
+        opt.step()
+        if sched is not None:
+            sched.step()
+    with torch.no_grad():
+        final = mse_onehot(model, data).item()
+    return losses, final
+
+
+@pytest.mark.slow
+def test_sgd_momentum_minibatch_high_lr_trains_without_a_spike() -> None:
+    """Base lr 5x the initial edge 3.8/λ: constant lr spikes the loss >20x; the edge rule does not spike and ends
+    lower than both the constant lr and the cap rule (which lowers the lr whenever the sharpness rises)."""
+    pytest.importorskip("sklearn")
+    torch.set_num_threads(1)
+    from lightning_curvature.schedules._experiments import digits_problem, make_tanh_mlp, mse_onehot
+
+    data = digits_problem(600, seed=0)
+    lam0 = hessian_eigenvalues(make_tanh_mlp(width=32, depth=2, output_scale=10.0, seed=0), mse_onehot,
+                               (data[0][:256], data[1][:256]), k=1).sharpness  # fmt: skip
+    lr = 5 * 3.8 / lam0
+    const, const_final = _momentum_run(None, lr)
+    edge, edge_final = _momentum_run("edge", lr)
+    _, cap_final = _momentum_run("cap", lr)
+    assert max(const) > 20 * const[0]
+    assert max(edge) < 1.5 * edge[0]
+    assert edge_final < const_final and edge_final < cap_final
