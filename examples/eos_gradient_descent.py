@@ -1,14 +1,15 @@
 """Edge of stability (Cohen et al. 2021, arXiv 2103.00065) on scikit-learn's digits.
 
-Full-batch gradient descent with MSE on one-hot targets and a tanh MLP, at several learning rates η. Every few
+Full-batch gradient descent with the half squared error on one-hot targets and a tanh MLP 64-64-64-10 (PyTorch's
+default initialisation) at several learning rates η, over several seeds (data split and initialisation). Every few
 steps the sharpness λ_max(H) of the full training batch is measured with ``hessian_eigenvalues`` (Lanczos,
 warm-started from the previous measurement's Ritz vectors).
 
 Paper: sharpness rises during training (progressive sharpening) until it reaches 2/η, then hovers just above
 it while the loss keeps decreasing non-monotonically.
 
-Run ``python examples/eos_gradient_descent.py [--fast] [--out DIR]``; writes ``eos_gradient_descent.png`` and
-``eos_gradient_descent.json`` into ``--out``.
+Run ``python examples/eos_gradient_descent.py [--fast] [--out DIR] [--seeds N]``; writes
+``eos_gradient_descent.png`` and ``eos_gradient_descent.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -20,133 +21,138 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from lightning_curvature import hessian_eigenvalues
-from lightning_curvature._digits import (
+from _digits import (
+    band,
     example_parser,
+    fmt,
     load_digits_data,
     make_mlp,
     mse_loss,
     new_figure,
     save_figure,
+    spread,
     write_json,
 )
+
+from lightning_curvature import hessian_eigenvalues
 
 NAME = "eos_gradient_descent"
 
 
 def run(lr: float, steps: int, every: int, num_train: int, seed: int) -> dict[str, Any]:
     """Full-batch GD at learning rate ``lr``; sharpness every ``every`` steps, loss every step."""
-    data = load_digits_data(num_train, 0, seed=seed)
-    batch = data.train_batch()
+    batch = load_digits_data(num_train, seed=seed).train_batch()
     model = make_mlp(depth=2, width=64, seed=seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     warm = None
-    sharp_steps: list[int] = []
-    sharpness: list[float] = []
-    losses: list[float] = []
-    num_hvp = 0
+    rec: dict[str, Any] = {"lr": lr, "seed": seed, "steps": [], "sharpness": [], "loss": [], "num_hvp": 0}
     for step in range(steps + 1):
-        if step % every == 0 or step == steps:
-            res = hessian_eigenvalues(
-                model, mse_loss, batch, k=1, tol=1e-3, max_iter=100, return_warm_start=True, v0=warm
-            )
+        if step % every == 0:
+            res = hessian_eigenvalues(model, mse_loss, batch, k=1, tol=1e-3, return_warm_start=True, v0=warm)
             warm = res.warm_start
-            num_hvp += res.num_hvp
-            sharp_steps.append(step)
-            sharpness.append(res.sharpness)
-        if step == steps:
-            break
+            rec["num_hvp"] += res.num_hvp
+            rec["steps"].append(step)
+            rec["sharpness"].append(res.sharpness)
         opt.zero_grad()
         loss = mse_loss(model, batch)
+        rec["loss"].append(float(loss.detach()))
+        if step == steps:
+            break
         loss.backward()
         opt.step()
-        losses.append(float(loss.detach()))
-    return {"lr": lr, "steps": sharp_steps, "sharpness": sharpness, "loss": losses, "num_hvp": num_hvp}
+    return rec
 
 
-def summarise(r: dict[str, Any]) -> dict[str, Any]:
-    """Numbers that say whether the run shows progressive sharpening and the edge of stability."""
+def edge_statistics(r: dict[str, Any]) -> dict[str, Any]:
+    """When the run reached 0.95·2/η, the edge ratio η·λ/2 afterwards, and how often the loss rose."""
     threshold = 2.0 / r["lr"]
     lam = r["sharpness"]
     reached = next((s for s, v in zip(r["steps"], lam) if v >= 0.95 * threshold), None)
-    out: dict[str, Any] = {
-        "lr": r["lr"],
-        "threshold_2_over_lr": threshold,
-        "sharpness_init": lam[0],
-        "sharpness_max": max(lam),
-        "sharpness_final": lam[-1],
-        "step_reached_0.95_threshold": reached,
-        "final_loss": r["loss"][-1],
-        "num_hvp": r["num_hvp"],
+    out: dict[str, Any] = {"sharpness_init": lam[0], "step_reached": reached, "final_loss": r["loss"][-1]}
+    if reached is None:
+        return out | {
+            "ratio_after_mean": math.nan,
+            "ratio_after_min": math.nan,
+            "ratio_after_max": math.nan,
+            "loss_increase_share": math.nan,
+        }
+    after = [v / threshold for s, v in zip(r["steps"], lam) if s >= reached + 50]
+    loss_after = r["loss"][reached:]
+    ups = sum(b > a for a, b in itertools.pairwise(loss_after))
+    return out | {
+        "ratio_after_mean": sum(after) / len(after) if after else math.nan,
+        "ratio_after_min": min(after, default=math.nan),
+        "ratio_after_max": max(after, default=math.nan),
+        "loss_increase_share": ups / max(1, len(loss_after) - 1),
     }
-    if reached is not None:
-        after = [v / threshold for s, v in zip(r["steps"], lam) if s >= reached + 50]
-        loss_after = r["loss"][reached:]
-        ups = sum(b > a for a, b in itertools.pairwise(loss_after))
-        out.update(
-            {
-                "ratio_after_edge_mean": sum(after) / len(after) if after else math.nan,
-                "ratio_after_edge_min": min(after, default=math.nan),
-                "ratio_after_edge_max": max(after, default=math.nan),
-                "loss_increases_after_edge": ups,
-                "steps_after_edge": len(loss_after),
-            }
-        )
-    return out
 
 
-def plot(results: list[dict[str, Any]], path: Path, subtitle: str) -> None:
-    """Sharpness with 2/η (dashed) and the training loss, one colour per learning rate."""
-    fig, (ax1, ax2) = new_figure(1, 2, figsize=(12, 4.6))
-    for i, r in enumerate(results):
+def plot(results: dict[float, list[dict[str, Any]]], path: Path, subtitle: str) -> None:
+    """Sharpness (median and seed range) with 2/η dashed, and the training loss, one colour per learning rate."""
+    fig, axes = new_figure(1, 2, figsize=(13, 4.8))
+    ax1, ax2 = axes[0]
+    for i, (lr, runs) in enumerate(results.items()):
         c = f"C{i}"
-        ax1.plot(r["steps"], r["sharpness"], color=c, lw=1.6, label=f"η = {r['lr']:g}: sharpness")
-        ax1.axhline(2.0 / r["lr"], color=c, ls="--", lw=1.2, label=f"η = {r['lr']:g}: 2/η = {2.0 / r['lr']:.3g}")
-        ax2.plot(range(len(r["loss"])), r["loss"], color=c, lw=1.0, label=f"η = {r['lr']:g}")
-    ax1.set(xlabel="step", ylabel="sharpness λ_max(H)", title="(a) sharpness (solid) rises to 2/η (dashed)")
-    ax1.legend(fontsize="small", ncol=1)
-    ax2.set(xlabel="step", ylabel="training loss (MSE)", yscale="log", title="(b) full-batch training loss")
-    ax2.legend(fontsize="small")
+        band(ax1, runs[0]["steps"], [r["sharpness"] for r in runs], color=c, label=f"η = {lr:g}: λ_max(H)")
+        ax1.axhline(2.0 / lr, color=c, ls="--", lw=1.2, label=f"η = {lr:g}: 2/η = {2.0 / lr:.3g}")
+        band(ax2, range(len(runs[0]["loss"])), [r["loss"] for r in runs], color=c, label=f"η = {lr:g}", lw=0.9)
+    ax1.set(
+        xlabel="step",
+        ylabel="sharpness λ_max(H) of the training loss",
+        title="(a) sharpness rises to 2/η (dashed) and stays there",
+    )
+    ax2.set(xlabel="step", ylabel="full-batch training loss (MSE)", yscale="log", title="(b) training loss")
+    for ax in (ax1, ax2):
+        ax.legend(fontsize="small")
     save_figure(fig, path, f"Edge of stability: full-batch GD, tanh MLP on digits ({subtitle})")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the reproduction, write the PNG and JSON, print a summary."""
-    parser = example_parser(__doc__ or NAME, Path(__file__).resolve().parent / "figures")
-    args = parser.parse_args(argv)
+    args = example_parser(__doc__ or NAME, Path(__file__).resolve().parent / "figures").parse_args(argv)
+    torch.set_num_threads(1)
     if args.fast:
-        lrs, steps, every, num_train = [0.3, 0.5], 400, 10, 300
+        lrs, steps, every, num_train, seeds = [0.3, 0.5], 300, 10, 300, min(args.seeds, 2)
     else:
-        lrs, steps, every, num_train = [0.2, 0.3, 0.4], 2000, 20, 1000
+        lrs, steps, every, num_train, seeds = [0.2, 0.3, 0.4], 2000, 20, 1000, args.seeds
+    seed_list = list(range(args.seed, args.seed + seeds))
     t0 = time.perf_counter()
-    results = [run(lr, steps, every, num_train, args.seed) for lr in lrs]
-    summary = [summarise(r) for r in results]
+    results = {lr: [run(lr, steps, every, num_train, s) for s in seed_list] for lr in lrs}
+    summary = []
+    for lr, runs in results.items():
+        stats = [edge_statistics(r) for r in runs]
+        row: dict[str, Any] = {"lr": lr, "threshold_2_over_lr": 2.0 / lr, "seeds": seed_list}
+        row["runs_reaching_edge"] = sum(s["step_reached"] is not None for s in stats)
+        for key in (
+            "sharpness_init",
+            "final_loss",
+            "ratio_after_mean",
+            "ratio_after_min",
+            "ratio_after_max",
+            "loss_increase_share",
+        ):
+            row[key] = spread([s[key] for s in stats])
+        row["step_reached"] = spread([math.nan if s["step_reached"] is None else s["step_reached"] for s in stats])
+        row["num_hvp"] = sum(r["num_hvp"] for r in runs)
+        summary.append(row)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"{NAME}.png"
-    plot(results, png, f"{num_train} examples, {steps} steps")
+    plot(results, png, f"{num_train} examples, {steps} steps, {seeds} seeds: median and seed range")
     elapsed = time.perf_counter() - t0
-    config = {"lrs": lrs, "steps": steps, "measure_every": every, "num_train": num_train, "seed": args.seed}
+    config = {"lrs": lrs, "steps": steps, "measure_every": every, "num_train": num_train, "seeds": seed_list}
     write_json(out / f"{NAME}.json", {"config": config, "summary": summary, "wall_time_s": elapsed})
-    parts = []
-    for s in summary:
-        if s["step_reached_0.95_threshold"] is None:
-            parts.append(
-                f"η={s['lr']:g}: sharpness {s['sharpness_init']:.2f} → {s['sharpness_final']:.2f}, never reached "
-                f"2/η={s['threshold_2_over_lr']:.2f} in {steps} steps"
-            )
-        else:
-            parts.append(
-                f"η={s['lr']:g}: sharpness {s['sharpness_init']:.2f} at init, reached 2/η="
-                f"{s['threshold_2_over_lr']:.2f} at step {s['step_reached_0.95_threshold']}, then λ·η/2 averaged "
-                f"{s['ratio_after_edge_mean']:.2f} (range {s['ratio_after_edge_min']:.2f}-"
-                f"{s['ratio_after_edge_max']:.2f}); loss rose on {s['loss_increases_after_edge']} of "
-                f"{s['steps_after_edge']} steps after that, final loss {s['final_loss']:.4f}"
-            )
+    parts = [
+        f"η={s['lr']:g} (2/η={s['threshold_2_over_lr']:.3g}): {s['runs_reaching_edge']}/{seeds} seeds reached "
+        f"0.95·2/η, at step {fmt(s['step_reached'], '.0f')}; afterwards η·λ/2 averaged {fmt(s['ratio_after_mean'])} "
+        f"(lowest {fmt(s['ratio_after_min'])}, highest {fmt(s['ratio_after_max'])}); the loss rose on "
+        f"{fmt(s['loss_increase_share'], '.2f')} of the steps after that; final loss {fmt(s['final_loss'])}"
+        for s in summary
+    ]
     print(
-        f"Edge of stability ({num_train} digits, full-batch GD, MSE, tanh MLP): " + "; ".join(parts) + ". "
-        f"Wrote {png} in {elapsed:.1f} s."
+        f"Edge of stability ({num_train} digits, full-batch GD, MSE, tanh MLP, {seeds} seeds; mean (seed range)): "
+        + "; ".join(parts)
+        + f". Wrote {png} in {elapsed:.1f} s."
     )
     return 0
 

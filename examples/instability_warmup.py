@@ -1,176 +1,299 @@
-"""Loss curvature and training instability (Gilmer et al. 2021, arXiv 2110.04369) on scikit-learn's digits.
+"""Loss curvature, training instability and warm-up (Gilmer et al. 2021, arXiv 2110.04369) on scikit-learn's digits.
 
-Full-batch gradient descent (MSE on one-hot targets, tanh MLP whose read-out layer is initialised 3x larger than
-PyTorch's default, so that training starts in a sharp region) at a large peak learning rate, without and with
-linear learning-rate warm-ups of several lengths. The sharpness λ_max(H) of the fixed training batch is measured with
-``hessian_eigenvalues`` throughout training (densely at the start), and the edge ratio η_t·λ/2 is plotted:
-the quadratic model is stable iff it is below 1 (η·λ < 2).
+Full-batch gradient descent (half squared error on one-hot targets, tanh MLP 64-64-64-10 whose read-out layer is
+initialised 3x larger than PyTorch's default, so training starts in a sharp region, λ_max ≈ 15) over several seeds:
 
-Paper: training blows up when η·λ goes well past 2 early in training; warm-up works by steering the early
-trajectory into flatter regions, so η·λ stays near 2 while the learning rate rises.
+* **mechanism**: at peak learning rate η = 0.8 (about 6x the initial 2/λ_max), without warm-up and with linear
+  warm-ups of several lengths, λ_max of the training loss is measured with ``hessian_eigenvalues`` throughout
+  training and drawn against the stability threshold 2/η_t of the current learning rate (the quadratic model is
+  stable iff λ_max < 2/η_t); a constant η = 0.3 run is drawn beside them;
+* **benefit**: a grid of peak learning rates × warm-up lengths (0 = constant learning rate), scored by the mean
+  training loss over the last 20% of steps: which peak learning rates train without diverging, and whether the best
+  warm-up run beats the best constant learning rate.
 
-Run ``python examples/instability_warmup.py [--fast] [--out DIR]``; writes ``instability_warmup.png`` and
-``instability_warmup.json`` into ``--out``.
+Paper: training blows up when η·λ_max goes well past 2 early in training; warm-up works by steering the early
+trajectory into flatter regions (λ_max falls while η_t rises), which lets training use larger learning rates.
+
+Run ``python examples/instability_warmup.py [--fast] [--out DIR] [--seeds N]``; writes ``instability_warmup.png``
+and ``instability_warmup.json`` into ``--out``.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from lightning_curvature import hessian_eigenvalues
-from lightning_curvature._digits import (
+from _digits import (
+    band,
     example_parser,
+    fmt,
     load_digits_data,
     make_mlp,
     mse_loss,
     new_figure,
     save_figure,
+    spread,
     write_json,
 )
 
+from lightning_curvature import hessian_eigenvalues
+
 NAME = "instability_warmup"
-DIVERGED = 1e3  # a full-batch MSE above this (it starts near 0.5) counts as divergence
+OUTPUT_SCALE = 3.0
+DIVERGED = 1e3  # a full-batch MSE above this (it starts near 2) counts as divergence
+LATE = 0.2  # runs are scored by their mean loss over the last 20% of steps
 
 
 def measure_now(step: int) -> bool:
-    """Dense measurements early (every 2 steps for 40 steps), then every 5."""
+    """Dense curvature measurements early (every 2 steps for 40 steps), then every 5."""
     return step % 2 == 0 if step < 40 else step % 5 == 0
 
 
-OUTPUT_SCALE = 3.0
+def lr_at(step: int, peak: float, warmup: int) -> float:
+    """Linear warm-up from ``peak/warmup`` to ``peak`` over ``warmup`` steps (0: constant ``peak``)."""
+    return peak * min(1.0, (step + 1) / warmup) if warmup > 0 else peak
 
 
-def run(peak_lr: float, warmup: int, steps: int, num_train: int, seed: int) -> dict[str, Any]:
-    """Full-batch GD with linear warm-up over ``warmup`` steps (0: none); stops on divergence."""
-    data = load_digits_data(num_train, 0, seed=seed)
-    batch = data.train_batch()
+def run(peak: float, warmup: int, steps: int, num_train: int, seed: int, track: bool) -> dict[str, Any]:
+    """Full-batch GD; λ_max every few steps if ``track``; stops on divergence."""
+    batch = load_digits_data(num_train, seed=seed).train_batch()
     model = make_mlp(depth=2, width=64, output_scale=OUTPUT_SCALE, seed=seed)
-    opt = torch.optim.SGD(model.parameters(), lr=peak_lr)
+    opt = torch.optim.SGD(model.parameters(), lr=peak)
     warm = None
-    rec: dict[str, Any] = {"peak_lr": peak_lr, "warmup": warmup, "steps": [], "edge": [], "sharpness": []}
-    losses: list[float] = []
-    lrs: list[float] = []
-    diverged_at = None
+    rec: dict[str, Any] = {
+        "peak_lr": peak,
+        "warmup": warmup,
+        "seed": seed,
+        "steps": [],
+        "sharpness": [],
+        "threshold": [],
+        "loss": [],
+        "diverged_at": None,
+    }
     for step in range(steps + 1):
-        lr = peak_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else peak_lr
+        lr = lr_at(step, peak, warmup)
         for group in opt.param_groups:
             group["lr"] = lr
         loss = mse_loss(model, batch)
         value = float(loss.detach())
         if not math.isfinite(value) or value > DIVERGED:
-            diverged_at = step
+            rec["diverged_at"] = step
             break
-        if measure_now(step) or step == steps:
-            res = hessian_eigenvalues(
-                model, mse_loss, batch, k=1, tol=1e-3, max_iter=100, return_warm_start=True, v0=warm
-            )
+        rec["loss"].append(value)
+        if track and (measure_now(step) or step == steps):
+            res = hessian_eigenvalues(model, mse_loss, batch, k=1, tol=1e-3, return_warm_start=True, v0=warm)
             warm = res.warm_start
             rec["steps"].append(step)
             rec["sharpness"].append(res.sharpness)
-            rec["edge"].append(lr * res.sharpness / 2.0)
-        losses.append(value)
-        lrs.append(lr)
+            rec["threshold"].append(2.0 / lr)
         if step == steps:
             break
         opt.zero_grad()
         loss.backward()
         opt.step()
-    rec.update(loss=losses, lr=lrs, diverged_at=diverged_at)
     return rec
 
 
-def summarise(r: dict[str, Any]) -> dict[str, Any]:
-    """Peak edge ratio, when it peaked, divergence, and the final loss."""
-    edge = r["edge"]
-    i_max = max(range(len(edge)), key=edge.__getitem__) if edge else None
-    late = [e for s, e in zip(r["steps"], edge) if s >= max(r["warmup"], 1) + 20]
+def late_loss(r: dict[str, Any]) -> float:
+    """Mean training loss over the last 20% of steps (``inf`` if the run diverged)."""
+    if r["diverged_at"] is not None:
+        return math.inf
+    n = len(r["loss"])
+    return statistics.fmean(r["loss"][int((1 - LATE) * n) :])
+
+
+def mechanism(r: dict[str, Any]) -> dict[str, Any]:
+    """λ_max at step 0 and at the end of the warm-up, the largest η_t·λ/2 and whether the run diverged."""
+    edge = [lam / thr for lam, thr in zip(r["sharpness"], r["threshold"])]
+    end = r["warmup"] if r["warmup"] else 0
+    at_end = next((lam for s, lam in zip(r["steps"], r["sharpness"]) if s >= end), math.nan)
     return {
-        "peak_lr": r["peak_lr"],
-        "warmup_steps": r["warmup"],
-        "edge_ratio_init": edge[0] if edge else math.nan,
-        "edge_ratio_max": edge[i_max] if i_max is not None else math.nan,
-        "edge_ratio_max_step": r["steps"][i_max] if i_max is not None else None,
-        "edge_ratio_after_warmup_mean": sum(late) / len(late) if late else math.nan,
-        "diverged_at_step": r["diverged_at"],
-        "final_loss": r["loss"][-1] if r["diverged_at"] is None else math.inf,
-        "min_loss": min(r["loss"]),
+        "sharpness_init": r["sharpness"][0] if r["sharpness"] else math.nan,
+        "sharpness_end_of_warmup": at_end,
+        "sharpness_final": r["sharpness"][-1] if r["diverged_at"] is None and r["sharpness"] else math.nan,
+        "edge_ratio_max": max(edge, default=math.nan),
+        "diverged": r["diverged_at"] is not None,
+        "diverged_at": r["diverged_at"],
+        "late_loss": late_loss(r),
     }
 
 
-def label(r: dict[str, Any]) -> str:
-    """Legend text of one run."""
-    return f"η = {r['peak_lr']:g}, " + (f"{r['warmup']}-step warm-up" if r["warmup"] else "no warm-up")
+def label(peak: float, warmup: int) -> str:
+    """Legend text of one setting."""
+    return f"η = {peak:g}, " + (f"{warmup}-step warm-up" if warmup else "constant")
 
 
-def plot(results: list[dict[str, Any]], path: Path, subtitle: str) -> None:
-    """Edge ratio, loss and learning rate; divergence marked with a cross."""
-    fig, axes = new_figure(1, 3, figsize=(16, 4.8))
-    for i, r in enumerate(results):
-        c, ls, lw = f"C{i}", "-", 1.6
-        axes[0].plot(r["steps"], r["edge"], color=c, ls=ls, lw=lw, label=label(r))
-        axes[1].plot(range(len(r["loss"])), r["loss"], color=c, ls=ls, lw=lw, label=label(r))
-        axes[2].plot(range(len(r["lr"])), r["lr"], color=c, ls=ls, lw=lw, label=label(r))
-        if r["diverged_at"] is not None:
-            for ax, ys in ((axes[0], r["edge"]), (axes[1], r["loss"])):
-                if ys:
-                    x = r["steps"][-1] if ax is axes[0] else len(r["loss"]) - 1
-                    ax.plot([x], [ys[-1]], marker="X", ms=11, color=c, mec="black", ls="none")
-    axes[0].axhline(1.0, color="black", ls="--", lw=1.3, label="η·λ/2 = 1 (stability limit)")
-    axes[0].set(xlabel="step", ylabel="η_t · λ_max / 2", yscale="log", title="(a) edge ratio η·λ/2 (X = diverged)")
-    axes[1].set(xlabel="step", ylabel="training loss (MSE)", yscale="log", title="(b) full-batch training loss")
-    axes[2].set(xlabel="step", ylabel="learning rate η_t", title="(c) learning-rate schedule")
-    for ax in axes:
-        ax.legend(fontsize="small")
-    save_figure(fig, path, f"Instability and warm-up: full-batch GD, tanh MLP on digits ({subtitle})")
+def plot(tracked: dict[tuple[float, int], list[dict[str, Any]]], grid: dict[str, Any], path: Path, sub: str) -> None:
+    """(a) λ_max and 2/η_t, (b) training loss, (c) late loss against the peak learning rate per warm-up length."""
+    fig, axes = new_figure(1, 3, figsize=(18, 5.2))
+    ax_l, ax_loss, ax_g = axes[0]
+    for i, ((peak, warmup), runs) in enumerate(tracked.items()):
+        c = f"C{i}"
+        longest = max(runs, key=lambda r: len(r["steps"]))
+        band(ax_l, longest["steps"], [r["sharpness"] for r in runs], color=c, label=f"{label(peak, warmup)}: λ_max")
+        ax_l.plot(
+            longest["steps"], longest["threshold"], color=c, ls="--", lw=1.1, label=f"{label(peak, warmup)}: 2/η_t"
+        )
+        longest_loss = max(runs, key=lambda r: len(r["loss"]))
+        band(ax_loss, range(len(longest_loss["loss"])), [r["loss"] for r in runs], color=c, label=label(peak, warmup))
+        for r in runs:
+            if r["diverged_at"] is not None and r["sharpness"]:
+                ax_l.plot([r["steps"][-1]], [r["sharpness"][-1]], marker="X", ms=10, color=c, mec="black", ls="none")
+                ax_loss.plot([len(r["loss"]) - 1], [r["loss"][-1]], marker="X", ms=10, color=c, mec="black", ls="none")
+    ax_l.set(
+        xlabel="step",
+        ylabel="λ_max(H) (solid) and 2/η_t (dashed)",
+        yscale="log",
+        title="(a) sharpness against the threshold of the current lr (X: diverged)",
+    )
+    ax_loss.set(xlabel="step", ylabel="full-batch training loss (MSE)", yscale="log", title="(b) training loss")
+    peaks = grid["peak_lrs"]
+    for j, warmup in enumerate(grid["warmups"]):
+        rows = grid["late_loss"][str(warmup)]  # seeds × peaks
+        band(
+            ax_g,
+            peaks,
+            rows,
+            color=f"C{j + 5}",
+            label="constant lr" if warmup == 0 else f"{warmup}-step warm-up",
+            marker="o",
+            ms=4,
+            require_all=True,
+        )
+    ax_g.set(
+        xlabel="peak learning rate η",
+        ylabel=f"mean training loss, last {LATE:.0%} of steps",
+        xscale="log",
+        yscale="log",
+        title="(c) outcome per peak lr (drawn where no seed diverged)",
+    )
+    ax_g.set_xticks(peaks, [f"{p:g}" for p in peaks])
+    for ax in (ax_l, ax_loss, ax_g):
+        ax.legend(fontsize="x-small")
+    save_figure(fig, path, f"Instability and warm-up: full-batch GD, tanh MLP on digits ({sub})")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the reproduction, write the PNG and JSON, print a summary."""
-    parser = example_parser(__doc__ or NAME, Path(__file__).resolve().parent / "figures")
-    args = parser.parse_args(argv)
-    peak_lr = 0.8
+    args = example_parser(__doc__ or NAME, Path(__file__).resolve().parent / "figures").parse_args(argv)
+    torch.set_num_threads(1)
     if args.fast:
-        warmups, steps, num_train = [0, 50, 100], 150, 300
+        steps, num_train, seeds = 150, 300, min(args.seeds, 2)
+        tracked_settings = [(0.8, 0), (0.8, 50), (0.3, 0)]
+        peaks, warmups = [0.2, 0.4, 0.8, 1.6], [0, 50]
     else:
-        warmups, steps, num_train = [0, 50, 100, 200], 300, 1000
+        steps, num_train, seeds = 600, 1000, args.seeds
+        tracked_settings = [(0.8, 0), (0.8, 50), (0.8, 100), (0.8, 200), (0.3, 0)]
+        peaks, warmups = [0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.2, 1.6], [0, 50, 100, 200]
+    seed_list = list(range(args.seed, args.seed + seeds))
     t0 = time.perf_counter()
-    results = [run(peak_lr, w, steps, num_train, args.seed) for w in warmups]
-    summary = [summarise(r) for r in results]
+    tracked = {(p, w): [run(p, w, steps, num_train, s, track=True) for s in seed_list] for p, w in tracked_settings}
+    grid_runs = {
+        (p, w): [run(p, w, steps, num_train, s, track=False) for s in seed_list] for w in warmups for p in peaks
+    }
+    grid: dict[str, Any] = {"peak_lrs": peaks, "warmups": warmups, "late_loss": {}, "diverged": {}}
+    for w in warmups:
+        grid["late_loss"][str(w)] = [[late_loss(grid_runs[p, w][i]) for p in peaks] for i in range(seeds)]
+        grid["diverged"][str(w)] = [sum(r["diverged_at"] is not None for r in grid_runs[p, w]) for p in peaks]
+    per_warmup: list[dict[str, Any]] = []
+    for w in warmups:
+        rows = grid["late_loss"][str(w)]
+        stable = [i for i, n_div in enumerate(grid["diverged"][str(w)]) if n_div == 0]
+        # the setting a practitioner would pick: lowest mean late loss among peak lrs that trained on every seed
+        pick = min(stable, key=lambda i: statistics.fmean(row[i] for row in rows), default=None)
+        per_warmup.append(
+            {
+                "warmup": w,
+                "largest_peak_lr_trained_on_every_seed": peaks[stable[-1]] if stable else math.nan,
+                "best_peak_lr": peaks[pick] if pick is not None else math.nan,
+                "best_late_loss": spread([row[pick] if pick is not None else math.nan for row in rows]),
+                # hindsight per seed: the lowest late loss over every peak lr that trained on that seed
+                "lowest_late_loss_any_peak": spread([min(row) for row in rows]),
+            }
+        )
+    const = per_warmup[0]
+    for row in per_warmup[1:]:
+        row["beats_best_constant_on_seeds"] = sum(
+            a < b for a, b in zip(row["best_late_loss"]["values"], const["best_late_loss"]["values"])
+        )
+    mech: list[dict[str, Any]] = []
+    for (p, w), runs in tracked.items():
+        stats = [mechanism(r) for r in runs]
+        mech.append(
+            {
+                "peak_lr": p,
+                "warmup": w,
+                "diverged_on_seeds": sum(s["diverged"] for s in stats),
+                **{
+                    k: spread([s[k] for s in stats])
+                    for k in (
+                        "sharpness_init",
+                        "sharpness_end_of_warmup",
+                        "sharpness_final",
+                        "edge_ratio_max",
+                        "late_loss",
+                    )
+                },
+            }
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"{NAME}.png"
-    plot(results, png, f"read-out init x{OUTPUT_SCALE:g}, {num_train} examples, {steps} steps")
+    plot(tracked, grid, png, f"read-out init x{OUTPUT_SCALE:g}, {num_train} examples, {steps} steps, {seeds} seeds")
     elapsed = time.perf_counter() - t0
     config = {
-        "peak_lr": peak_lr,
-        "warmups": warmups,
         "steps": steps,
         "num_train": num_train,
         "output_scale": OUTPUT_SCALE,
-        "seed": args.seed,
+        "seeds": seed_list,
+        "tracked": tracked_settings,
+        "late_fraction": LATE,
     }
-    write_json(out / f"{NAME}.json", {"config": config, "summary": summary, "wall_time_s": elapsed})
-    parts = []
-    for s in summary:
-        what = f"η={s['peak_lr']:g} " + (f"with {s['warmup_steps']}-step warm-up" if s["warmup_steps"] else "without")
-        fate = (
-            f"diverged at step {s['diverged_at_step']}"
-            if s["diverged_at_step"] is not None
-            else f"trained to loss {s['final_loss']:.4f}, η·λ/2 ≈ {s['edge_ratio_after_warmup_mean']:.2f} after warm-up"
-        )
-        parts.append(
-            f"{what}: η·λ/2 = {s['edge_ratio_init']:.2f} at step 0, max {s['edge_ratio_max']:.3g} at step "
-            f"{s['edge_ratio_max_step']}, {fate}"
-        )
+    series = [
+        {
+            "peak_lr": r["peak_lr"],
+            "warmup": r["warmup"],
+            "seed": r["seed"],
+            "steps": r["steps"],
+            "sharpness": r["sharpness"],
+            "threshold": r["threshold"],
+        }
+        for runs in tracked.values()
+        for r in runs
+    ]
+    write_json(
+        out / f"{NAME}.json",
+        {
+            "config": config,
+            "mechanism": mech,
+            "grid": grid,
+            "per_warmup": per_warmup,
+            "series": series,
+            "wall_time_s": elapsed,
+        },
+    )
+    mech_text = "; ".join(
+        f"{label(m['peak_lr'], m['warmup'])}: λ_max {fmt(m['sharpness_init'])} at step 0"
+        + (f", {fmt(m['sharpness_end_of_warmup'])} at the end of the warm-up" if m["warmup"] else "")
+        + f", max η_t·λ/2 {fmt(m['edge_ratio_max'])}, diverged on {m['diverged_on_seeds']}/{seeds} seeds"
+        for m in mech
+    )
+    grid_text = "; ".join(
+        ("constant lr" if w["warmup"] == 0 else f"{w['warmup']}-step warm-up")
+        + f": largest peak lr that trained on every seed {w['largest_peak_lr_trained_on_every_seed']:g}, best "
+        f"of those (lowest mean) {w['best_peak_lr']:g} with late loss {fmt(w['best_late_loss'])}, lowest late loss "
+        f"of any peak lr per seed (hindsight) {fmt(w['lowest_late_loss_any_peak'])}"
+        + (f", below the best constant lr on {w['beats_best_constant_on_seeds']}/{seeds} seeds" if w["warmup"] else "")
+        for w in per_warmup
+    )
     print(
         f"Instability and warm-up ({num_train} digits, full-batch GD, MSE, tanh MLP with read-out init "
-        f"x{OUTPUT_SCALE:g}): " + "; ".join(parts) + ". "
-        f"Wrote {png} in {elapsed:.1f} s."
+        f"x{OUTPUT_SCALE:g}, {seeds} seeds; mean (seed range)). Mechanism: {mech_text}. Grid of peak lrs "
+        f"{peaks}: {grid_text}. Wrote {png} in {elapsed:.1f} s."
     )
     return 0
 

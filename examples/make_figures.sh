@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerate every figure in examples/figures/ (PNG + JSON of the measured numbers) at full size.
 #
-#   examples/make_figures.sh            # all examples/*.py (the paper reproductions, CDAT, LightningCLI)
+#   examples/make_figures.sh            # all examples/*.py (the paper reproductions, CDAT, LightningCLI);
+#                                       # about 30 min of one CPU thread at full size
 #   examples/make_figures.sh --fast     # reduced size, as in the tests (a quick smoke run)
 #   PYTHON=/path/to/python examples/make_figures.sh
 #
@@ -19,6 +20,7 @@ summary="$out/SUMMARY.txt"
 : > "$summary"
 for script in "$here"/*.py; do
     name="$(basename "$script" .py)"
+    case "$name" in _*) continue ;; esac  # shared helpers (_digits.py, _training.py), not examples
     extra=()
     if [ "$name" = "lightning_cli" ]; then
         extra=(--logs "$logs/lightning_cli_logs" --trainer.enable_progress_bar=false)
@@ -29,4 +31,4 @@ for script in "$here"/*.py; do
     echo "   ($name: $(( $(date +%s) - start )) s)"
     echo >> "$summary"
 done
-echo "Figures in $out; summaries in $summary"
+echo "Figures in $out; summaries in $summary (total: $SECONDS s)"

@@ -22,9 +22,9 @@ import argparse
 import time
 
 import torch
+from _digits import load_digits_data, make_mlp, mse_loss
 
 from lightning_curvature import SharpnessAwareLR, hessian_eigenvalues
-from lightning_curvature.schedules._experiments import digits_problem, make_tanh_mlp, mse_onehot
 
 
 def main() -> None:
@@ -35,8 +35,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     steps, every = (200, 10) if args.fast else (1000, 10)
-    data = digits_problem(300 if args.fast else None, seed=args.seed)
-    model = make_tanh_mlp(width=32 if args.fast else 64, output_scale=10.0, seed=args.seed)
+    data = load_digits_data(300 if args.fast else 1797, seed=args.seed, standardise=False).train_batch()
+    model = make_mlp(depth=2, width=32 if args.fast else 64, output_scale=10.0, seed=args.seed)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     base = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)  # built first, then wrapped
@@ -48,12 +48,12 @@ def main() -> None:
     for step in range(steps):
         if step % every == 0:
             # 1. measure (the model, its .grad and the RNG are left untouched) and feed the scheduler
-            res = hessian_eigenvalues(model, mse_onehot, data, k=1, tol=1e-2, v0=warm_start, return_warm_start=True)
+            res = hessian_eigenvalues(model, mse_loss, data, k=1, tol=1e-2, v0=warm_start, return_warm_start=True)
             warm_start = res.warm_start
             scheduler.observe_sharpness(res.sharpness, step=step)
         # 2. an ordinary training step
         optimizer.zero_grad()
-        loss = mse_onehot(model, data)
+        loss = mse_loss(model, data)
         loss.backward()
         if step % (steps // 10) == 0 or step == steps - 1:
             lam = scheduler.sharpness or float("nan")
@@ -65,7 +65,7 @@ def main() -> None:
         scheduler.step()
     print(
         f"plain_pytorch_sharpness_aware: {steps} full-batch GD steps, base cosine schedule from 0.05 capped at "
-        f"0.9·2/λ_max (λ_max measured every {every} steps); final loss {mse_onehot(model, data).item():.4f} "
+        f"0.9·2/λ_max (λ_max measured every {every} steps); final loss {mse_loss(model, data).item():.4f} "
         f"({time.perf_counter() - start:.1f} s)."
     )
 

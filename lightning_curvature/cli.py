@@ -1,7 +1,8 @@
 """The ``lightning-curvature`` command: ``demo`` and ``report`` sub-commands.
 
 A thin argparse layer: ``demo`` is :mod:`lightning_curvature.demo`, ``report`` is
-:func:`lightning_curvature.report.report_main`.
+:func:`lightning_curvature.report.report_main`. Imports go one way (this module imports them, they never import it),
+and the demo module, which imports Lightning, is imported only to run the demo (so ``--help`` stays fast).
 
 Example::
 
@@ -17,15 +18,25 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from lightning_curvature import __version__
-from lightning_curvature.report import add_report_arguments, report_main
+from lightning_curvature.report import add_report_arguments, output_problem, report_main
 
-__all__ = ["DEFAULT_LR", "add_demo_arguments", "build_parser", "main"]
+__all__ = ["add_demo_arguments", "build_parser", "main"]
 
-#: Default (base) learning rate of the demo per optimizer: large enough that the curvature-aware schedulers have
-#: work to do.
-DEFAULT_LR: dict[str, float] = {"sgd": 1.0, "momentum": 0.2, "adam": 0.01}
+#: The demo's default learning rates as shown in ``--help`` (the values are ``lightning_curvature.demo.DEFAULT_LR``,
+#: not imported here so that ``--help`` does not import Lightning; a test keeps the two equal).
+_DEFAULT_LR_HELP = "sgd 1, momentum 0.2, adam 0.01"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DEFAULT_LR":  # it used to live here; the demo owns it now
+        from lightning_curvature.demo import DEFAULT_LR
+
+        return DEFAULT_LR
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _DESCRIPTION = (
     "See and control loss curvature while a network trains. "
@@ -37,6 +48,11 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     """Add the ``demo`` sub-command's options to ``parser``.
 
     Kept here, not in :mod:`lightning_curvature.demo`, so that ``--help`` does not import Lightning.
+
+    Example::
+
+        >>> add_demo_arguments(argparse.ArgumentParser()).parse_args(["--lr", "0.5"]).lr
+        0.5
 
     Args:
         parser: the parser (or sub-parser) to extend.
@@ -74,7 +90,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--lr",
         type=float,
         default=None,
-        help="base learning rate (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")",
+        help=f"base learning rate (default: {_DEFAULT_LR_HELP})",
     )
     add("--seed", type=int, default=0, help="seed of data split, initialisation, shuffling (default: %(default)s)")
     add("--batch-size", type=int, default=128, help="training batch size, 0 = full batch (default: %(default)s)")
@@ -125,11 +141,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: command-line arguments without the program name.
 
     Returns:
-        The exit code (also raised as ``SystemExit`` by argparse for ``--help`` and usage errors).
+        The exit code (also raised as ``SystemExit`` by argparse for ``--help`` and usage errors): 2 for bad
+        options, including an ``--out`` that cannot be written (one ``error:`` line on stderr).
     """
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
     if args.command == "demo":
+        problem = output_problem(args.out)
+        if problem is not None:
+            print(f"lightning-curvature demo: error: cannot write to --out {args.out!r}: {problem}", file=sys.stderr)
+            return 2
         from lightning_curvature.demo import demo_main
 
         return demo_main(args)

@@ -8,15 +8,15 @@ and a curvature-aware scheduler (:class:`~lightning_curvature.SharpnessAwareLR`,
 (with ``LearningRateMonitor``) and the PNG/CSV report of :func:`~lightning_curvature.report.make_report`, and
 prints a summary table and the ``tensorboard --logdir`` command.
 
-The LightningModule and DataModule here are also what ``examples/lightning_cli.py`` configures from YAML.
+The LightningModule and DataModule here are also what ``examples/lightning_cli.py`` configures from YAML. The
+module is self-contained (the digits data and the MLP are defined here); its command line lives in
+:mod:`lightning_curvature.cli`, which imports this module, never the other way round.
 
 Example::
 
-    >>> parser = build_parser()
-    >>> args = parser.parse_args(["--steps", "50", "--optimizer", "adam"])
-    >>> args.steps, args.optimizer, args.scheduler
-    (50, 'adam', 'sharpness')
-    >>> result = run_demo(args)  # doctest: +SKIP
+    >>> model = DemoModule(optimizer="adam")  # what `lightning-curvature demo --optimizer adam` trains
+    >>> model.lr, [type(m).__name__ for m in model.net]
+    (0.01, ['Linear', 'Tanh', 'Linear', 'Tanh', 'Linear'])
 """
 
 from __future__ import annotations
@@ -37,37 +37,161 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, RandomSampler
-
-from lightning_curvature._digits import (
-    Batch,
-    accuracy,
-    cross_entropy_loss,
-    load_digits_data,
-    make_mlp,
-    mse_loss,
-)
-from lightning_curvature.cli import DEFAULT_LR, add_demo_arguments
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 __all__ = [
     "DEFAULT_LR",
     "DemoModule",
     "DemoResult",
+    "DigitsData",
     "DigitsDataModule",
     "DigitsModel",
-    "add_demo_arguments",
-    "build_parser",
     "demo_main",
     "format_summary",
+    "load_digits_data",
     "run_demo",
 ]
 
 LossName = Literal["mse", "ce"]
 OptimizerName = Literal["sgd", "momentum", "adam"]
 SchedulerName = Literal["sharpness", "cdat", "constant"]
+#: ``(x, y_onehot, labels)``
+Batch = tuple[Tensor, Tensor, Tensor]
+
+#: Default (base) learning rate of the demo per optimizer: large enough that the curvature-aware schedulers have
+#: work to do.
+DEFAULT_LR: dict[str, float] = {"sgd": 1.0, "momentum": 0.2, "adam": 0.01}
 
 _THRESHOLD_TEXT = {"sgd": "2/lr", "momentum": "(2+2β)/lr", "adam": "(2+2β₁)/((1−β₁)lr)"}
+
+
+# --- digits data and the MLP (no download: scikit-learn ships the 1797 images) -------------------------------------
+@dataclass
+class DigitsData:
+    """Standardised 8×8 digits features with one-hot and integer targets, split into train and test.
+
+    Attributes:
+        x_train: ``(N, 64)`` float features.
+        y_train: ``(N, 10)`` one-hot targets.
+        labels_train: ``(N,)`` integer classes.
+        x_test: held-out features (standardised with the training statistics).
+        y_test: held-out one-hot targets.
+        labels_test: held-out integer classes.
+    """
+
+    x_train: Tensor
+    y_train: Tensor
+    labels_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    labels_test: Tensor
+
+    def train_batch(self) -> Batch:
+        """The whole training split as one batch ``(x, y_onehot, labels)``."""
+        return self.x_train, self.y_train, self.labels_train
+
+    def test_batch(self) -> Batch:
+        """The whole test split as one batch ``(x, y_onehot, labels)``."""
+        return self.x_test, self.y_test, self.labels_test
+
+    def train_dataset(self) -> TensorDataset:
+        """The training split as a ``TensorDataset`` of ``(x, y_onehot, labels)``."""
+        return TensorDataset(self.x_train, self.y_train, self.labels_train)
+
+    def test_dataset(self) -> TensorDataset:
+        """The test split as a ``TensorDataset`` of ``(x, y_onehot, labels)``."""
+        return TensorDataset(self.x_test, self.y_test, self.labels_test)
+
+
+def load_digits_data(num_train: int = 1297, num_test: int = 500, *, seed: int = 0) -> DigitsData:
+    """scikit-learn's digits, shuffled with ``seed``, split, standardised with the training statistics.
+
+    Args:
+        num_train: training examples.
+        num_test: held-out examples (``num_train + num_test <= 1797``).
+        seed: seed of the shuffle.
+
+    Returns:
+        :class:`DigitsData` (float32 features and one-hot targets).
+
+    Raises:
+        ValueError: if the splits are empty or exceed the 1797 examples.
+        ImportError: without scikit-learn (``pip install lightning-curvature[demo]``).
+
+    Example::
+
+        >>> data = load_digits_data(100, 50)
+        >>> data.x_train.shape, data.y_train.shape, data.labels_test.shape
+        (torch.Size([100, 64]), torch.Size([100, 10]), torch.Size([50]))
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:  # pragma: no cover - exercised only without scikit-learn
+        raise ImportError("The digits data needs scikit-learn: `pip install lightning-curvature[demo]`.") from err
+    raw = load_digits()
+    x_all = torch.as_tensor(raw.data, dtype=torch.float64)
+    labels_all = torch.as_tensor(raw.target, dtype=torch.long)
+    n = x_all.shape[0]
+    if num_train < 1 or num_test < 0 or num_train + num_test > n:
+        raise ValueError(f"Expected 1 <= num_train and num_train + num_test <= {n}, got {num_train} and {num_test}.")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    train_idx, test_idx = perm[:num_train], perm[num_train : num_train + num_test]
+    mean = x_all[train_idx].mean(0)
+    std = x_all[train_idx].std(0).clamp_min(1e-3)  # some corner pixels are constant
+    x_all = (x_all - mean) / std
+    onehot = nn.functional.one_hot(labels_all, 10).to(torch.float64)
+    f32 = torch.float32
+    return DigitsData(
+        x_train=x_all[train_idx].to(f32),
+        y_train=onehot[train_idx].to(f32),
+        labels_train=labels_all[train_idx],
+        x_test=x_all[test_idx].to(f32),
+        y_test=onehot[test_idx].to(f32),
+        labels_test=labels_all[test_idx],
+    )
+
+
+def _tanh_mlp(depth: int, width: int, seed: int) -> nn.Sequential:
+    """64 → ``width`` (× ``depth``, tanh) → 10 with PyTorch's default initialisation drawn from ``seed``.
+
+    The global RNG is left as it was.
+    """
+    if depth < 1 or width < 1:
+        raise ValueError(f"`depth` and `width` must be >= 1, got depth={depth}, width={width}.")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layers: list[nn.Module] = []
+        d_in = 64
+        for _ in range(depth):
+            layers += [nn.Linear(d_in, width), nn.Tanh()]
+            d_in = width
+        layers.append(nn.Linear(d_in, 10))
+        return nn.Sequential(*layers)
+
+
+def mse_loss(model: nn.Module, batch: Batch) -> Tensor:
+    r"""Half squared error on one-hot targets, summed over classes and averaged over examples.
+
+    .. math:: L = \frac{1}{2N} \sum_i \|f(x_i) - y_i\|^2
+
+    (the loss of Cohen et al. 2021's MSE experiments, arXiv 2103.00065).
+    """
+    x, y, _ = batch
+    return 0.5 * (model(x) - y).pow(2).sum(1).mean()
+
+
+def cross_entropy_loss(model: nn.Module, batch: Batch) -> Tensor:
+    """Mean cross-entropy of the logits against the integer labels."""
+    x, _, labels = batch
+    return nn.functional.cross_entropy(model(x), labels)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batch: Batch) -> float:
+    """Share of examples whose arg-max output is the label."""
+    x, _, labels = batch
+    return float((model(x).argmax(1) == labels).float().mean())
 
 
 class DigitsDataModule(pl.LightningDataModule):
@@ -141,7 +265,7 @@ class DigitsModel(pl.LightningModule):
             raise ValueError(f"`loss` must be 'mse' or 'ce', got {loss!r}.")
         self.save_hyperparameters()
         self.loss_name = loss
-        self.net = make_mlp(depth=depth, width=width, activation="tanh", seed=seed)
+        self.net = _tanh_mlp(depth=depth, width=width, seed=seed)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits (or regression outputs for MSE) of ``x``."""
@@ -241,17 +365,6 @@ class DemoResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The stand-alone parser of ``lightning-curvature demo``."""
-    return add_demo_arguments(
-        argparse.ArgumentParser(
-            prog="lightning-curvature demo",
-            description="Train a small network on scikit-learn's digits with the curvature monitors and a "
-            "curvature-aware scheduler; write TensorBoard logs and a PNG report.",
-        )
-    )
-
-
 def _accelerator(device: str) -> str:
     """Lightning accelerator for ``--device``.
 
@@ -289,13 +402,13 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     """Train, log, report; return what was measured (see :func:`format_summary`).
 
     Args:
-        args: options from :func:`add_demo_arguments`.
+        args: options of ``lightning-curvature demo`` (:func:`lightning_curvature.cli.add_demo_arguments`).
 
     Returns:
         :class:`DemoResult`.
 
     Raises:
-        ValueError: for bad options (steps, every, batch size, device, lr).
+        ValueError: for bad options (steps, every, batch size, device, lr, an ``--out`` that cannot be written).
     """
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -308,6 +421,11 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
         raise ValueError(f"--every must be >= 1, got {args.every}.")
     accelerator = _accelerator(args.device)
     out = Path(args.out)
+    from lightning_curvature.report import output_problem
+
+    problem = output_problem(out)
+    if problem is not None:
+        raise ValueError(f"cannot write to --out {str(args.out)!r}: {problem}")
     pl.seed_everything(args.seed, verbose=False)
     data = DigitsDataModule(batch_size=args.batch_size, seed=args.seed, num_steps=args.steps)
     model = DemoModule(optimizer=args.optimizer, scheduler=args.scheduler, lr=args.lr, loss=args.loss, seed=args.seed)
@@ -424,20 +542,21 @@ def format_summary(result: DemoResult) -> str:
     return "\n".join(lines)
 
 
-def demo_main(args: argparse.Namespace | list[str] | None = None) -> int:
-    """Entry point of ``lightning-curvature demo``.
+def demo_main(args: argparse.Namespace) -> int:
+    """Run the demo with options parsed by ``lightning-curvature demo`` and print the summary.
+
+    (The command line is :func:`lightning_curvature.cli.main`: ``main(["demo", "--steps", "50"])``.)
 
     Args:
-        args: parsed options (from :func:`add_demo_arguments`), an argument list, or ``None`` for ``sys.argv``.
+        args: parsed options (:func:`lightning_curvature.cli.add_demo_arguments`).
 
     Returns:
-        Exit code: 0 on success, 2 for bad options.
+        Exit code: 0 on success, 2 for bad options or an output folder that cannot be written (one ``error:``
+        line on stderr).
     """
-    if not isinstance(args, argparse.Namespace):
-        args = build_parser().parse_args(args)
     try:
         result = run_demo(args)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         print(f"lightning-curvature demo: error: {err}", file=sys.stderr)
         return 2
     print(format_summary(result))

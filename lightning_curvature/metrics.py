@@ -1,4 +1,11 @@
-r"""Gradient-noise statistics accumulated across steps and ranks as a torchmetrics ``Metric``.
+r"""Deprecated: gradient-noise statistics accumulated across steps and ranks as a torchmetrics ``Metric``.
+
+.. deprecated:: 0.1
+    Nothing in the library uses :class:`GradientNoiseScale`, and its ratio takes the biased
+    :math:`\|\bar g\|^2` (it adds :math:`\mathrm{tr}\Sigma/N`, so it saturates near the batch size). Log the
+    noise scale with :class:`~lightning_curvature.GradientCovarianceMonitor` (``grad_cov/noise_scale``) instead.
+    Constructing one warns (``DeprecationWarning``); the name stays importable from ``lightning_curvature`` and
+    ``lightning_curvature.metrics`` until it is removed.
 
 One batch gives a noisy :math:`\mathrm{tr}K` and :math:`\|\bar g\|^2`; summing the sufficient statistics
 :math:`N`, :math:`\sum_i\|g_i\|^2` and :math:`\sum_i g_i` over many batches (and, through torchmetrics'
@@ -13,6 +20,7 @@ arXiv 1812.06162 (2018).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -23,7 +31,7 @@ __all__ = ["GradientNoiseScale"]
 
 
 class GradientNoiseScale(Metric):
-    """Pooled gradient covariance trace and simple noise scale from per-example gradients.
+    """Deprecated (see the module docstring): pooled covariance trace and simple noise scale.
 
     Args:
         num_params: length of the flat per-example gradients.
@@ -34,7 +42,10 @@ class GradientNoiseScale(Metric):
 
     Example::
 
-        >>> metric = GradientNoiseScale(num_params=2)
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore", DeprecationWarning)
+        ...     metric = GradientNoiseScale(num_params=2)
         >>> metric.update(torch.tensor([[1.0, 0.0], [3.0, 0.0]]))
         >>> {k: round(float(v), 6) for k, v in metric.compute().items()}
         {'trace': 1.0, 'mean_gradient_norm_sq': 4.0, 'noise_scale': 0.25, 'num_examples': 2.0}
@@ -49,6 +60,13 @@ class GradientNoiseScale(Metric):
     grad_sum: Tensor
 
     def __init__(self, num_params: int, **kwargs: Any) -> None:
+        warnings.warn(
+            "GradientNoiseScale is deprecated and will be removed: nothing in lightning_curvature uses it and its "
+            "ratio takes the biased squared norm of the mean gradient. Log the noise scale with "
+            "GradientCovarianceMonitor (`grad_cov/noise_scale`) instead.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         super().__init__(**kwargs)
         if not isinstance(num_params, int) or num_params < 1:
             raise ValueError(f"`num_params` must be a positive integer, got {num_params!r}.")

@@ -13,8 +13,10 @@ run. The PNG has six panels:
     ``cdat/edge_lr`` dashed when present;
 (f) the training loss (``train_loss``, ``train/loss``, ``loss``, ...).
 
-Panels without data say so instead of failing. The CSV is in long format with columns
-``run, tag, step, value`` and holds every scalar of every run, not only the plotted ones.
+Panels without data say so instead of failing; logdirs whose event files hold no curvature tag at all
+(``curvature/*``, ``grad_cov/*``, ``cdat/*``) are refused with a message saying so, and runs without one are
+named on stderr. The CSV is in long format with columns ``run, tag, step, value`` and holds every scalar of every
+run, not only the plotted ones.
 
 Example::
 
@@ -29,7 +31,6 @@ import argparse
 import csv
 import math
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +38,9 @@ from typing import Any
 
 from tensorboard.backend.event_processing import event_accumulator
 
-__all__ = ["add_report_arguments", "make_report", "read_scalars", "report_main"]
+from lightning_curvature import tags as tag_names
+
+__all__ = ["add_report_arguments", "make_report", "output_problem", "read_scalars", "report_main"]
 
 #: ``{run name: {tag: [(step, value), ...]}}``
 Scalars = dict[str, dict[str, list[tuple[int, float]]]]
@@ -45,13 +48,13 @@ Scalars = dict[str, dict[str, list[tuple[int, float]]]]
 PNG_NAME = "curvature_report.png"
 CSV_NAME = "curvature_scalars.csv"
 
-_SHARPNESS = "curvature/sharpness"
-_THRESHOLD = "curvature/stability_threshold"
-_EDGE_RATIO = "curvature/edge_ratio"
-_EIG_RE = re.compile(r"^curvature/eig_(\d+)$")
-_GC_COND = "grad_cov/condition_number"
-_GC_EIG1 = "grad_cov/eig_1"
-_EDGE_LR = "cdat/edge_lr"
+_SHARPNESS = tag_names.SHARPNESS
+_THRESHOLD = tag_names.STABILITY_THRESHOLD
+_EDGE_RATIO = tag_names.EDGE_RATIO
+_EIG_RE = tag_names.EIG_TAG_RE
+_GC_COND = tag_names.GRAD_COV_CONDITION_NUMBER
+_GC_EIG1 = tag_names.GRAD_COV_EIG_1
+_EDGE_LR = tag_names.CDAT_EDGE_LR
 _LOSS_TAGS = (
     "train_loss",
     "train_loss_step",
@@ -191,7 +194,7 @@ def _edge_ratio(tags: dict[str, list[tuple[int, float]]]) -> list[tuple[int, flo
 
 def _lr_tags(tags: dict[str, list[tuple[int, float]]]) -> list[str]:
     found = [t for t in tags if t.startswith("lr-")]
-    found += [t for t in ("cdat/lr", "curvature/lr") if t in tags]
+    found += [t for t in (tag_names.CDAT_LR, "curvature/lr") if t in tags]
     return found
 
 
@@ -388,6 +391,33 @@ def _draw(data: Scalars, path: Path, title: str | None) -> None:
     fig.savefig(path, dpi=100)
 
 
+def output_problem(out: str | os.PathLike[str]) -> str | None:
+    """Why ``out`` cannot be created or written as an output folder, or ``None`` if it can.
+
+    Nothing is created: the nearest existing ancestor must be a writable folder (and ``out`` itself, if it exists).
+
+    Example::
+
+        >>> output_problem(__file__ + "/report")  # doctest: +ELLIPSIS
+        "'.../report.py' is a file, not a folder"
+    """
+    path = Path(out).expanduser().absolute()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return f"no existing folder above {str(path)!r}"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{str(probe)!r} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"permission denied: {str(probe)!r} is not writable"
+    return None
+
+
+def _curvature_runs(data: Scalars) -> list[str]:
+    return [run for run, run_tags in data.items() if any(tag_names.is_curvature_tag(t) for t in run_tags)]
+
+
 def make_report(
     logdirs: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
@@ -408,9 +438,11 @@ def make_report(
         ``[png_path, csv_path]``.
 
     Raises:
-        ValueError: If ``logdirs`` is empty or no event files are found below them.
+        ValueError: If ``logdirs`` is empty, no event files are found below them, or none of their runs holds a
+            curvature tag (``curvature/*``, ``grad_cov/*``, ``cdat/*``).
         FileNotFoundError: If a logdir does not exist.
         ImportError: If matplotlib is not installed (``pip install lightning-curvature[demo]``).
+        OSError: If ``out`` cannot be written.
 
     Example::
 
@@ -429,8 +461,21 @@ def make_report(
             " (or `pip install matplotlib`)."
         ) from err
     data = _read_many(logdirs)
+    where = [str(d) for d in logdirs]
     if not data:
-        raise ValueError(f"No TensorBoard event files (*tfevents*) found below {[str(d) for d in logdirs]}.")
+        raise ValueError(f"No TensorBoard event files (*tfevents*) found below {where}.")
+    with_curvature = _curvature_runs(data)
+    if not with_curvature:
+        found = sorted({t for run_tags in data.values() for t in run_tags})
+        shown = ", ".join(found[:8]) + (", ..." if len(found) > 8 else "") if found else "no scalars"
+        raise ValueError(
+            f"No curvature tags (curvature/*, grad_cov/*, cdat/*) in the event files below {where} "
+            f"({len(data)} run(s); tags found: {shown}). Were the curvature monitors attached to a Trainer with "
+            "a logger?"
+        )
+    without = [run for run in data if run not in with_curvature]
+    if without:
+        print(f"(no curvature tags in run(s) {', '.join(without)}: drawn without curvature panels)", file=sys.stderr)
 
     out_path = Path(out)
     if out_path.suffix.lower() == ".png":
@@ -480,8 +525,9 @@ def report_main(args: Sequence[str] | argparse.Namespace | None = None) -> int:
             already parsed with :func:`add_report_arguments`.
 
     Returns:
-        The exit code: 0 on success, 1 if no logs were found or a logdir is missing, 2 if matplotlib is
-        not installed. The written paths are printed to stdout, errors to stderr.
+        The exit code: 0 on success, 1 if no logs (or no curvature tags) were found or a logdir is missing, 2 if
+        ``--out`` cannot be written or matplotlib is not installed. The written paths are printed to stdout, each
+        error as one ``error:`` line on stderr.
 
     Example::
 
@@ -491,6 +537,11 @@ def report_main(args: Sequence[str] | argparse.Namespace | None = None) -> int:
     if not isinstance(args, argparse.Namespace):
         parser = add_report_arguments(argparse.ArgumentParser(prog="lightning-curvature report"))
         args = parser.parse_args(None if args is None else list(args))
+    out = Path(args.out)
+    problem = output_problem(out.parent if out.suffix.lower() == ".png" else out)
+    if problem is not None:
+        print(f"lightning-curvature report: error: cannot write to --out {str(args.out)!r}: {problem}", file=sys.stderr)
+        return 2
     try:
         paths = make_report(args.logdirs, args.out, title=getattr(args, "title", None))
     except (FileNotFoundError, ValueError) as err:
@@ -498,6 +549,9 @@ def report_main(args: Sequence[str] | argparse.Namespace | None = None) -> int:
         return 1
     except ImportError as err:
         print(f"lightning-curvature report: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the output could not be written after all (disk full, a race)
+        print(f"lightning-curvature report: error: cannot write to --out {str(args.out)!r}: {err}", file=sys.stderr)
         return 2
     for p in paths:
         print(p)

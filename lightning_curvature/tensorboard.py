@@ -4,8 +4,8 @@ This module imports only ``torch`` and ``tensorboard`` at import time. Lightning
 here: :func:`find_summary_writer` duck-types the trainer and its loggers, and matplotlib is imported
 lazily by :func:`log_density_figure`.
 
-The tag names below are the public contract of ``API.md``; other tools (``report.py``, the CLI, user
-dashboards) rely on them. The custom-scalars layout groups them into three dashboard categories:
+The tag names are defined in :mod:`lightning_curvature.tags` (re-exported here under their old names); the
+custom-scalars layout groups them into three dashboard categories:
 
 * ``curvature``: sharpness against the stability threshold, the edge ratio
   ``sharpness / threshold`` (``lr * sharpness / 2`` for plain SGD, 1.0 is the edge of stability), the
@@ -36,6 +36,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
+# tag names are defined in `tags.py`; importable from here as before
+from lightning_curvature.tags import (
+    CDAT_DENOMINATOR,
+    CDAT_EDGE_LR,
+    CDAT_LR,
+    CDAT_NUMERATOR,
+    EDGE_RATIO,
+    GRAD_COV_CONDITION_NUMBER,
+    GRAD_COV_EIG_1,
+    GRAD_COV_FROBENIUS_NORM,
+    GRAD_COV_NOISE_SCALE,
+    GRAD_COV_TRACE,
+    HESSIAN_TRACE,
+    SHARPNESS,
+    STABILITY_THRESHOLD,
+    SUBSPACE_OVERLAP,
+    eig_tag,
+    grad_cov_eig_tag,
+)
+
 __all__ = [
     "CDAT_DENOMINATOR",
     "CDAT_EDGE_LR",
@@ -61,22 +81,6 @@ __all__ = [
     "log_spectrum_histogram",
 ]
 
-# --- Tag names (API.md contract first, then the additional ones this library logs). ---
-SHARPNESS = "curvature/sharpness"
-STABILITY_THRESHOLD = "curvature/stability_threshold"
-EDGE_RATIO = "curvature/edge_ratio"
-HESSIAN_TRACE = "curvature/trace"
-SUBSPACE_OVERLAP = "curvature/subspace_overlap"
-GRAD_COV_EIG_1 = "grad_cov/eig_1"
-GRAD_COV_CONDITION_NUMBER = "grad_cov/condition_number"
-GRAD_COV_TRACE = "grad_cov/trace"
-GRAD_COV_NOISE_SCALE = "grad_cov/noise_scale"
-GRAD_COV_FROBENIUS_NORM = "grad_cov/frobenius_norm"
-CDAT_LR = "cdat/lr"
-CDAT_EDGE_LR = "cdat/edge_lr"
-CDAT_NUMERATOR = "cdat/numerator"
-CDAT_DENOMINATOR = "cdat/denominator"
-
 #: Tensor tag under which ``SummaryWriter.add_custom_scalars`` stores the layout proto.
 LAYOUT_TAG = "custom_scalars__config__"
 
@@ -91,50 +95,6 @@ _LAYOUT_WRITTEN_ATTR = "_lightning_curvature_layout_written"
 
 _CHART_TYPES = ("Multiline", "Margin")
 _warned_no_matplotlib = False
-
-
-def eig_tag(i: int) -> str:
-    """Tag of the ``i``-th largest Hessian eigenvalue.
-
-    Args:
-        i: 1-based rank of the eigenvalue (1 is the largest, i.e. the sharpness).
-
-    Returns:
-        The tag ``curvature/eig_{i}``.
-
-    Raises:
-        ValueError: If ``i < 1``.
-
-    Example::
-
-        >>> eig_tag(2)
-        'curvature/eig_2'
-    """
-    if i < 1:
-        raise ValueError(f"Eigenvalue ranks are 1-based, got i={i}.")
-    return f"curvature/eig_{i}"
-
-
-def grad_cov_eig_tag(i: int) -> str:
-    """Tag of the ``i``-th largest eigenvalue of the gradient covariance.
-
-    Args:
-        i: 1-based rank of the eigenvalue.
-
-    Returns:
-        The tag ``grad_cov/eig_{i}``.
-
-    Raises:
-        ValueError: If ``i < 1``.
-
-    Example::
-
-        >>> grad_cov_eig_tag(1)
-        'grad_cov/eig_1'
-    """
-    if i < 1:
-        raise ValueError(f"Eigenvalue ranks are 1-based, got i={i}.")
-    return f"grad_cov/eig_{i}"
 
 
 def _validate_charts(category: str, charts: Any) -> dict[str, list[Any]]:

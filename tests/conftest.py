@@ -26,6 +26,12 @@ __all__ = [
 ]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One intra-op thread for the whole run: the tests use small models, and on a loaded 2-core machine two OpenMP
+    threads waiting for each other made single linear-algebra calls 1000x slower (0.7 s for a 128x128 eigvalsh)."""
+    torch.set_num_threads(1)
+
+
 def random_tensors(n: int = 64, dim: int = 8, num_classes: int = 3, seed: int = 0) -> tuple[Tensor, Tensor]:
     """A seeded random classification problem: ``(X, y)``, ``X`` standard normal, ``y`` from a linear rule."""
     gen = torch.Generator().manual_seed(seed)

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor
 
-from lightning_curvature import GradientCovarianceMonitor, HessianEigenvalueMonitor
+from lightning_curvature import DirectionalCurvatureMonitor, GradientCovarianceMonitor, HessianEigenvalueMonitor
 from lightning_curvature.callbacks._common import check_strategy
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -66,24 +66,34 @@ def test_covariance_monitor_rejects_bad_arguments(kwargs: dict[str, Any], match:
         GradientCovarianceMonitor(**kwargs)
 
 
-def test_sharded_strategies_are_refused_naming_the_supported_ones() -> None:
+def test_unsupported_strategies_are_refused_naming_the_supported_ones() -> None:
     class FSDPStrategy:  # a stand-in: only the class name matters to the check
         pass
 
     class DeepSpeedStrategy(DDPStrategy):
         pass
 
-    for strategy in (FSDPStrategy(), DeepSpeedStrategy()):
-        with pytest.raises(MisconfigurationException, match=rf"{type(strategy).__name__}.*ddp_spawn"):
-            check_strategy(strategy, "HessianEigenvalueMonitor")
+    for sharded_ok in (False, True):  # DeepSpeed: never
+        with pytest.raises(MisconfigurationException, match=r"DeepSpeedStrategy.*ddp_spawn.*FSDP"):
+            check_strategy(DeepSpeedStrategy(), "HessianEigenvalueMonitor", sharded_ok=sharded_ok)
+    with pytest.raises(MisconfigurationException, match=r"FSDPStrategy"):  # per-example gradients need full params
+        check_strategy(FSDPStrategy(), "GradientCovarianceMonitor", sharded_ok=False)
+    check_strategy(FSDPStrategy(), "HessianEigenvalueMonitor", sharded_ok=True)
     check_strategy(SingleDeviceStrategy(device=torch.device("cpu")), "x")
     check_strategy(DDPStrategy(), "x")
 
     class FakeTrainer:
+        strategy = DeepSpeedStrategy()
+
+    with pytest.raises(MisconfigurationException, match="DeepSpeedStrategy"):
+        HessianEigenvalueMonitor().setup(FakeTrainer(), TinyClassifier(), "fit")  # type: ignore[arg-type]
+
+    class FSDPTrainer:
         strategy = FSDPStrategy()
 
-    with pytest.raises(MisconfigurationException, match="FSDPStrategy"):
-        HessianEigenvalueMonitor().setup(FakeTrainer(), TinyClassifier(), "fit")  # type: ignore[arg-type]
+    for monitor in (GradientCovarianceMonitor(), DirectionalCurvatureMonitor()):  # per-example / local products
+        with pytest.raises(MisconfigurationException, match=f"{type(monitor).__name__}.*FSDPStrategy"):
+            monitor.setup(FSDPTrainer(), TinyClassifier(), "fit")  # type: ignore[arg-type]
 
 
 def test_manual_optimization_without_curvature_loss_fails_at_setup(tmp_path: Path) -> None:
@@ -120,10 +130,14 @@ def test_nan_is_logged_with_a_warning_and_training_continues(tmp_path: Path) -> 
     cov = GradientCovarianceMonitor(every_n_steps=2, k=2, num_examples=16)
     logger = CSVLogger(tmp_path, name="nan")
     trainer = make_trainer(tmp_path, max_steps=7, logger=logger, callbacks=[hess, cov])
-    with pytest.warns(UserWarning, match="not finite") as record:
+    with pytest.warns(UserWarning, match="could not be made") as record:
         trainer.fit(model, classification_loader(x, y, batch_size=16))
     assert trainer.global_step == 7
-    assert sum("HessianEigenvalueMonitor" in str(w.message) for w in record) == 2  # steps 4 and 6
+    # one warning per monitor for the same kind of failure (steps 4 and 6), both counted
+    for monitor in (hess, cov):
+        name = type(monitor).__name__
+        assert sum(f"{name}: the measurement" in str(w.message) for w in record) == 1, name
+        assert monitor.num_failures == 2 and monitor.num_measurements == 4
     for monitor in (hess, cov):
         steps = [s for s, _ in monitor.history]
         values = [v for _, v in monitor.history]
@@ -134,7 +148,7 @@ def test_nan_is_logged_with_a_warning_and_training_continues(tmp_path: Path) -> 
     text = (Path(logger.log_dir) / "metrics.csv").read_text()
     assert "nan" in text.lower()
     # the warm start was dropped: the next finite measurement starts fresh (no stale vectors kept)
-    assert hess._warm_start is None
+    assert hess._warm_start == {}
 
 
 def test_lightning_cli_config_instantiates_the_callbacks(tmp_path: Path) -> None:

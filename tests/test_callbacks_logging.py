@@ -151,7 +151,7 @@ def test_schedulers_are_attached_and_fed(tmp_path: Path) -> None:
     assert all(math.isfinite(v) for v, _ in model.sched.observed)
 
 
-def test_adaptive_optimizer_is_fed_only_preconditioned_values(tmp_path: Path) -> None:
+def test_adaptive_optimizer_is_fed_preconditioned_values_from_step_0(tmp_path: Path) -> None:
     class Adam(_WithObservingScheduler):
         def configure_optimizers(self) -> Any:
             opt = torch.optim.Adam(self.parameters(), lr=1e-2)
@@ -164,9 +164,9 @@ def test_adaptive_optimizer_is_fed_only_preconditioned_values(tmp_path: Path) ->
     hess = HessianEigenvalueMonitor(every_n_steps=2, k=1, num_examples=16)
     trainer = make_trainer(tmp_path, max_steps=3, callbacks=[hess])
     trainer.fit(model, classification_loader(x, y, batch_size=16))
-    # step 0: no Adam state yet, the plain Hessian is logged but not fed
+    # step 0: no Adam state yet; the preconditioner of Adam's first step is predicted from the gradient and fed
     assert [s for s, _ in hess.history] == [0, 2]
-    assert [s for _, s in model.sched.observed] == [2]
+    assert [s for _, s in model.sched.observed] == [0, 2]
 
 
 class _WithSharpnessAwareLR(TinyClassifier):

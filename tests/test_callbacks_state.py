@@ -49,7 +49,9 @@ def test_resume_continues_the_same_series(tmp_path: Path, on_epoch_end: bool) ->
         assert [s for s, _ in resumed.history] == [s for s, _ in full.history] == expected
         assert [v for _, v in resumed.history] == pytest.approx([v for _, v in full.history], rel=1e-4)
         assert resumed.num_measurements == full.num_measurements == len(expected)
-    assert resumed_h.last_sharpness == pytest.approx(full_h.last_sharpness, rel=1e-4)
+    # the warm start is small enough to be checkpointed: the resumed run measures exactly what the full run did
+    # (0.1 restarted cold after a resume: 4e-4 relative off, which a SharpnessAwareLR passed on to the lr)
+    assert [v for _, v in resumed_h.history] == [v for _, v in full_h.history]
     state = torch.load(ckpt, weights_only=False)["callbacks"]
     assert {full_h.state_key, full_c.state_key} <= set(state)
 

@@ -144,9 +144,40 @@ def test_threshold_and_preconditioned_sharpness(
         assert monitor.series[step]["curvature/stability_threshold"] == pytest.approx(expected, rel=1e-12)
     assert monitor.series[2]["curvature/sharpness"] == pytest.approx(ref.ref, rel=1e-5)
     assert monitor.series[2]["curvature/edge_ratio"] == pytest.approx(ref.ref / expected, rel=1e-5)
-    adaptive = optimizer in ("adam", "rmsprop")
-    # before the first step an adaptive optimizer has no preconditioner: plain sharpness, no edge ratio
-    assert ("curvature/edge_ratio" in monitor.series[0]) is not adaptive
+    # before the first step an adaptive optimizer has no state: the preconditioner it will use is predicted from the
+    # gradient (test_predicted_first_step_preconditioner_is_the_one_adam_uses), so the edge ratio is logged at step 0
+    assert "curvature/edge_ratio" in monitor.series[0]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "rmsprop"])
+def test_predicted_first_step_preconditioner_is_the_one_adam_uses(optimizer: str) -> None:
+    """Full batch: the curvature batch is the first training batch, so the preconditioner predicted at step 0 must
+    equal the one the optimizer holds after its first step (read from its state at step 1)."""
+    from lightning_curvature.core.preconditioner import adaptive_preconditioner, predicted_first_step_preconditioner
+
+    torch.manual_seed(0)
+    model = TinyClassifier(optimizer=optimizer, lr=0.01)
+    x, y = random_tensors(n=32)
+    seen: dict[str, torch.Tensor] = {}
+
+    class Spy(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
+            params = list(pl_module.parameters())
+            opt = trainer.optimizers[0]
+            if step_axis(trainer) == 0:
+                loss = _loss(pl_module, batch)
+                grads = torch.autograd.grad(loss, params)
+                pred = predicted_first_step_preconditioner(opt, params, grads)
+                assert pred is not None
+                seen["predicted"] = torch.cat([t.reshape(-1) for t in pred])
+            elif step_axis(trainer) == 1:
+                actual = adaptive_preconditioner(opt, params)
+                assert actual is not None
+                seen["actual"] = actual
+
+    trainer = make_trainer("unused", max_steps=2, callbacks=[Spy()])
+    trainer.fit(model, classification_loader(x, y, batch_size=32, shuffle=False))
+    torch.testing.assert_close(seen["predicted"], seen["actual"], rtol=1e-5, atol=1e-12)
 
 
 def test_block_warm_start_saves_products_and_matches_a_cold_solve() -> None:
@@ -174,8 +205,9 @@ def test_block_warm_start_saves_products_and_matches_a_cold_solve() -> None:
         return monitor, ref
 
     (warm, ref), (cold, _) = run(True), run(False)
-    assert warm._warm_start is not None and warm._warm_start.shape == (3, 195)  # k + 1 Ritz vectors
-    assert cold._warm_start is None
+    block = warm._warm_start[0]  # optimizer 0's k + 1 Ritz vectors, shaped like the parameters
+    assert len(block) == 3 and all(sum(t.numel() for t in v) == 195 for v in block)
+    assert cold._warm_start == {}
     hvp = "curvature/num_hvp"
     assert warm.series[0][hvp] == cold.series[0][hvp]  # the first measurement is cold in both
     for step in (2, 4):
@@ -198,10 +230,13 @@ def _per_example_reference(model: torch.nn.Module, x: Tensor, y: Tensor, k: int)
     gbar = G.mean(0)
     K = (G - gbar).T @ (G - gbar) / n
     evals = torch.linalg.eigvalsh(K).flip(0)
+    # unbiased |G|² and tr Σ (McCandlish et al. 2018, A.1) from per-example norms against the mean
+    small, big = float((G * G).sum(1).mean()), float(gbar.dot(gbar))
+    g2, tr_sigma = (n * big - small) / (n - 1), n * (small - big) / (n - 1)
     return {
         **{f"grad_cov/eig_{i + 1}": float(evals[i]) for i in range(k)},
         "grad_cov/trace": float(torch.trace(K)),
-        "grad_cov/noise_scale": float(torch.trace(K) / gbar.dot(gbar)),
+        "grad_cov/noise_scale": tr_sigma / g2 if g2 > 0 else float("inf"),
         "grad_cov/condition_number": float(evals[0] / evals[k - 1]),
         "grad_cov/frobenius_norm": float(torch.linalg.matrix_norm(K)),
     }
@@ -301,7 +336,8 @@ def test_periodic_cold_start(tmp_path, monkeypatch) -> None:
 
     def spy(*args, **kwargs):
         v0 = kwargs.get("v0")
-        seen.append(v0 is not None and v0.dim() == 2)  # a (k + 1, P) warm-start block, not a cold start vector
+        # a warm-start block (a list of k + 1 parameter-shaped vectors), not a cold start (None: a Gaussian for k > 1)
+        seen.append(isinstance(v0, list) and len(v0) > 1 and isinstance(v0[0], list))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(hm, "lanczos", spy)
@@ -310,3 +346,32 @@ def test_periodic_cold_start(tmp_path, monkeypatch) -> None:
     make_trainer(tmp_path, max_steps=6, callbacks=[monitor]).fit(TinyClassifier(), classification_loader(x, y, seed=0))
     assert len(seen) >= 6
     assert seen[:6] == [False, True, True, False, True, True]
+
+
+def test_tracking_mode_follows_the_certified_sharpness_with_two_products_per_step() -> None:
+    """every_n_steps=1 with tracking_products=2: warm measurements take 2 products (Lanczos from the last top
+    vector), every 5th is a cold certified solve; the tracked values stay close to an independent tight solve."""
+
+    class Reference(pl.Callback):
+        def __init__(self, monitor: HessianEigenvalueMonitor) -> None:
+            self.monitor, self.refs = monitor, {}
+
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
+            fixed = self.monitor._source.get(None)
+            self.refs[step_axis(trainer)] = hessian_eigenvalues(pl_module, _loss, fixed, k=1, tol=1e-9).sharpness
+
+    torch.manual_seed(0)
+    model = TinyClassifier(lr=0.05)
+    x, y = random_tensors(n=64)
+    monitor = _SeriesHessian(every_n_steps=1, k=1, num_examples=32, tracking_products=2, cold_start_every=5)
+    ref = Reference(monitor)
+    trainer = make_trainer("unused", max_steps=12, callbacks=[ref, monitor])
+    trainer.fit(model, classification_loader(x, y, batch_size=16, seed=0))
+    cold_steps = [s for s in monitor.series if s == 0 or s % 6 == 0]  # the first, then after 5 warm ones
+    for step, logged in monitor.series.items():
+        if step in cold_steps:
+            continue
+        assert logged["curvature/num_hvp"] == 2.0, step
+        assert abs(logged["curvature/sharpness"] - ref.refs[step]) <= 0.02 * ref.refs[step], step
+    for step in cold_steps:
+        assert monitor.series[step]["curvature/sharpness"] == pytest.approx(ref.refs[step], rel=1e-3)

@@ -1,29 +1,25 @@
-"""Evidence on real data at a reduced scale (digits, full batch, MSE on one-hot targets, tanh MLP).
+"""Evidence on real data at a reduced scale for the claims of ``examples/warmup_emerges.py`` and
+``examples/cdat_vs_constant.py`` (digits, half squared error on one-hot targets, tanh MLP, one CPU thread).
 
-The full-size runs are ``examples/warmup_emerges.py`` and ``examples/cdat_vs_constant.py``; these tests keep
-their claims from rotting. Setting: 300 digits, a tanh MLP 64-32-32-10 whose read-out is initialised 10x too
-large (initial sharpness about 540, so 2/λ ≈ 0.0037), 600 steps of full-batch gradient descent, one CPU thread.
+The training loops come from ``examples/_training.py`` (the examples folder is put on ``sys.path``), so the tests
+check the code the examples run.
 """
 
 from __future__ import annotations
 
+import statistics
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
-from lightning_curvature.schedules._experiments import (
-    digits_problem,
-    make_tanh_mlp,
-    train_cdat,
-    train_constant,
-    train_sharpness_aware,
-)
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 pytest.importorskip("sklearn")
 
-STEPS = 600
-GRID = [0.004, 0.006, 0.008, 0.0095, 0.011, 0.016]  # six constant learning rates around the best one
+from _digits import load_digits_data, make_mlp, minibatches
+from _training import train_cdat, train_constant, train_sharpness_aware
 
 
 @pytest.fixture(autouse=True)
@@ -34,18 +30,20 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def _model() -> torch.nn.Module:
-    return make_tanh_mlp(width=32, depth=2, output_scale=10.0, seed=0)
-
-
 def test_constant_above_threshold_blows_up_while_sharpness_aware_trains() -> None:
-    data = digits_problem(300, seed=0)
-    lr = 0.02  # about 5x the initial 2/λ_max
-    const = train_constant(_model(), data, lr, steps=300)
-    capped = train_sharpness_aware(_model(), data, lr, steps=300, every=10)
+    """300 digits (pixels in [0, 1]), tanh MLP 64-32-32-10 with the read-out initialised 10x too large (initial
+    λ_max in the hundreds), full-batch GD at lr 0.02, about 5x the initial 2/λ_max, for 300 steps."""
+    data = load_digits_data(300, seed=0, standardise=False).train_batch()
+    lr = 0.02
+
+    def model() -> torch.nn.Module:
+        return make_mlp(depth=2, width=32, output_scale=10.0, seed=0)
+
+    const = train_constant(model(), data, lr, steps=300)
+    capped = train_sharpness_aware(model(), data, lr, steps=300, every=10)
     initial = capped.losses[0]
     first_sharpness = capped.sharpness[0][1]
-    assert 2.0 / first_sharpness < lr  # the base lr really is above the threshold at the start
+    assert 2.0 / first_sharpness < lr / 3  # the base lr really is well above the threshold at the start
     # constant lr: the loss blows up by more than 10x before (maybe) settling in a worse place
     assert const.diverged or max(const.losses) > 10 * initial
     # SharpnessAwareLR: no blow-up, and a lower final loss
@@ -58,15 +56,27 @@ def test_constant_above_threshold_blows_up_while_sharpness_aware_trains() -> Non
     assert capped.lrs[-1] > capped.lrs[0]
 
 
-def test_cdat_edge_beats_constant_grid_with_warmup_like_rise() -> None:
-    data = digits_problem(300, seed=0)
-    grid = {lr: train_constant(_model(), data, lr, steps=STEPS).final_loss for lr in GRID}
-    cdat = train_cdat(_model(), data, steps=STEPS, sigma=2.0, ema_beta=0.0)
-    best = min(grid.values())
+@pytest.mark.slow
+def test_cdat_edge_beats_the_best_constant_lr_with_minibatches() -> None:
+    """1,000 digits (standardised), tanh MLP 64-64-64-10 at PyTorch's default initialisation, batches of 128, 1500
+    steps: CDAT σ = 2 (EMA 0.9) against the constant learning rates around the best one (1.6 diverges), scored by
+    the mean full-batch loss over the last 20% of steps. About 4 s on one thread."""
+    data = load_digits_data(1000, seed=0)
+    batch = data.train_batch()
+
+    def model() -> torch.nn.Module:
+        return make_mlp(depth=2, width=64, seed=0)
+
+    grid = {}
+    for lr in (0.8, 1.0, 1.2, 1.4):
+        const = train_constant(model(), batch, lr, 1500, batch_fn=minibatches(data, 128, seed=0))
+        grid[lr] = const.late_loss()
+    cdat = train_cdat(
+        model(), batch, 1500, sigma=2.0, ema_beta=0.9, lr_max=10.0, batch_fn=minibatches(data, 128, seed=0)
+    )
+    best = min(grid, key=grid.__getitem__)
+    assert 0.8 < best < 1.4, grid  # the grid brackets the best constant learning rate
     assert not cdat.diverged
-    assert cdat.final_loss < best, (cdat.final_loss, grid)
-    # warm-up-like: the tuned lr starts near 2/λ_max and rises several-fold
-    late = sum(cdat.lrs[-100:]) / 100
-    assert late > 3.0 * cdat.lrs[0]
-    best_lr = min(grid, key=grid.__getitem__)
-    assert cdat.lrs[0] < best_lr < late  # below the best constant at first, above it once the surface is flatter
+    assert cdat.late_loss() < 0.8 * grid[best], (cdat.late_loss(), grid)
+    # the tuned learning rate sits above the best constant one most of the time (where constants diverge)
+    assert statistics.median(cdat.lrs) > best

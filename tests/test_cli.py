@@ -102,6 +102,40 @@ def test_help_does_not_import_lightning() -> None:
     assert "--optimizer" in proc.stdout
 
 
+def test_demo_and_cli_import_one_way_and_demo_is_self_contained() -> None:
+    """cli -> demo, never back; the demo does not use the examples' scaffolding (``_digits``)."""
+    code = (
+        "import sys\n"
+        "import lightning_curvature.demo\n"
+        "bad = [m for m in ('lightning_curvature.cli', 'lightning_curvature._digits') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_help_shows_the_demos_default_learning_rates() -> None:
+    from lightning_curvature.demo import DEFAULT_LR
+
+    shown = ", ".join(f"{name} {lr:g}" for name, lr in DEFAULT_LR.items())
+    assert cli._DEFAULT_LR_HELP == shown
+    assert cli.DEFAULT_LR is DEFAULT_LR  # still importable from its old place
+
+
+@pytest.mark.parametrize("command", ["demo", "report"])
+def test_unwritable_out_is_one_error_line_and_exit_2(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _write_run(tmp_path / "logs")
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    argv = [command, "--out", str(tmp_path / "file.txt" / "out")]
+    argv += ["--steps", "1", "--no-progress-bar"] if command == "demo" else [str(tmp_path / "logs")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"lightning-curvature {command}: error: cannot write to --out")
+    assert "is a file, not a folder" in err
+
+
 def test_console_script_entry_point() -> None:
     from importlib.metadata import entry_points
 

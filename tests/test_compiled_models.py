@@ -1,5 +1,7 @@
-"""Models compiled with ``torch.compile`` are measured through their eager code (compiled code has no double backward).
+"""Models compiled with ``torch.compile``: compiled code has no double backward.
 
+``method="auto"`` measures them with finite-difference products through the compiled code (no eager re-run);
+``method="double_backward"`` runs their eager code for the measurement (exactly the uncompiled values).
 ``backend="aot_eager"`` goes through AOTAutograd, which is where double backward is missing, without needing a C++
 compiler for Inductor.
 """
@@ -36,9 +38,13 @@ def _batch() -> tuple[Tensor, Tensor]:
 def test_torch_compile_wrapper_gives_the_eager_values():
     net, batch = _net(), _batch()
     compiled = torch.compile(net, backend="aot_eager")
-    eig, eig_c = (hessian_eigenvalues(m, _loss, batch, k=2) for m in (net, compiled))
-    torch.testing.assert_close(eig_c.eigenvalues, eig.eigenvalues, rtol=0, atol=0)
-    tr, tr_c = (hessian_trace(m, _loss, batch, num_samples=8) for m in (net, compiled))
+    exact = dict(method="double_backward", tol=1e-6)
+    eig, eig_c = (hessian_eigenvalues(m, _loss, batch, k=2, **exact) for m in (net, compiled))
+    torch.testing.assert_close(eig_c.eigenvalues, eig.eigenvalues, rtol=0, atol=0)  # the same eager code
+    auto = hessian_eigenvalues(compiled, _loss, batch, k=2, tol=1e-6)  # finite differences through compiled code
+    assert auto.method == "finite_difference"
+    torch.testing.assert_close(auto.eigenvalues, eig.eigenvalues, rtol=1e-4, atol=0)
+    tr, tr_c = (hessian_trace(m, _loss, batch, num_samples=8, method="double_backward") for m in (net, compiled))
     assert tr_c.estimate == tr.estimate
     cov, cov_c = (gradient_covariance(m, _loss, batch, k=3) for m in (net, compiled))
     torch.testing.assert_close(cov_c.eigenvalues, cov.eigenvalues, rtol=0, atol=0)
@@ -46,10 +52,12 @@ def test_torch_compile_wrapper_gives_the_eager_values():
 
 def test_module_compiled_in_place_is_measured_and_stays_compiled():
     net, batch = _net(), _batch()
-    expected = hessian_eigenvalues(net, _loss, batch, k=2).eigenvalues
+    expected = hessian_eigenvalues(net, _loss, batch, k=2, method="double_backward", tol=1e-6).eigenvalues
     net.compile(backend="aot_eager")
     compiled_call = net._compiled_call_impl
-    torch.testing.assert_close(hessian_eigenvalues(net, _loss, batch, k=2).eigenvalues, expected, rtol=0, atol=0)
+    for method in ("double_backward", "auto"):
+        res = hessian_eigenvalues(net, _loss, batch, k=2, method=method, tol=1e-6)
+        torch.testing.assert_close(res.eigenvalues, expected, rtol=0 if method != "auto" else 1e-4, atol=0)
     assert net._compiled_call_impl is compiled_call
 
 

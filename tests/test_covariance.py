@@ -9,13 +9,26 @@ from torch import nn
 
 from lightning_curvature import MultiBatch, NonFiniteCurvatureError, gradient_covariance
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 
 def _reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     G = per_example_grads(model, ce_loss, x, y)
     gbar = G.mean(0)
     K = (G - gbar).T @ (G - gbar) / G.shape[0]
     evals = torch.linalg.eigvalsh(K).flip(0)
-    return {"evals": evals, "trace": K.trace().item(), "frob": torch.linalg.matrix_norm(K).item(), "gbar": gbar}
+    # McCandlish et al. (2018), A.1: unbiased |G|² and tr Σ from the two "batch sizes" 1 and N
+    n = G.shape[0]
+    small, big = (G * G).sum(1).mean().item(), gbar.dot(gbar).item()
+    g2 = (n * big - small) / (n - 1)
+    tr_sigma = (small - big) / (1 - 1 / n)
+    return {
+        "evals": evals,
+        "trace": K.trace().item(),
+        "frob": torch.linalg.matrix_norm(K).item(),
+        "gbar": gbar,
+        "noise_scale": tr_sigma / g2 if g2 > 0 else float("inf"),  # |G|² estimated ≤ 0: no finite noise scale
+    }
 
 
 SETTINGS = [
@@ -37,7 +50,7 @@ def test_matches_per_example_loop(setting: dict) -> None:
     assert cov.trace == pytest.approx(ref["trace"], rel=1e-10)
     assert cov.frobenius_norm == pytest.approx(ref["frob"], rel=1e-10)
     assert cov.condition_number == pytest.approx((ref["evals"][0] / ref["evals"][5]).item(), rel=1e-8)
-    assert cov.noise_scale == pytest.approx(ref["trace"] / ref["gbar"].dot(ref["gbar"]).item(), rel=1e-10)
+    assert cov.noise_scale == pytest.approx(ref["noise_scale"], rel=1e-9)
     assert cov.num_examples == 40
 
 
@@ -51,7 +64,51 @@ def test_multibatch_and_distributed_path_agree() -> None:
     dist = gradient_covariance(model, ce_loss, (x, y), k=4, reduce_fn=lambda t: t, tol=1e-8)
     torch.testing.assert_close(dist.eigenvalues, ref["evals"][:4], rtol=1e-6, atol=1e-10)
     assert dist.trace == pytest.approx(ref["trace"], rel=1e-9)
-    assert dist.frobenius_norm is None
+    assert dist.frobenius_norm is None and dist.method == "operator"
+    assert dist.noise_scale == pytest.approx(ref["noise_scale"], rel=1e-9)
+    # too large to keep (max_memory_bytes below N·P·8): streamed operator, one chunk of gradients at a time
+    streamed = gradient_covariance(model, ce_loss, (x, y), k=4, max_memory_bytes=20_000, tol=1e-8)
+    assert streamed.method == "operator" and streamed.frobenius_norm is None
+    torch.testing.assert_close(streamed.eigenvalues, ref["evals"][:4], rtol=1e-6, atol=1e-10)
+
+
+def test_per_example_gradients_are_computed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Time linear in N: each example's gradient is computed once on the Gram path, whatever the chunk size."""
+    import lightning_curvature.core.covariance as cov_module
+
+    calls: list[int] = []
+    original = cov_module.per_example_gradient_chunks
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        for chunk in original(*args, **kwargs):
+            calls.append(chunk.shape[0])
+            yield chunk
+
+    monkeypatch.setattr(cov_module, "per_example_gradient_chunks", counting)
+    model = mlp(hidden=4)
+    x, y = digits(24)
+    gradient_covariance(model, ce_loss, (x, y), k=3, chunk_size=1)
+    assert sum(calls) == 24  # at chunk size 1 the old pairwise recomputation took 24·25/2 = 300
+
+
+def test_pooled_unbiased_noise_scale_recovers_a_known_value_far_above_the_batch_size() -> None:
+    """Per-example gradients a_i ~ N(μ, σ²I) (a linear loss): B_simple = Pσ²/|μ|² = 2383 by construction, N = 128.
+    The biased tr K/‖ḡ‖² saturates near N; the pooled unbiased ratio recovers the truth."""
+    from lightning_curvature.core.covariance import NoiseScaleEstimate
+
+    P, n, sigma = 200, 128, 1.0
+    mu = torch.full((P,), (P * sigma**2 / 2383.0 / P) ** 0.5, dtype=torch.float64)
+    lin = nn.Linear(P, 1, bias=False).double()
+    pooled = NoiseScaleEstimate(beta=0.99)
+    biased = []
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        a = mu + sigma * torch.randn(n, P, dtype=torch.float64, generator=g)
+        cov = gradient_covariance(lin, lambda m, b: m(b).mean(), a, k=1)
+        pooled.update(cov.gradient_norm_sq_unbiased, cov.trace_sigma_unbiased)
+        biased.append(cov.trace / cov.mean_gradient_norm_sq)
+    assert sum(biased) / len(biased) < 200  # saturated near N = 128
+    assert pooled.value == pytest.approx(2383.0, rel=0.25)
 
 
 def test_k_capped_at_rank() -> None:

@@ -6,6 +6,7 @@ Skipped without CUDA (CI has none); run on a machine with a GPU.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -73,3 +74,23 @@ def test_lean_double_backward_matches_pytorch_on_cuda() -> None:
     with HessianOperator(model, ce_loss, (x, y)) as H:
         got = H.matvec(H.flatten(v))
     torch.testing.assert_close(got, plain_hvp(model, ce_loss, (x, y), v), rtol=1e-9, atol=1e-11)
+
+
+def test_auto_keeps_the_fused_attention_kernel_on_cuda() -> None:
+    """On an accelerator ``method="auto"`` does not switch attention to the math kernel: the fused kernel has no
+    double backward, so the products are finite differences through it, and they match the exact ones."""
+    from lightning_curvature import hessian_eigenvalues
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).cuda()
+    head = torch.nn.Linear(32, 3).cuda()
+    model = torch.nn.Sequential(layer, head)
+    x = torch.randn(8, 16, 32, device="cuda")
+    y = torch.randint(0, 3, (8,), device="cuda")
+
+    def loss_fn(m: torch.nn.Module, b: Any) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(m(b[0]).mean(1), b[1])
+
+    auto = hessian_eigenvalues(model, loss_fn, (x, y), k=1, tol=1e-4)
+    exact = hessian_eigenvalues(model, loss_fn, (x, y), k=1, tol=1e-4, method="double_backward")
+    torch.testing.assert_close(auto.eigenvalues, exact.eigenvalues, rtol=1e-3, atol=0)

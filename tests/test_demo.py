@@ -21,7 +21,8 @@ from _tensorboard import tensorboard_server
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from lightning_curvature.demo import DemoResult, build_parser, demo_main, format_summary, run_demo
+from lightning_curvature import cli
+from lightning_curvature.demo import DEFAULT_LR, DemoResult, format_summary, run_demo
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CURVATURE_TAGS = {
@@ -54,7 +55,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, float
     buf = io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(buf):
-        code = demo_main(_args(out))
+        code = cli.main(["demo", *_args(out)])
     elapsed = time.perf_counter() - t0
     assert code == 0
     return out, buf.getvalue(), elapsed
@@ -124,7 +125,7 @@ def test_demo_prints_summary_and_tensorboard_command(demo_run: tuple[Path, str, 
     ids=lambda v: str(v),
 )
 def test_demo_other_optimizers_and_schedulers(tmp_path: Path, optimizer: str, scheduler: str, lr_tag: str) -> None:
-    args = build_parser().parse_args(_args(tmp_path, "--optimizer", optimizer, "--scheduler", scheduler))
+    args = cli.build_parser().parse_args(["demo", *_args(tmp_path, "--optimizer", optimizer, "--scheduler", scheduler)])
     args.steps = 12
     result = run_demo(args)
     assert isinstance(result, DemoResult)
@@ -141,13 +142,14 @@ def test_demo_other_optimizers_and_schedulers(tmp_path: Path, optimizer: str, sc
 
 
 def test_demo_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert demo_main(["--steps", "0", "--out", str(tmp_path)]) == 2
+    assert cli.main(["demo", "--steps", "0", "--out", str(tmp_path)]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert demo_main(["--device", "cuda", "--steps", "1", "--out", str(tmp_path)]) == 2
+        assert cli.main(["demo", "--device", "cuda", "--steps", "1", "--out", str(tmp_path)]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["--scheduler", "greedy"])
+        cli.build_parser().parse_args(["demo", "--scheduler", "greedy"])
+    assert DEFAULT_LR == {"sgd": 1.0, "momentum": 0.2, "adam": 0.01}
 
 
 def test_python_dash_m_help() -> None:

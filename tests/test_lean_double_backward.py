@@ -132,3 +132,20 @@ def test_hessian_operator_product_equals_plain_double_backward():
         got = H.matvec(H.flatten(v))
     assert all(p.grad is None for p in model.parameters())
     torch.testing.assert_close(got, plain_hvp(model, ce_loss, (x, y), v), rtol=1e-10, atol=1e-12)
+
+
+def test_the_lean_double_backward_is_an_explicit_choice_with_the_same_values() -> None:
+    """On by default on CPU; off gives PyTorch's own double backward: the same products to rounding."""
+    from lightning_curvature import HessianOperator
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).double()
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    loss_fn = lambda m, b: m(b).pow(2).mean()  # noqa: E731
+    v = torch.randn(sum(p.numel() for p in net.parameters()), dtype=torch.float64)
+    with HessianOperator(net, loss_fn, x, method="double_backward") as lean:
+        assert lean.lean_double_backward
+        a = lean.matvec(v)
+    with HessianOperator(net, loss_fn, x, method="double_backward", lean_double_backward=False) as plain:
+        b = plain.matvec(v)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

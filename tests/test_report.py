@@ -103,15 +103,19 @@ def test_make_report_several_logdirs_prefixes_runs(tmp_path: Path) -> None:
 
 
 def test_make_report_missing_panels_and_tf2_scalars(tmp_path: Path) -> None:
-    """A run with only a loss (logged TF2-style, as tensors) still gives a PNG; missing panels are noted."""
+    """A run with only a loss and a sharpness (logged TF2-style, as tensors) still gives a PNG; missing panels are
+    noted."""
     from tensorboard.plugins.scalar.summary_v2 import scalar_pb
 
     writer = SummaryWriter(str(tmp_path / "logs"))
     for step in range(5):
         writer._get_file_writer().add_summary(scalar_pb("loss", 1.0 / (step + 1)), step)
+        writer._get_file_writer().add_summary(scalar_pb("curvature/sharpness", 2.0 + step), step)
     writer.close()
     expected = [(s, float(np.float32(1.0 / (s + 1)))) for s in range(5)]
-    assert read_scalars(tmp_path / "logs") == {".": {"loss": expected}}
+    assert read_scalars(tmp_path / "logs") == {
+        ".": {"curvature/sharpness": [(s, 2.0 + s) for s in range(5)], "loss": expected}
+    }
     png, csv_path = make_report([tmp_path / "logs"], tmp_path / "out")
     with csv_path.open(newline="") as f:
         assert {row["run"] for row in csv.DictReader(f)} == {"logs"}
@@ -126,6 +130,44 @@ def test_make_report_errors(tmp_path: Path) -> None:
         make_report([tmp_path / "empty"], tmp_path / "out")
     with pytest.raises(ValueError, match="empty"):
         make_report([], tmp_path / "out")
+
+
+def test_logs_without_curvature_tags_are_refused_not_drawn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder of ordinary training logs has event files but no curvature tag: say so, draw nothing."""
+    writer = SummaryWriter(str(tmp_path / "logs" / "version_0"))
+    for step in range(5):
+        writer.add_scalar("train_loss", 1.0 / (step + 1), step)
+        writer.add_scalar("lr-SGD", 0.1, step)
+    writer.close()
+    with pytest.raises(ValueError, match=r"No curvature tags .*lr-SGD, train_loss.*monitors attached"):
+        make_report([tmp_path / "logs"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert report_main([str(tmp_path / "logs"), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "No curvature tags" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_runs_without_curvature_tags_are_named(two_runs: tuple[Path, dict[str, Points]], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    root, _ = two_runs
+    writer = SummaryWriter(str(root / "plain"))
+    writer.add_scalar("train_loss", 1.0, 0)
+    writer.close()
+    make_report([root], tmp_path / "out")
+    assert "no curvature tags in run(s) plain" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out", ["file.txt/report", "file.txt/report.png", "file.txt"], ids=str)
+def test_unwritable_out_is_one_error_line_and_exit_2(
+    two_runs: tuple[Path, dict[str, Points]], tmp_path: Path, capsys: pytest.CaptureFixture[str], out: str
+) -> None:
+    root, _ = two_runs
+    (tmp_path / "file.txt").write_text("not a folder")
+    assert report_main([str(root), "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lightning-curvature report: error: cannot write to --out")
+    assert "is a file" in err or "Not a directory" in err or "File exists" in err
 
 
 def test_report_main(

@@ -6,8 +6,10 @@ import copy
 import itertools
 import math
 import pickle
+import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -477,16 +479,23 @@ def _cdat_cnn_on_digits(
     steps: int, feed_loss: bool, **kwargs: Any
 ) -> tuple[list[float], list[float], CurvatureDynamicsAwareLR]:
     """SGD momentum 0.9, cross-entropy, batches of 32 digits, CDAT fed as the DirectionalCurvatureMonitor does."""
-    from lightning_curvature._digits import cross_entropy_loss, load_digits_data, minibatch_loader
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from _digits import cross_entropy_loss, load_digits_data
 
-    data = load_digits_data(seed=0)
+    data = load_digits_data(1000, seed=0)
+
+    def minibatch_loader(seed: int) -> torch.utils.data.DataLoader:
+        gen = torch.Generator().manual_seed(seed)
+        dataset = torch.utils.data.TensorDataset(data.x_train, data.y_train, data.labels_train)
+        return torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=True, generator=gen, drop_last=True)
+
     model = _SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = CurvatureDynamicsAwareLR(opt, **kwargs)
     params = list(model.parameters())
     losses, lrs = [], []
     while len(losses) < steps:
-        for batch in minibatch_loader(data, 32, seed=len(losses)):
+        for batch in minibatch_loader(seed=len(losses)):
             opt.zero_grad()
             loss = cross_entropy_loss(model, batch)
             loss.backward()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import pickle
+import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -567,25 +569,31 @@ def test_lightning_with_real_hessian_monitor(tmp_path: Any) -> None:
 # evidence at small scale: SGD momentum 0.9, mini-batches, a sharp start (digits, tanh MLP, read-out 10x)
 
 
-def _momentum_run(rule: str | None, lr: float, steps: int = 300) -> tuple[list[float], float]:
-    from lightning_curvature.schedules._experiments import digits_problem, make_tanh_mlp, minibatches, mse_onehot
+def _digits_helpers() -> Any:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import _digits
 
-    data = digits_problem(600, seed=0)
-    fixed = (data[0][:256], data[1][:256])
-    model = make_tanh_mlp(width=32, depth=2, output_scale=10.0, seed=0)
+    return _digits
+
+
+def _momentum_run(rule: str | None, lr: float, steps: int = 300) -> tuple[list[float], float]:
+    d = _digits_helpers()
+    data = d.load_digits_data(600, seed=0, standardise=False)
+    fixed = (data.x_train[:256], data.y_train[:256], data.labels_train[:256])
+    model = d.make_mlp(depth=2, width=32, output_scale=10.0, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     sched = None if rule is None else SharpnessAwareLR(opt, rule=rule)  # type: ignore[arg-type]
-    next_batch = minibatches(data, 64, seed=0)
+    next_batch = d.minibatches(data, 64, seed=0)
     losses: list[float] = []
     warm = None
     for t in range(steps):
         if sched is not None and (t % 10 == 0 or sched.wants_measurement(t)):
-            res = hessian_eigenvalues(model, mse_onehot, fixed, k=1, tol=0.05, max_iter=10, v0=warm,
+            res = hessian_eigenvalues(model, d.mse_loss, fixed, k=1, tol=0.05, max_iter=10, v0=warm,
                                       return_warm_start=True)  # fmt: skip
             warm = res.warm_start
             sched.observe_sharpness(res.sharpness, t)
         opt.zero_grad()
-        loss = mse_onehot(model, next_batch())
+        loss = d.mse_loss(model, next_batch())
         loss.backward()
         losses.append(loss.item())
         if not math.isfinite(losses[-1]) or losses[-1] > 1e4:
@@ -594,7 +602,7 @@ def _momentum_run(rule: str | None, lr: float, steps: int = 300) -> tuple[list[f
         if sched is not None:
             sched.step()
     with torch.no_grad():
-        final = mse_onehot(model, data).item()
+        final = d.mse_loss(model, data.train_batch()).item()
     return losses, final
 
 
@@ -604,11 +612,11 @@ def test_sgd_momentum_minibatch_high_lr_trains_without_a_spike() -> None:
     lower than both the constant lr and the cap rule (which lowers the lr whenever the sharpness rises)."""
     pytest.importorskip("sklearn")
     torch.set_num_threads(1)
-    from lightning_curvature.schedules._experiments import digits_problem, make_tanh_mlp, mse_onehot
-
-    data = digits_problem(600, seed=0)
-    lam0 = hessian_eigenvalues(make_tanh_mlp(width=32, depth=2, output_scale=10.0, seed=0), mse_onehot,
-                               (data[0][:256], data[1][:256]), k=1).sharpness  # fmt: skip
+    d = _digits_helpers()
+    data = d.load_digits_data(600, seed=0, standardise=False)
+    fixed = (data.x_train[:256], data.y_train[:256], data.labels_train[:256])
+    lam0 = hessian_eigenvalues(d.make_mlp(depth=2, width=32, output_scale=10.0, seed=0), d.mse_loss, fixed,
+                               k=1).sharpness  # fmt: skip
     lr = 5 * 3.8 / lam0
     const, const_final = _momentum_run(None, lr)
     edge, edge_final = _momentum_run("edge", lr)

@@ -233,3 +233,20 @@ def test_density_figure_without_matplotlib_warns_once(tmp_path: Path, monkeypatc
             assert log_density_figure(writer, "d", [0.0, 1.0], [1.0, 2.0], step=1) is False
     finally:
         writer.close()
+
+
+def test_tag_names_have_one_source() -> None:
+    """``tags.py`` defines every name; ``tensorboard.py`` re-exports them under the old names, the report reads them."""
+    from lightning_curvature import report, tags
+
+    exported = [n for n in lct.__all__ if n.isupper() and n != "LAYOUT_TAG"]
+    assert exported and all(getattr(lct, n) is getattr(tags, n) for n in exported)
+    assert lct.eig_tag is tags.eig_tag and lct.grad_cov_eig_tag is tags.grad_cov_eig_tag
+    assert (report._SHARPNESS, report._GC_COND, report._EIG_RE) == (tags.SHARPNESS, tags.GRAD_COV_CONDITION_NUMBER,
+                                                                    tags.EIG_TAG_RE)  # fmt: skip
+    for name in tags.__all__:
+        value = getattr(tags, name)
+        if isinstance(value, str):
+            assert tags.is_curvature_tag(value), name
+    with pytest.raises(ValueError, match="1-based"):
+        tags.eig_tag(0)

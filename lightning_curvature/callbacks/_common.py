@@ -1,4 +1,7 @@
-"""What both curvature monitors share: argument checks, cadence, the step axis, logging, state and DDP reduce.
+"""The monitors' base classes: measuring safely (failures contained, DDP agreement), publishing, state.
+
+Argument checks live in :mod:`._validation`, the Trainer helpers (step axis, reductions, logging) in
+:mod:`._trainer`, the cadence in :mod:`.cadence`; their names are re-exported here.
 
 Step axis: every value is written at ``trainer.fit_loop.epoch_loop._batches_that_stepped`` (the number of
 optimizer steps taken so far), the step ``LearningRateMonitor`` and the training loss are logged at. Step
@@ -21,14 +24,32 @@ queued from the previous step is counted in the measurement, which syncs; a slig
 0's plan is broadcast at each measurement, so all processes measure at the same steps. The plan (next step,
 step-time average, last measurement time) is checkpointed, so a resumed run continues it. The budget is per monitor
 instance: two monitors at 0.05 cost about 10% together.
+
+Publication. Every value a measurement writes to the loggers is also put in ``trainer.callback_metrics`` under its
+tag (as ``LearningRateMonitor`` does), so ``EarlyStopping(monitor="curvature/edge_ratio")`` and
+``ModelCheckpoint(monitor=...)`` can use it. A failed measurement leaves the previous published values in place
+(``EarlyStopping`` stops a run on a NaN it watches); before the first successful one the keys are absent.
+
+Failures. A measurement that cannot be made, for any reason (too few examples, a loss that is not a finite
+differentiable scalar, a non-finite product, an ambiguous batch layout, any exception raised by a product, such as
+compiled code without a double backward), is skipped: it is logged as NaN, not passed to schedulers, not published,
+and training goes on. One warning per monitor and kind of failure says why (later failures of the same kind are
+counted in ``num_failures``; the exception is kept in ``last_error``). Under DDP the processes agree on success
+before logging or feeding a scheduler (one boolean all-reduce), and the loss is checked on every process before the
+first collective call of a measurement, so a failure of the loss on one process skips the measurement everywhere.
+What cannot be guaranteed: an exception raised on one process only *inside* the engine, between its collective
+calls (e.g. running out of memory on one rank mid-way), leaves the other processes waiting in the next collective
+until the process group's timeout ends the run.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -36,39 +57,69 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from torch.func import functional_call
 from typing_extensions import override
 
 from lightning_curvature.callbacks._batch_source import BatchSource
-from lightning_curvature.callbacks._loss import LossFn, resolve_loss_fn
-from lightning_curvature.core import NonFiniteCurvatureError, preserved_model_state
-from lightning_curvature.core._batch import iter_batches
+from lightning_curvature.callbacks._compiled import lightning_eager
+from lightning_curvature.callbacks._loss import (
+    HostRNGForkedLoss,
+    LossFn,
+    forked_host_rng,
+    is_training_step_fallback,
+    resolve_loss_fn,
+)
+from lightning_curvature.callbacks._trainer import (
+    first_optimizer,
+    log_scalars,
+    make_reduce_fn,
+    measured_parameters,
+    publish_metrics,
+    step_axis,
+)
+from lightning_curvature.callbacks._validation import (
+    SUPPORTED_STRATEGIES,
+    check_batch_dim_arg,
+    check_bool,
+    check_choice,
+    check_optional_int,
+    check_overhead,
+    check_positive_float,
+    check_positive_int,
+    check_strategy,
+)
+from lightning_curvature.callbacks.cadence import EMA_CLIP, EMA_WEIGHT, CadencePlanner, adaptive_gap
+from lightning_curvature.core import NonFiniteCurvatureError, math_attention, preserved_model_state
+from lightning_curvature.core._batch import BatchDim, LayoutLoss, iter_batches, to_compute
+from lightning_curvature.core.sharded import is_sharded
 
 __all__ = [
+    "EMA_CLIP",
+    "EMA_WEIGHT",
     "SUPPORTED_STRATEGIES",
+    "CurvatureCallback",
     "CurvatureMonitorBase",
     "adaptive_gap",
+    "check_batch_dim_arg",
+    "check_bool",
     "check_choice",
+    "check_loss_value",
+    "check_optional_int",
     "check_overhead",
     "check_positive_float",
     "check_positive_int",
     "check_strategy",
+    "first_optimizer",
     "log_scalars",
     "make_reduce_fn",
     "measured_parameters",
+    "publish_metrics",
     "step_axis",
 ]
 
-#: What the monitors support, quoted in the error raised for other strategies.
-SUPPORTED_STRATEGIES = "single device ('auto', SingleDeviceStrategy) and DDP ('ddp', 'ddp_spawn', 'ddp_fork')"
-_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
-
 #: The clock of the adaptive cadence (a module global so that tests can replace it with a fake clock).
 _now: Callable[[], float] = time.perf_counter
-#: Smoothing of the step-time average: ``ema += max(1/n, EMA_WEIGHT) * (dt - ema)`` for the ``n``-th timed step
-#: (a running mean for the first ``1/EMA_WEIGHT`` steps, then an exponential average over about as many steps).
-EMA_WEIGHT = 0.02
-#: A step interval longer than this many times the average (validation, checkpointing, a stall) counts as this many.
-EMA_CLIP = 10.0
 
 
 class _MeasuringClock:
@@ -77,142 +128,76 @@ class _MeasuringClock:
     total_s = 0.0
 
 
-def adaptive_gap(t_measure: float, t_step: float, max_overhead: float, min_gap: int = 10, max_gap: int = 10_000) -> int:
-    r"""Steps until the next measurement so that measuring costs ``max_overhead`` of the training time.
-
-    .. math:: \mathrm{gap} = \operatorname{clamp}\left(\left\lceil
-        \frac{t_\mathrm{measure}}{\mathrm{max\_overhead}\cdot t_\mathrm{step}} \right\rceil,
-        \ \mathrm{min\_gap},\ \mathrm{max\_gap}\right)
-
-    A relative ``1e-9`` is forgiven before rounding up, so that an exact ratio is not pushed to the next integer by
-    floating-point error. Pure: no clock, no state.
-
-    Args:
-        t_measure: wall time of one measurement (seconds).
-        t_step: wall time of one training step (seconds).
-        max_overhead: budget, measuring time / training time.
-        min_gap: fewest steps between measurements.
-        max_gap: most steps between measurements (the overhead can exceed the budget when this binds).
-
-    Returns:
-        The number of optimizer steps until the next measurement.
-
-    Example::
-
-        >>> adaptive_gap(t_measure=0.5, t_step=0.01, max_overhead=0.05)
-        1000
-        >>> adaptive_gap(t_measure=0.001, t_step=0.01, max_overhead=0.05), adaptive_gap(60.0, 0.01, 0.05)
-        (10, 10000)
-    """
-    if not (t_step > 0 and math.isfinite(t_step)):
-        return min_gap
-    ratio = max(t_measure, 0.0) / (max_overhead * t_step)
-    if not math.isfinite(ratio):
-        return max_gap
-    return int(min(max(math.ceil(ratio * (1.0 - 1e-9)), min_gap), max_gap))
-
-
-# --- argument checks ------------------------------------------------------------------------------------------
-def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` as an int ``>= minimum``.
+def check_loss_value(loss: Any) -> Tensor:
+    """``loss`` if it is what curvature needs: a finite floating-point scalar tensor that depends on the parameters.
 
     Raises:
-        MisconfigurationException: naming ``name`` and the bad value.
+        TypeError: for a non-tensor or a non-floating loss.
+        ValueError: for a non-scalar loss, or one that does not require grad (detached or computed without grad).
+        NonFiniteCurvatureError: for a NaN or infinite loss.
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise MisconfigurationException(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
-    return value
-
-
-def check_positive_float(name: str, value: Any) -> float:
-    """``value`` as a finite float ``> 0``.
-
-    Raises:
-        MisconfigurationException: naming ``name`` and the bad value.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
-        raise MisconfigurationException(f"`{name}` must be a positive finite number, got {value!r}.")
-    return float(value)
-
-
-def check_overhead(value: Any) -> float:
-    """``value`` as a float in ``(0, 1]`` (the ``max_overhead`` budget).
-
-    Raises:
-        MisconfigurationException: naming ``max_overhead`` and the bad value.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1):
-        raise MisconfigurationException(
-            f"`max_overhead` must be a fraction of the training time in (0, 1], got {value!r}."
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"The loss must be a scalar tensor, got {type(loss).__name__}.")
+    if loss.numel() != 1:
+        raise ValueError(f"The loss must be a scalar (the mean over the batch), got shape {tuple(loss.shape)}.")
+    if not loss.is_floating_point():
+        raise TypeError(f"The loss must be floating point, got dtype {loss.dtype}: an integer loss has no gradient.")
+    if not loss.requires_grad:
+        raise ValueError(
+            "The loss does not depend on the parameters: it was detached (`.detach()`, `.item()`, a new tensor) or "
+            "computed under `torch.no_grad()`/`torch.inference_mode()`; curvature needs its graph."
         )
-    return float(value)
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise NonFiniteCurvatureError(f"The loss is not finite ({float(loss.detach().reshape(-1)[0])}).")
+    return loss
 
 
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    """``value`` if it is one of ``choices``.
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
-    Raises:
-        MisconfigurationException: naming ``name``, the choices and the bad value.
+
+class _LossCall(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so ``functional_call`` can swap the model's parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+@contextmanager
+def _loss_evaluation(pl_module: nn.Module, mode: Any) -> Iterator[Callable[[LossFn, Any, bool], Any]]:
+    """Evaluate losses of ``pl_module`` on copies of its parameters, leaving no trace on it.
+
+    Yields ``call(loss_fn, batch, grad)``: the loss with the parameters replaced by clones (trainable ones requiring
+    grad when ``grad``), so a forward pass that writes its weights in place (``nn.Embedding(max_norm=...)``) writes
+    the clones; RNG streams, buffers and flags are restored by :func:`preserved_model_state`.
     """
-    if value not in choices:
-        raise MisconfigurationException(f"`{name}` must be one of {tuple(choices)}, got {value!r}.")
-    return str(value)
+    named = list(pl_module.named_parameters())
+    dtype = _compute_dtype(named[0][1].dtype) if named else torch.float32
+    device = named[0][1].device if named else torch.device("cpu")
 
+    with ExitStack() as stack:
+        stack.enter_context(preserved_model_state(pl_module, mode))
+        stack.enter_context(math_attention())
+        stack.enter_context(torch.inference_mode(False))
 
-def check_strategy(strategy: Any, owner: str) -> None:
-    """Reject sharded strategies (their parameters are split across processes).
+        def call(loss_fn: LossFn, batch: Any, grad: bool) -> Any:
+            with torch.set_grad_enabled(grad):
+                mapping = {
+                    f"model.{n}": p.detach().to(dtype).clone().requires_grad_(grad and p.requires_grad)
+                    for n, p in named
+                }
+                for n, b in pl_module.named_buffers():
+                    if b.is_floating_point() and b.dtype != dtype and dtype != named[0][1].dtype:
+                        mapping[f"model.{n}"] = b.detach().to(dtype)
+                batch = to_compute(batch, device, dtype)
+                return functional_call(_LossCall(pl_module, loss_fn), mapping, (batch,), strict=False)
 
-    Raises:
-        MisconfigurationException: for FSDP, DeepSpeed or model-parallel strategies, naming what is supported.
-    """
-    names = {cls.__name__ for cls in type(strategy).__mro__}
-    sharded = names.intersection(_SHARDED)
-    if sharded:
-        raise MisconfigurationException(
-            f"{owner} does not support the sharded strategy {type(strategy).__name__} yet; supported are "
-            f"{SUPPORTED_STRATEGIES}."
-        )
-
-
-# --- trainer helpers ------------------------------------------------------------------------------------------
-def step_axis(trainer: pl.Trainer) -> int:
-    """The step every curvature value is logged at: optimizer steps taken so far (``LearningRateMonitor``'s)."""
-    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
-
-
-def make_reduce_fn(trainer: pl.Trainer) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """A SUM all-reduce through the strategy when there are several processes, else ``None``."""
-    if trainer.world_size <= 1:
-        return None
-    strategy = trainer.strategy
-
-    def reduce_fn(t: torch.Tensor) -> torch.Tensor:
-        return strategy.reduce(t.clone(), reduce_op="sum")  # the DDP reduce works in place
-
-    return reduce_fn
-
-
-def first_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer | None:
-    """``trainer.optimizers[0]``, whose parameters and hyperparameters the monitors measure, or ``None``."""
-    return trainer.optimizers[0] if trainer.optimizers else None
-
-
-def measured_parameters(pl_module: torch.nn.Module, optimizer: Any | None) -> list[torch.Tensor]:
-    """Trainable parameters curvature is taken over: those managed by ``optimizer`` (all if ``None``)."""
-    trainable: list[torch.Tensor] = [p for p in pl_module.parameters() if p.requires_grad]
-    if optimizer is None:
-        return trainable
-    managed = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    chosen = [p for p in trainable if id(p) in managed]
-    return chosen or trainable
-
-
-def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
-    """Write ``metrics`` at ``step`` through every logger (rank zero only; nothing without loggers)."""
-    if not metrics:
-        return
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
+        yield call
 
 
 def _is_finite(value: float | None, may_be_infinite: bool = False) -> bool:
@@ -221,18 +206,189 @@ def _is_finite(value: float | None, may_be_infinite: bool = False) -> bool:
     return not math.isnan(value) if may_be_infinite else math.isfinite(value)
 
 
-# --- base callback --------------------------------------------------------------------------------------------
-class CurvatureMonitorBase(Callback):
-    """Cadence, batch, loss, logging, state and failure handling shared by the curvature monitors.
+class MeasurementSkipped(RuntimeError):
+    """Another process could not make the measurement (under DDP every process skips it)."""
 
-    Subclasses implement :meth:`_measure` (return the scalars to log; may raise
-    :class:`~lightning_curvature.core.NonFiniteCurvatureError`) and :meth:`_failed_metrics`.
+
+def _describe_failure(error: BaseException | str) -> tuple[str, str]:
+    """``(kind, text)``: the kind (numbers blanked, so repeats of one failure share it) and a one-line reason."""
+    if isinstance(error, str):
+        text = error
+        kind = error
+    else:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+        kind = type(error).__name__ + ":" + message
+    if len(text) > 400:
+        text = text[:397] + "..."
+    return re.sub(r"[-+]?\d[\d.e+-]*|nan|inf", "#", kind), text
+
+
+# --- shared base ---------------------------------------------------------------------------------------------
+class CurvatureCallback(Callback):
+    """What every curvature callback shares: the loss and batch layout, failure containment, publication, state.
+
+    Subclasses measure by calling :meth:`_engine_inputs` (the batch in the engine's form and the loss to use with
+    it), :meth:`_preflight` (the loss is a finite differentiable scalar, agreed across processes), then the
+    engine; they report a failure with :meth:`_report_failure` and publish values with :meth:`_publish`.
+
+    Attributes:
+        last_metrics: every scalar of the latest measurement (NaN where it failed); checkpointed.
+        num_measurements: measurements so far, failed ones included; checkpointed.
+        num_failures: measurements that could not be made; checkpointed.
+        last_error: the exception (or reason) of the latest failure in this process (not checkpointed).
+    """
+
+    #: Whether the monitor measures under sharded strategies (FSDP).
+    _sharded_ok: bool = False
+
+    def __init__(self, *, loss_fn: LossFn | None, batch_dim: BatchDim = None) -> None:
+        if loss_fn is not None and not callable(loss_fn):
+            raise MisconfigurationException(
+                f"`loss_fn` must be callable as loss_fn(pl_module, batch), got {loss_fn!r}."
+            )
+        self.loss_fn = loss_fn
+        self.batch_dim = check_batch_dim_arg(batch_dim)
+        self._resolved_loss: LossFn | None = None
+        self._engine_loss: LossFn | None = None
+        self._loss_checked = False  # the loss passed the structural checks once in this fit
+        self._warned_failures: set[str] = set()
+        # checkpointed state
+        self.num_measurements = 0
+        self.num_failures = 0
+        self.last_metrics: dict[str, float] = {}
+        # not checkpointed
+        self.last_error: BaseException | str | None = None
+
+    # -- hooks ----------------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer.strategy, type(self).__name__, sharded_ok=self._sharded_ok)
+        if stage == "fit":
+            self._resolve_loss(pl_module)
+            self._loss_checked = False
+            self._warned_failures.clear()
+
+    def _resolve_loss(self, pl_module: pl.LightningModule) -> LossFn:
+        """The user's loss (explicit, ``curvature_loss`` or the ``training_step`` fallback) and its engine form."""
+        self._resolved_loss = resolve_loss_fn(pl_module, self.loss_fn)
+        engine: LossFn = LayoutLoss(self._resolved_loss)  # the engine's batch is batch-first: restore the user's layout
+        if is_training_step_fallback(self._resolved_loss):
+            # a re-run step may draw from Python's and NumPy's RNG (mixup, jitter): the same draws in every evaluation
+            engine = HostRNGForkedLoss(engine)
+        self._engine_loss = engine
+        return engine
+
+    def _loss_for_engine(self, pl_module: pl.LightningModule) -> LossFn:
+        return self._engine_loss if self._engine_loss is not None else self._resolve_loss(pl_module)
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    def _base_state(self) -> dict[str, Any]:
+        return {
+            "num_measurements": self.num_measurements,
+            "num_failures": self.num_failures,
+            "last_metrics": {k: float(v) for k, v in self.last_metrics.items()},
+        }
+
+    def _load_base_state(self, state_dict: dict[str, Any]) -> None:
+        self.num_measurements = int(state_dict.get("num_measurements", 0))
+        self.num_failures = int(state_dict.get("num_failures", 0))
+        self.last_metrics = {k: float(v) for k, v in state_dict.get("last_metrics", {}).items()}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self._base_state()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._load_base_state(state_dict)
+
+    # -- measuring safely -----------------------------------------------------------------------------------------
+    def _mode_for(self, pl_module: torch.nn.Module) -> Any:
+        return getattr(self, "mode", "train")
+
+    def _preflight(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, batch: Any, collective: bool = True
+    ) -> None:
+        """Check the loss before any collective call: a finite floating scalar that depends on the parameters.
+
+        The structural checks (:func:`check_loss_value` on the first physical batch, one forward pass with a graph
+        on copies of the parameters) run once per fit, until they pass. Under DDP with ``collective`` (a
+        measurement whose engine all-reduces) every measurement also checks that every process's loss is finite
+        (forward passes without a graph) and the processes agree (one boolean all-reduce), so that a process never
+        raises alone in front of the engine's all-reduces.
+
+        Raises:
+            TypeError, ValueError, NonFiniteCurvatureError: from :func:`check_loss_value` or the loss itself.
+            MeasurementSkipped: if the loss failed on another process only.
+        """
+        distributed = collective and trainer.world_size > 1
+        if self._loss_checked and not distributed:
+            return
+        if is_sharded(list(pl_module.parameters())):
+            # FSDP: the loss runs through the module's own forward (its all-gathers are collective calls every
+            # process makes together); copies of the shards cannot stand in for them, so the engine checks the loss
+            return
+        error: BaseException | None = None
+        try:
+            with _loss_evaluation(pl_module, self._mode_for(pl_module)) as call:
+                for i, b in enumerate(iter_batches(batch)):
+                    if i == 0 and not self._loss_checked:
+                        check_loss_value(call(loss_fn, b, True))
+                    elif distributed:
+                        loss = call(loss_fn, b, False)
+                        if not bool(torch.isfinite(torch.as_tensor(loss)).all()):
+                            raise NonFiniteCurvatureError("The loss of the curvature batch is NaN or infinite.")
+                    else:
+                        break
+        except Exception as exc:
+            error = exc
+        if distributed and not trainer.strategy.reduce_boolean_decision(error is None, all=True) and error is None:
+            error = MeasurementSkipped("the loss could not be evaluated on another process")
+        if error is not None:
+            raise error
+        self._loss_checked = True
+
+    def _all_succeeded(self, trainer: pl.Trainer, ok: bool) -> bool:
+        """Whether every process succeeded (the same answer everywhere under DDP; ``ok`` for one process)."""
+        if trainer.world_size <= 1:
+            return ok
+        return bool(trainer.strategy.reduce_boolean_decision(ok, all=True))
+
+    def _report_failure(self, step: int, error: BaseException | str) -> None:
+        """Count a failed measurement; warn once per kind of failure."""
+        self.num_failures += 1
+        self.last_error = error
+        kind, text = _describe_failure(error)
+        if kind in self._warned_failures:
+            return
+        self._warned_failures.add(kind)
+        rank_zero_warn(
+            f"{type(self).__name__}: the measurement at step {step} could not be made ({text}). It is logged as NaN, "
+            "not passed to schedulers, and training continues; later failures of this kind are not warned again "
+            "(counted in `num_failures`)."
+        )
+
+    def _publish(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        """Put the values of a successful measurement in ``trainer.callback_metrics`` (see the module docstring)."""
+        publish_metrics(trainer, metrics)
+
+
+# --- base of the periodic monitors -----------------------------------------------------------------------------
+class CurvatureMonitorBase(CurvatureCallback):
+    """Cadence, batch, loss, logging, state and failure handling shared by the periodic curvature monitors.
+
+    Subclasses implement :meth:`_measure` (return the scalars to log; may raise anything: a failure is contained,
+    see the module docstring) and :meth:`_failed_metrics`. ``_measure`` receives the batch in the engine's form
+    (examples along dimension 0, whatever the container) and the loss to use with it.
 
     Attributes:
         history: ``(step, value)`` of the headline quantity at every measurement (sharpness, ``grad_cov/eig_1``);
             checkpointed, so a resumed run continues it. It accumulates across fits with the same instance.
         last_metrics: every scalar of the latest measurement (NaN where it failed); checkpointed.
         num_measurements: measurements so far; checkpointed.
+        num_failures: measurements that could not be made (logged as NaN); checkpointed.
+        last_error: the exception (or reason) of the latest failure in this process.
         last_step: step of the latest measurement in this fit (``-1``: none yet); checkpointed.
         measure_time_s: wall time spent measuring in this process (not checkpointed).
         train_time_s: wall time of the training steps timed in this fit, without any monitor's measuring time (not
@@ -262,40 +418,23 @@ class CurvatureMonitorBase(Callback):
         loss_fn: LossFn | None,
         on_epoch_end: bool,
         prog_bar: bool,
+        batch_dim: BatchDim = None,
     ) -> None:
+        super().__init__(loss_fn=loss_fn, batch_dim=batch_dim)
         self.every_n_steps = None if every_n_steps is None else check_positive_int("every_n_steps", every_n_steps)
         self.max_overhead = check_overhead(max_overhead)
-        if loss_fn is not None and not callable(loss_fn):
-            raise MisconfigurationException(
-                f"`loss_fn` must be callable as loss_fn(pl_module, batch), got {loss_fn!r}."
-            )
-        if not isinstance(on_epoch_end, bool):
-            raise MisconfigurationException(f"`on_epoch_end` must be a bool, got {on_epoch_end!r}.")
-        self._source = BatchSource(batch, num_examples)
-        self.loss_fn = loss_fn
-        self.on_epoch_end = on_epoch_end
-        self.prog_bar = bool(prog_bar)
-        self._resolved_loss: LossFn | None = None
+        self.on_epoch_end = check_bool("on_epoch_end", on_epoch_end)
+        self.prog_bar = check_bool("prog_bar", prog_bar)
+        self._source = BatchSource(batch, num_examples, self.batch_dim)
         self._last_batch: Any = None
-        # checkpointed state
-        self.num_measurements = 0
+        # checkpointed state (and the base class's)
         self.last_step = -1
         self.history: list[tuple[int, float]] = []
-        self.last_metrics: dict[str, float] = {}
-        # adaptive plan (checkpointed): next step, provisional flag, step-time average, last measuring time
-        self._next_step = 0
-        self._provisional = False
-        self._step_time_ema: float | None = None
-        self._last_measure_s = 0.0
+        #: the measuring plan (checkpointed): :class:`~lightning_curvature.callbacks.cadence.CadencePlanner`
+        self.planner = CadencePlanner(self.every_n_steps, self.max_overhead, self.min_gap, self.max_gap)
         # not checkpointed
         self.measure_time_s = 0.0
-        self.train_time_s = 0.0
         self._fit_measure_s = 0.0
-        self._t_prev: float | None = None  # clock at the latest step change, and what had been spent measuring then
-        self._spent_prev = 0.0
-        self._step_prev = -1
-        self._ema_count = 0  # steps averaged into the step-time average (a resumed average counts as settled)
-        self._skip_interval = False  # the next step interval is not averaged (the first of a fit)
 
     # -- identity and state -------------------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
@@ -319,15 +458,50 @@ class CurvatureMonitorBase(Callback):
     @property
     def next_step(self) -> int:
         """Step of the next planned measurement (fixed cadence: the next multiple of ``every_n_steps``)."""
-        if self.every_n_steps is None:
-            return self._next_step
-        n = self.every_n_steps
-        return (self.last_step // n + 1) * n if self.last_step >= 0 else 0
+        return self.planner.scheduled(self.last_step)
 
     @property
     def step_time_s(self) -> float | None:
         """Moving average of the wall time of one training step (``None`` before a step was timed)."""
-        return self._step_time_ema
+        return self.planner.step_time_s
+
+    @property
+    def train_time_s(self) -> float:
+        """Wall time of the training steps timed in this fit, without any monitor's measuring time."""
+        return self.planner.train_time_s
+
+    # the plan under its 0.1 attribute names
+    @property
+    def _next_step(self) -> int:
+        return self.planner.next_step
+
+    @_next_step.setter
+    def _next_step(self, value: int) -> None:
+        self.planner.next_step = value
+
+    @property
+    def _provisional(self) -> bool:
+        return self.planner.provisional
+
+    @_provisional.setter
+    def _provisional(self, value: bool) -> None:
+        self.planner.provisional = value
+
+    @property
+    def _step_time_ema(self) -> float | None:
+        return self.planner.step_time_s
+
+    @_step_time_ema.setter
+    def _step_time_ema(self, value: float | None) -> None:
+        self.planner.step_time_s = value
+
+    @property
+    def _last_measure_s(self) -> float:
+        return self.planner.last_measure_s
+
+    @_last_measure_s.setter
+    def _last_measure_s(self, value: float) -> None:
+        self.planner.last_measure_s = value
 
     @property
     def overhead(self) -> float | None:
@@ -341,49 +515,36 @@ class CurvatureMonitorBase(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "num_measurements": self.num_measurements,
+            **self._base_state(),
             "last_step": self.last_step,
             "history": [[int(s), float(v)] for s, v in self.history],
-            "last_metrics": {k: float(v) for k, v in self.last_metrics.items()},
-            "next_step": int(self._next_step),
-            "plan_provisional": bool(self._provisional),
-            "step_time_ema_s": None if self._step_time_ema is None else float(self._step_time_ema),
-            "last_measure_s": float(self._last_measure_s),
+            **self.planner.state_dict(),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.num_measurements = int(state_dict.get("num_measurements", 0))
+        self._load_base_state(state_dict)
         self.last_step = int(state_dict.get("last_step", -1))
         self.history = [(int(s), float(v)) for s, v in state_dict.get("history", [])]
-        self.last_metrics = {k: float(v) for k, v in state_dict.get("last_metrics", {}).items()}
-        # checkpoints without a plan: re-plan `min_gap` steps after the latest measurement
-        default_next = self.last_step + self.min_gap if self.last_step >= 0 else 0
-        self._next_step = int(state_dict.get("next_step", default_next))
-        self._provisional = bool(state_dict.get("plan_provisional", "next_step" not in state_dict))
-        ema = state_dict.get("step_time_ema_s")
-        self._step_time_ema = None if ema is None else float(ema)
-        self._last_measure_s = float(state_dict.get("last_measure_s", 0.0))
+        self.planner.load_state_dict(state_dict, self.last_step)
 
     # -- hooks --------------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategy(trainer.strategy, type(self).__name__)
+        super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            self._resolved_loss = resolve_loss_fn(pl_module, self.loss_fn)
             # a new fit starts its own step axis and plan; a resumed one gets `last_step` and the plan back from the
             # checkpoint (callbacks' states are loaded after `setup`)
             self.last_step = -1
-            self._next_step, self._provisional, self._step_time_ema, self._last_measure_s = 0, False, None, 0.0
+            self.planner.reset()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._resolved_loss is None:
-            self._resolved_loss = resolve_loss_fn(pl_module, self.loss_fn)
+            self._resolve_loss(pl_module)
         self._source.prepare(trainer, pl_module)
-        self.train_time_s, self._fit_measure_s, self._t_prev, self._step_prev = 0.0, 0.0, None, -1
-        self._ema_count = 0 if self._step_time_ema is None else round(1 / EMA_WEIGHT)
-        self._skip_interval = True  # the first step of a fit carries one-off costs
+        self._fit_measure_s = 0.0
+        self.planner.start_fit()
 
     @override
     def on_train_batch_start(
@@ -392,21 +553,13 @@ class CurvatureMonitorBase(Callback):
         if self._source.kind == "current":
             self._last_batch = batch
         step = step_axis(trainer)
-        self._time_step(step)
-        if step == self.last_step:
+        planner = self.planner
+        planner.min_gap, planner.max_gap = self.min_gap, self.max_gap  # an instance may override the class bounds
+        planner.time_step(step, _now(), _MeasuringClock.total_s)  # hot path: one clock read, no device sync
+        if not self.planner.due(step, self.last_step, self._broadcast(trainer)):
             return
-        if self.every_n_steps is not None:
-            if step % self.every_n_steps == 0:
-                self.measure(trainer, pl_module, batch, step, prog_bar=self.prog_bar)
-            return
-        if step < self._next_step:
-            return
-        if self._provisional:
-            self._replan(trainer, step)
-            if step < self._next_step:
-                return
         self.measure(trainer, pl_module, batch, step, prog_bar=self.prog_bar)
-        self._plan(trainer, step)
+        self.planner.plan(step, self._last_measure_s, self._broadcast(trainer))
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -416,53 +569,24 @@ class CurvatureMonitorBase(Callback):
         if self._source.kind == "current" and self._last_batch is None:
             return  # no training batch seen yet
         self.measure(trainer, pl_module, self._last_batch, step, prog_bar=False)
-        if self.every_n_steps is None:
-            self._plan(trainer, step)
+        self.planner.min_gap, self.planner.max_gap = self.min_gap, self.max_gap
+        self.planner.plan(step, self._last_measure_s, self._broadcast(trainer))
 
     # -- adaptive cadence -----------------------------------------------------------------------------------------
-    def _time_step(self, step: int) -> None:
-        """Update the step-time average when the step axis has moved (hot path: one clock read, no sync)."""
-        if step == self._step_prev:
-            return  # gradient accumulation: the optimizer step is still running
-        now, spent = _now(), _MeasuringClock.total_s
-        if self._t_prev is not None and step > self._step_prev:
-            dt = max(0.0, (now - self._t_prev) - (spent - self._spent_prev))
-            self.train_time_s += dt
-            per_step = dt / (step - self._step_prev)
-            ema = self._step_time_ema
-            if self._skip_interval:
-                self._skip_interval = False
-            elif ema is None:
-                self._step_time_ema, self._ema_count = per_step, 1
-            else:
-                self._ema_count += 1
-                per_step = min(per_step, EMA_CLIP * ema)
-                self._step_time_ema = ema + max(1.0 / self._ema_count, EMA_WEIGHT) * (per_step - ema)
-        self._t_prev, self._spent_prev, self._step_prev = now, spent, step
-
-    def _gap(self, t_measure: float, t_step: float) -> int:
-        """Steps from a measurement that took ``t_measure`` to the next one (:func:`adaptive_gap`)."""
-        return adaptive_gap(t_measure, t_step, self.max_overhead, self.min_gap, self.max_gap)
-
     def _agree(self, trainer: pl.Trainer, next_step: int, provisional: bool) -> None:
-        """Adopt rank 0's plan on every process (the measurement all-reduces: all must measure together)."""
+        """Adopt rank 0's plan on every process (a measurement all-reduces: all must measure at the same steps)."""
         if trainer.world_size > 1:
             next_step, provisional = trainer.strategy.broadcast((int(next_step), bool(provisional)), src=0)
-        self._next_step, self._provisional = int(next_step), bool(provisional)
+        self.planner.next_step, self.planner.provisional = int(next_step), bool(provisional)
 
-    def _plan(self, trainer: pl.Trainer, step: int) -> None:
-        """Plan the next measurement after the one just done at ``step``."""
-        if self._step_time_ema is None:  # no step timed yet: a conservative gap, re-planned when it is reached
-            self._agree(trainer, step + self.min_gap, True)
-        else:
-            self._agree(trainer, step + self._gap(self._last_measure_s, self._step_time_ema), False)
+    def _broadcast(self, trainer: pl.Trainer) -> Callable[[tuple[int, bool]], tuple[int, bool]]:
+        """The planner's way to agree on a plan: through :meth:`_agree`."""
 
-    def _replan(self, trainer: pl.Trainer, step: int) -> None:
-        """At a provisional step: plan from the latest measurement with the step time known by now."""
-        if self._step_time_ema is None:
-            self._agree(trainer, step + self.min_gap, True)
-        else:
-            self._agree(trainer, self.last_step + self._gap(self._last_measure_s, self._step_time_ema), False)
+        def agree(plan: tuple[int, bool]) -> tuple[int, bool]:
+            self._agree(trainer, plan[0], plan[1])
+            return self.planner.next_step, self.planner.provisional
+
+        return agree
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -473,32 +597,37 @@ class CurvatureMonitorBase(Callback):
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, current_batch: Any, step: int, prog_bar: bool
     ) -> dict[str, float]:
-        """Measure now, log at ``step``, update state; a NaN/inf result is logged as such with a warning.
+        """Measure now, log at ``step``, update state, publish; a failure is logged as NaN with one warning.
 
         Returns:
             The scalars written to the loggers.
         """
         t0 = _now()
-        batch = self._source.get(current_batch)
-        loss_fn = self._resolved_loss or resolve_loss_fn(pl_module, self.loss_fn)
-        error: str | None = None
-        if not self._all_ranks_finite(trainer, pl_module, loss_fn, batch):
-            error = "the loss of the curvature batch is NaN or infinite"
-            metrics = self._failed_metrics(trainer)
-        else:
-            try:
-                metrics = self._measure(trainer, pl_module, loss_fn, batch, step)
-            except NonFiniteCurvatureError as exc:
-                error = str(exc)
-                metrics = self._failed_metrics(trainer)
-        bad = sorted(k for k, v in metrics.items() if not _is_finite(v, k in self._may_be_infinite))
-        if error is None and bad:
-            error = f"non-finite values for {bad}"
-        if error is not None:
-            rank_zero_warn(
-                f"{type(self).__name__}: the measurement at step {step} is not finite ({error}); it is logged as "
-                "NaN/inf and not passed to schedulers. Training continues."
-            )
+        error: BaseException | str | None = None
+        metrics: dict[str, float] = {}
+        try:
+            batch = self._source.get_for_engine(current_batch)
+            loss_fn = self._loss_for_engine(pl_module)
+            with forked_host_rng():  # whatever the loss draws from Python's or NumPy's RNG does not reach training
+                self._preflight(trainer, pl_module, loss_fn, batch)
+                eager = lightning_eager(pl_module) if self._eager_measurement() else nullcontext()
+                with eager:  # Lightning-compiled methods run eagerly where the measurement needs it
+                    metrics = self._measure(trainer, pl_module, loss_fn, batch, step)
+        except Exception as exc:  # contained: a measurement never stops training (see the module docstring)
+            error = exc
+        if error is None:
+            bad = sorted(k for k, v in metrics.items() if not _is_finite(v, k in self._may_be_infinite))
+            if bad:
+                error = f"non-finite values for {bad}"
+        ok = self._all_succeeded(trainer, error is None)
+        if not ok:
+            if error is None:  # this process succeeded, another did not: log what every process logs
+                error = "another process could not make it"
+                metrics = self._safe_failed_metrics(trainer)
+            elif isinstance(error, BaseException) or not metrics:
+                metrics = self._safe_failed_metrics(trainer)
+            # (non-finite values are logged as computed: NaN/inf where they are)
+            self._report_failure(step, error)
         elapsed = _now() - t0
         if self._overhead_key and self.train_time_s > 0:
             metrics[self._overhead_key] = (self._fit_measure_s + elapsed) / self.train_time_s
@@ -507,12 +636,14 @@ class CurvatureMonitorBase(Callback):
         self.last_metrics = dict(metrics)
         self.history.append((step, float(metrics.get(self._headline_key, math.nan))))
         log_scalars(trainer, metrics, step)
-        if prog_bar and self._prog_bar_key is not None and self._prog_bar_key in metrics:
+        if ok:
+            self._publish(trainer, metrics)
+        if ok and prog_bar and self._prog_bar_key is not None and self._prog_bar_key in metrics:
             pl_module.log(
                 self._prog_bar_key, metrics[self._prog_bar_key], prog_bar=True, logger=False, on_step=True,
                 on_epoch=False,
             )  # fmt: skip
-        self._after_measurement(trainer, pl_module, metrics, step, ok=error is None)
+        self._after_measurement(trainer, pl_module, metrics, step, ok=ok)
         elapsed = _now() - t0
         self._last_measure_s = elapsed
         self._fit_measure_s += elapsed
@@ -520,31 +651,21 @@ class CurvatureMonitorBase(Callback):
         _MeasuringClock.total_s += elapsed
         return metrics
 
-    def _all_ranks_finite(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, batch: Any
-    ) -> bool:
-        """Under DDP, agree on whether every rank's loss is finite before any collective call.
+    def _safe_failed_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        try:
+            return self._failed_metrics(trainer)
+        except Exception:  # the NaN record must not fail either
+            return {self._headline_key: math.nan} if self._headline_key else {}
 
-        The engine raises on a non-finite local loss before its first all-reduce; a rank raising alone would
-        leave the others waiting in the all-reduce forever. Single process: ``True`` (the engine decides).
-        """
-        if trainer.world_size <= 1:
-            return True
-        ok = True
-        with preserved_model_state(pl_module, self._mode_for(pl_module)), torch.no_grad():
-            for b in iter_batches(batch):
-                loss = loss_fn(pl_module, b)
-                ok = ok and bool(torch.isfinite(loss.detach()).all())
-        return bool(trainer.strategy.reduce_boolean_decision(ok, all=True))
-
-    def _mode_for(self, pl_module: torch.nn.Module) -> Any:
-        return getattr(self, "mode", "train")
+    def _eager_measurement(self) -> bool:
+        """Whether to run Lightning-compiled methods eagerly during a measurement (double backward and vmap need it)."""
+        return True
 
     @abstractmethod
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, batch: Any, step: int
     ) -> dict[str, float]:
-        """The scalars of one measurement (may raise ``NonFiniteCurvatureError``)."""
+        """The scalars of one measurement (anything it raises is contained: see the module docstring)."""
 
     @abstractmethod
     def _failed_metrics(self, trainer: pl.Trainer) -> dict[str, float]:

@@ -11,21 +11,43 @@ Resolution order (:func:`resolve_loss_fn`):
 Re-running ``training_step`` naively is wrong: each ``self.log`` call creates a second result that overwrites the
 real value in the loggers, the CSV and ``callback_metrics``, and metric objects accumulate the extra batches.
 
+**Side effects of a re-run.** What the monitors undo: logging (suppressed), torchmetrics states, every RNG stream
+the step may draw from (torch's CPU and accelerator generators are forked by the engine; Python's ``random`` and
+NumPy's global stream are restored after every measurement by :func:`forked_host_rng`, and seeded before every
+re-run of the step by :class:`HostRNGForkedLoss`, which gives every evaluation of one measurement the same draws, so
+a mixup or jitter drawn in the step is one fixed function of the parameters), the module's buffers and train/eval
+flags. What cannot be undone: anything else the step changes, such as an EMA of
+the weights or a counter updated inside ``training_step``, attributes of objects outside the module, files or
+prints. A warning says so once per module when the fallback is used; define ``curvature_loss`` (or pass
+``loss_fn=``) to measure without them.
+
 The returned callable always calls the module it is *given* (never a captured one): the engine passes the
 LightningModule itself and swaps its parameters in with :func:`torch.func.functional_call`.
 """
 
 from __future__ import annotations
 
+import random
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
 
-__all__ = ["CURVATURE_LOSS_METHOD", "LossFn", "resolve_loss_fn", "suppressed_logging"]
+__all__ = [
+    "CURVATURE_LOSS_METHOD",
+    "HostRNGForkedLoss",
+    "LossFn",
+    "forked_host_rng",
+    "is_training_step_fallback",
+    "resolve_loss_fn",
+    "suppressed_logging",
+]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -38,6 +60,85 @@ _MISSING = object()
 
 def _noop(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+_SEEDED_STATES: dict[int, tuple[Any, Any]] = {}
+
+
+def _seeded_host_states(seed: int) -> tuple[Any, Any]:
+    """The states of Python's ``random`` and NumPy's global stream right after seeding them with ``seed``."""
+    states = _SEEDED_STATES.get(seed)
+    if states is None:
+        states = _SEEDED_STATES[seed] = (random.Random(seed).getstate(), np.random.RandomState(seed).get_state())
+    return states
+
+
+@contextmanager
+def forked_host_rng(seed: int | None = None) -> Iterator[None]:
+    """Restore Python's ``random`` and NumPy's global stream on exit; with ``seed``, start the block seeded.
+
+    (Torch's generators are forked by the engine: :func:`~lightning_curvature.core.preserved_model_state`.)
+
+    Example::
+
+        >>> before = random.random(), np.random.rand()  # doctest: +SKIP
+        >>> state = random.getstate()
+        >>> with forked_host_rng(seed=0):
+        ...     _ = random.random(), np.random.rand()
+        >>> random.getstate() == state
+        True
+    """
+    py_state = random.getstate()
+    np_state = np.random.get_state()  # noqa: NPY002 (the legacy global stream is what training code draws from)
+    try:
+        if seed is not None:
+            py_seeded, np_seeded = _seeded_host_states(seed)
+            random.setstate(py_seeded)
+            np.random.set_state(np_seeded)  # noqa: NPY002
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)  # noqa: NPY002
+
+
+class HostRNGForkedLoss:
+    """``loss_fn`` evaluated with Python's ``random`` and NumPy's global stream seeded, and restored afterwards.
+
+    Every evaluation starts from the same seeded states, so draws made inside the loss (mixup, jitter) are the same
+    in every Hessian-vector product of a measurement, and none of them reaches the training run.
+
+    Args:
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        seed: seed of both streams at the start of every evaluation.
+    """
+
+    def __init__(self, loss_fn: LossFn, seed: int = 0) -> None:
+        self.loss_fn = loss_fn
+        self.seed = seed
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor:
+        with forked_host_rng(self.seed):
+            return self.loss_fn(model, batch)
+
+    def __repr__(self) -> str:
+        return f"HostRNGForkedLoss({self.loss_fn!r}, seed={self.seed})"
+
+
+_WARNED_FALLBACK: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _warn_training_step_fallback(pl_module: nn.Module) -> None:
+    """Say once per module that ``training_step`` is re-run, what is undone and what is not."""
+    if pl_module in _WARNED_FALLBACK:
+        return
+    _WARNED_FALLBACK.add(pl_module)
+    rank_zero_warn(
+        f"The curvature monitors re-run `{type(pl_module).__name__}.training_step` to get the loss: its logging is "
+        "suppressed, and metric states, buffers and every RNG stream (torch, NumPy, Python's `random`) are restored, "
+        "but other side effects of the step are replayed at every loss evaluation (e.g. an EMA or a counter updated "
+        f"inside it). Define `{CURVATURE_LOSS_METHOD}(self, batch)` on the module (a pure function returning the "
+        "mean loss) or pass `loss_fn=` to the monitors."
+    )
 
 
 @contextmanager
@@ -109,6 +210,11 @@ def _training_step_loss(model: nn.Module, batch: Any) -> Tensor:
     return _extract_loss(out)
 
 
+def is_training_step_fallback(loss_fn: LossFn) -> bool:
+    """Whether ``loss_fn`` is the ``training_step`` re-run returned by :func:`resolve_loss_fn`."""
+    return loss_fn is _training_step_loss
+
+
 def resolve_loss_fn(pl_module: nn.Module, loss_fn: LossFn | None = None) -> LossFn:
     """The ``loss_fn(model, batch) -> scalar Tensor`` a curvature measurement differentiates.
 
@@ -119,7 +225,8 @@ def resolve_loss_fn(pl_module: nn.Module, loss_fn: LossFn | None = None) -> Loss
 
     Returns:
         ``loss_fn`` if given; else a callable using ``pl_module.curvature_loss(batch)`` if that method exists;
-        else one re-running ``training_step(batch, 0)`` with logging suppressed and metric states restored.
+        else one re-running ``training_step(batch, 0)`` with logging suppressed and metric states restored (with
+        a warning, once per module, about the side effects a re-run cannot undo).
 
     Raises:
         MisconfigurationException: if ``loss_fn`` is not callable, or the module uses manual optimization
@@ -159,4 +266,5 @@ def resolve_loss_fn(pl_module: nn.Module, loss_fn: LossFn | None = None) -> Loss
             f"{type(pl_module).__name__} has no `training_step`; define `{CURVATURE_LOSS_METHOD}(self, batch)` "
             "or pass `loss_fn=`."
         )
+    _warn_training_step_fallback(pl_module)
     return _training_step_loss

@@ -11,6 +11,7 @@ import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -25,21 +26,21 @@ from lightning_curvature.callbacks._common import (
     measured_parameters,
 )
 from lightning_curvature.callbacks._loss import LossFn
-from lightning_curvature.core import gradient_covariance
-from lightning_curvature.tensorboard import (
+from lightning_curvature.core import NoiseScaleEstimate, gradient_covariance
+from lightning_curvature.core._batch import BatchDim
+from lightning_curvature.tags import (
     GRAD_COV_CONDITION_NUMBER,
     GRAD_COV_EIG_1,
     GRAD_COV_FROBENIUS_NORM,
     GRAD_COV_NOISE_SCALE,
+    GRAD_COV_NOISE_SCALE_BATCH,
+    GRAD_COV_OVERHEAD,
     GRAD_COV_TRACE,
-    add_curvature_layout,
-    find_summary_writer,
     grad_cov_eig_tag,
 )
+from lightning_curvature.tensorboard import add_curvature_layout, find_summary_writer
 
 __all__ = ["GRAD_COV_OVERHEAD", "GradientCovarianceMonitor", "has_batch_norm"]
-
-GRAD_COV_OVERHEAD = "grad_cov/overhead"
 
 
 def has_batch_norm(module: nn.Module) -> bool:
@@ -72,7 +73,9 @@ class GradientCovarianceMonitor(CurvatureMonitorBase):
 
     **What.** Logged tags: ``grad_cov/eig_{i}`` (i = 1..k, capped at ``N − 1``, largest first),
     ``grad_cov/condition_number`` (:math:`\lambda_1/\lambda_k` over the computed top-k), ``grad_cov/trace``,
-    ``grad_cov/noise_scale``, ``grad_cov/frobenius_norm`` (single process only: under DDP it needs
+    ``grad_cov/noise_scale`` (the simple noise scale :math:`\mathrm{tr}\Sigma/|G|^2` from unbiased estimates,
+    pooled over measurements with weight ``noise_scale_beta``; ``grad_cov/noise_scale_batch`` is this batch's
+    alone), ``grad_cov/frobenius_norm`` (single process only: under DDP it needs
     cross-process pairs and is not logged) and ``grad_cov/overhead`` (measuring time / training time in this fit,
     from the second measurement on).
 
@@ -83,6 +86,15 @@ class GradientCovarianceMonitor(CurvatureMonitorBase):
     and RNG streams are restored after every measurement.
 
     **Distributed.** Under DDP the examples of all processes form the batch; only rank 0 writes.
+
+    **Batch dimension.** Any container Lightning trains on (tuples, dicts, named tuples, dataclasses). The examples
+    are along the leading dimension of every tensor unless ``batch_dim`` says otherwise or the batch shows it (a
+    sequence-first batch ``(T, B, ...)`` is recognised from the DataLoader's ``batch_size``, with a warning; an
+    ambiguous one raises): see :mod:`lightning_curvature.callbacks._batch_source`.
+
+    **Failures.** A measurement that cannot be made (e.g. ``batch="current"`` on a last batch of one example, a
+    non-finite gradient) is logged as NaN with one warning, published nowhere else, and training goes on. Every
+    value of a successful one is also in ``trainer.callback_metrics`` under its tag.
 
     Args:
         every_n_steps: measure every this many optimizer steps (and at step 0): an exactly reproducible series.
@@ -97,13 +109,22 @@ class GradientCovarianceMonitor(CurvatureMonitorBase):
         mode: ``"auto"``, ``"train"`` or ``"eval"`` (see above).
         chunk_size: examples per chunk of per-example gradients (default: as many as fit in
             ``max_memory_bytes``).
-        max_memory_bytes: memory budget of one chunk of per-example gradients.
+        max_memory_bytes: memory budget for per-example gradients: all are kept (exact Gram path) when they fit,
+            else one chunk at a time (see :func:`~lightning_curvature.core.gradient_covariance`).
         on_epoch_end: also measure after the last update of every training epoch.
+        batch_dim: the batch dimension: an int for every tensor, or one entry per element of the batch (``None``
+            for a tensor not split into examples), e.g. ``(1, 0)`` for ``(x of shape (T, B, F), y of shape (B,))``;
+            ``None`` (default): inferred (see above).
+        noise_scale_beta: weight of the past in the pooled noise scale's moving averages, in ``[0, 1)``
+            (0: the latest batch alone).
 
     Raises:
-        MisconfigurationException: for ``every_n_steps`` (unless ``None``), ``k`` or ``chunk_size`` below 1, a
+        MisconfigurationException: for ``noise_scale_beta`` outside ``[0, 1)``; for ``every_n_steps`` (unless
+            ``None``), ``k`` or ``chunk_size`` below 1, a
             ``max_overhead`` outside ``(0, 1]``, ``num_examples`` below 2, a non-positive ``max_memory_bytes``, an
-            unknown ``batch`` or ``mode``, a non-callable ``loss_fn``; at setup, for a sharded strategy.
+            unknown ``batch`` or ``mode``, a non-callable ``loss_fn``, a non-bool ``on_epoch_end``, a malformed
+            ``batch_dim``, ``num_examples=None`` with a loader without a length; at setup, for a sharded strategy;
+            at the start of training, for a fixed batch whose batch dimension is ambiguous.
 
     Example::
 
@@ -114,7 +135,7 @@ class GradientCovarianceMonitor(CurvatureMonitorBase):
     """
 
     _headline_key = GRAD_COV_EIG_1
-    _may_be_infinite = frozenset({GRAD_COV_CONDITION_NUMBER, GRAD_COV_NOISE_SCALE})
+    _may_be_infinite = frozenset({GRAD_COV_CONDITION_NUMBER, GRAD_COV_NOISE_SCALE, GRAD_COV_NOISE_SCALE_BATCH})
     _overhead_key = GRAD_COV_OVERHEAD
 
     def __init__(
@@ -129,6 +150,8 @@ class GradientCovarianceMonitor(CurvatureMonitorBase):
         chunk_size: int | None = None,
         max_memory_bytes: float = 512e6,
         on_epoch_end: bool = False,
+        batch_dim: BatchDim = None,
+        noise_scale_beta: float = 0.9,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -138,6 +161,7 @@ class GradientCovarianceMonitor(CurvatureMonitorBase):
             loss_fn=loss_fn,
             on_epoch_end=on_epoch_end,
             prog_bar=False,
+            batch_dim=batch_dim,
         )
         if num_examples is not None:
             check_positive_int("num_examples", num_examples, minimum=2)
@@ -145,10 +169,25 @@ class GradientCovarianceMonitor(CurvatureMonitorBase):
         self.mode = check_choice("mode", mode, ("auto", "train", "eval"))
         self.chunk_size = None if chunk_size is None else check_positive_int("chunk_size", chunk_size)
         self.max_memory_bytes = check_positive_float("max_memory_bytes", max_memory_bytes)
+        if isinstance(noise_scale_beta, bool) or not isinstance(noise_scale_beta, (int, float)):
+            raise MisconfigurationException(f"`noise_scale_beta` must be a number in [0, 1), got {noise_scale_beta!r}.")
+        if not 0.0 <= noise_scale_beta < 1.0:
+            raise MisconfigurationException(f"`noise_scale_beta` must be in [0, 1), got {noise_scale_beta!r}.")
+        self._noise = NoiseScaleEstimate(float(noise_scale_beta))
 
     @override
     def _identity(self) -> dict[str, Any]:
         return {**super()._identity(), "k": self.k, "mode": self.mode}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "noise_scale": self._noise.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if isinstance(state_dict.get("noise_scale"), dict):
+            self._noise.load_state_dict(state_dict["noise_scale"])
 
     @override
     def _mode_for(self, pl_module: nn.Module) -> str:
@@ -187,7 +226,10 @@ class GradientCovarianceMonitor(CurvatureMonitorBase):
         metrics = {grad_cov_eig_tag(i + 1): float(v) for i, v in enumerate(cov.eigenvalues)}
         metrics[GRAD_COV_CONDITION_NUMBER] = cov.condition_number
         metrics[GRAD_COV_TRACE] = cov.trace
-        metrics[GRAD_COV_NOISE_SCALE] = cov.noise_scale
+        # pooled over measurements: the ratio of averaged unbiased |G|² and tr Σ (McCandlish et al. 2018, A.1)
+        metrics[GRAD_COV_NOISE_SCALE] = self._noise.update(cov.gradient_norm_sq_unbiased, cov.trace_sigma_unbiased)
+        if not math.isnan(cov.noise_scale):  # NaN: too few examples for the unbiased estimates (N < 2)
+            metrics[GRAD_COV_NOISE_SCALE_BATCH] = cov.noise_scale
         if cov.frobenius_norm is not None:
             metrics[GRAD_COV_FROBENIUS_NORM] = cov.frobenius_norm
         return metrics

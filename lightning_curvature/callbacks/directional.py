@@ -13,24 +13,39 @@ with one Hessian-vector product on the current batch (float32, model state prese
 ``observe_direction`` on every :class:`~lightning_curvature.schedules.CurvatureDynamicsAwareLR` of the Trainer
 built on that optimizer, which sets the learning rate of *this* step.
 
+It follows the conventions of the other monitors (:class:`~lightning_curvature.callbacks._common.CurvatureCallback`):
+the same loss resolution and batch layout, sharded strategies refused at setup, a checkpointed state, tags from
+:mod:`lightning_curvature.tags` at ``LearningRateMonitor``'s step axis, values published in
+``trainer.callback_metrics``, the same seeded dropout mask, and a failed measurement skipped with one warning.
+
 Reference: V. Roulet et al., "Stepping on the Edge: Curvature Aware Learning Rate Tuners", arXiv 2407.06183.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from contextlib import nullcontext
+from typing import Any, get_args
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_curvature.callbacks._loss import LossFn, resolve_loss_fn
-from lightning_curvature.core._state import check_mode
-from lightning_curvature.core.errors import NonFiniteCurvatureError
+from lightning_curvature.callbacks._batch_source import LayoutCache, expected_batch_size
+from lightning_curvature.callbacks._common import (
+    CurvatureCallback,
+    check_bool,
+    check_choice,
+    check_optional_int,
+    log_scalars,
+    step_axis,
+)
+from lightning_curvature.callbacks._compiled import lightning_compiled, lightning_eager
+from lightning_curvature.callbacks._loss import LossFn, forked_host_rng
+from lightning_curvature.core._batch import BatchDim
 from lightning_curvature.core.hvp import HessianOperator, HVPMethod
 from lightning_curvature.core.update_direction import (
     directional_terms,
@@ -39,17 +54,18 @@ from lightning_curvature.core.update_direction import (
     weight_decay_terms,
 )
 from lightning_curvature.schedules.cdat import CurvatureDynamicsAwareLR
+from lightning_curvature.tags import CDAT_DENOMINATOR, CDAT_EDGE_LR, CDAT_LR, CDAT_NUMERATOR
 
 __all__ = ["DirectionalCurvatureMonitor"]
 
-_METHODS = ("double_backward", "forward_over_reverse")
+_METHODS: tuple[str, ...] = get_args(HVPMethod)
 
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer) if not isinstance(optimizer, torch.optim.Optimizer) else optimizer
 
 
-class DirectionalCurvatureMonitor(Callback):
+class DirectionalCurvatureMonitor(CurvatureCallback):
     r"""Feed :class:`~lightning_curvature.schedules.CurvatureDynamicsAwareLR` (CDAT) at every optimizer step.
 
     Add it to the Trainer and return the scheduler from ``configure_optimizers``; that is all the wiring::
@@ -67,11 +83,17 @@ class DirectionalCurvatureMonitor(Callback):
     is not part of :math:`u_t`. Under DDP, :math:`n_t` and :math:`d_t` are averaged over ranks, so every rank
     sets the same learning rate.
 
-    Logged (at the ``LearningRateMonitor`` step axis, when the Trainer logs): ``cdat/numerator`` (:math:`n_t`),
-    ``cdat/denominator`` (:math:`d_t`), ``cdat/edge_lr`` (:math:`2\bar n_t/\bar d_t`) and ``cdat/lr`` (the lr of
-    the first parameter group); with several CDAT schedulers the keys get a ``/{index}`` suffix. ``cdat/lr`` at
-    step ``t`` is the lr used by update ``t``; ``LearningRateMonitor`` logs in ``on_train_batch_start``, before
-    CDAT sets that lr, so its ``lr-*`` curve shows the previous step's value at ``t``.
+    Logged (at the ``LearningRateMonitor`` step axis, through the loggers when the Trainer logs, i.e. every
+    ``log_every_n_steps``): ``cdat/numerator`` (:math:`n_t`), ``cdat/denominator`` (:math:`d_t`), ``cdat/edge_lr``
+    (:math:`2\bar n_t/\bar d_t`) and ``cdat/lr`` (the lr of the first parameter group); with several CDAT
+    schedulers the keys get a ``/{index}`` suffix. Every step's values are also in ``trainer.callback_metrics``.
+    ``cdat/lr`` at step ``t`` is the lr used by update ``t``; ``LearningRateMonitor`` logs in
+    ``on_train_batch_start``, before CDAT sets that lr, so its ``lr-*`` curve shows the previous step's value at
+    ``t``.
+
+    **Failures.** A measurement that cannot be made (a loss that is not a finite differentiable scalar, a product
+    that raises, e.g. compiled code without a double backward) gives NaN for :math:`n_t, d_t` with one warning
+    per kind of failure; the scheduler ignores it (the lr of the previous step is kept) and training goes on.
 
     Args:
         loss_fn: ``loss_fn(pl_module, batch) -> scalar`` mean loss; default: the module's
@@ -79,19 +101,26 @@ class DirectionalCurvatureMonitor(Callback):
             (see :func:`~lightning_curvature.callbacks._loss.resolve_loss_fn`).
         mode: ``"train"`` (the model's own flags: BatchNorm batch statistics, one fixed dropout mask) or
             ``"eval"``.
-        method: Hessian-vector product method, ``"double_backward"`` or ``"forward_over_reverse"``.
+        method: Hessian-vector product method, as in the other monitors: ``"auto"`` (default: double backward where
+            it exists and is valid, finite differences otherwise, e.g. through compiled code), ``"double_backward"``,
+            ``"finite_difference"`` or ``"forward_over_reverse"`` (see
+            :class:`~lightning_curvature.core.HessianOperator`).
         log: send the measurements to the Trainer's loggers.
-        seed: seed of the measurement's dropout mask. ``None`` (default) draws it from a fork of the global RNG,
-            like a fresh training mask, without consuming the training stream, and saves re-seeding every device
-            generator (about a millisecond per step); an integer reuses one fixed mask at every step.
+        seed: seed of the measurement's dropout mask (the RNG is forked, so training draws are untouched), as in the
+            other monitors; ``None`` draws it from a fork of the global RNG, like a fresh training mask (and saves
+            re-seeding every device generator, about a millisecond per step).
+        batch_dim: the batch dimension (see :class:`~lightning_curvature.callbacks.GradientCovarianceMonitor`).
 
     Raises:
-        MisconfigurationException: for a bad ``mode``/``method``/``loss_fn``, or (at fit start) a CDAT
-            scheduler on an optimizer whose update direction is unknown.
+        MisconfigurationException: for a bad ``mode``/``method``/``loss_fn``/``log``/``seed``/``batch_dim``, at
+            setup for a sharded strategy, or (at fit start) a CDAT scheduler on an optimizer whose update
+            direction is unknown.
 
     Example::
 
         >>> monitor = DirectionalCurvatureMonitor(mode="train")
+        >>> monitor.seed, monitor.method
+        (0, 'auto')
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(callbacks=[monitor], logger=False)  # doctest: +SKIP
     """
@@ -100,29 +129,23 @@ class DirectionalCurvatureMonitor(Callback):
         self,
         loss_fn: LossFn | None = None,
         mode: str = "train",
-        method: HVPMethod = "double_backward",
+        method: HVPMethod = "auto",
         log: bool = True,
-        seed: int | None = None,
+        seed: int | None = 0,
+        batch_dim: BatchDim = None,
     ) -> None:
-        try:
-            self.mode = check_mode(mode)
-        except ValueError as err:
-            raise MisconfigurationException(str(err)) from err
-        if method not in _METHODS:
-            raise MisconfigurationException(f"`method` must be one of {_METHODS}, got {method!r}.")
-        if loss_fn is not None and not callable(loss_fn):
-            raise MisconfigurationException(
-                f"`loss_fn` must be callable as loss_fn(pl_module, batch), got {loss_fn!r}."
-            )
-        self.loss_fn = loss_fn
-        self.method: HVPMethod = method
-        self.log = bool(log)
-        self.seed = seed
+        super().__init__(loss_fn=loss_fn, batch_dim=batch_dim)
+        self.mode = check_choice("mode", mode, ("train", "eval"))
+        self.method: HVPMethod = check_choice("method", method, _METHODS)  # type: ignore[assignment]
+        self.log = check_bool("log", log)
+        self.seed = check_optional_int("seed", seed)
         self._batch: Any = None
-        self._resolved: LossFn | None = None
+        self._layouts = LayoutCache(self.batch_dim)
+        self._expected: int | None = None
         self._schedulers: list[CurvatureDynamicsAwareLR] = []
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(mode=self.mode, method=self.method)
 
@@ -147,7 +170,12 @@ class DirectionalCurvatureMonitor(Callback):
                     "which is unknown; supported: SGD, Adam, AdamW, RMSprop."
                 )
             sched.attach_monitor(self)
-        self._resolved = resolve_loss_fn(pl_module, self.loss_fn)
+        if self._resolved_loss is None:
+            self._resolve_loss(pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._expected = expected_batch_size(trainer.train_dataloader)
 
     @override
     def on_train_batch_start(
@@ -161,16 +189,22 @@ class DirectionalCurvatureMonitor(Callback):
 
     # -- measurement ----------------------------------------------------------------------------------------------
     def _measure(
-        self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, sched: CurvatureDynamicsAwareLR
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: torch.optim.Optimizer,
+        sched: CurvatureDynamicsAwareLR,
     ) -> tuple[float, float]:
-        assert self._resolved is not None
+        """:math:`(n_t, d_t)` on this process's batch (raises on failure; no collective call inside)."""
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad and p.grad is not None]
         if not params:
-            return float("nan"), float("nan")
+            raise ValueError("no parameter of the optimizer has a gradient at this step")
+        batch = self._layouts.to_engine(self._batch, self._expected)
+        loss_fn = self._loss_for_engine(pl_module)
+        self._preflight(trainer, pl_module, loss_fn, batch, collective=False)
         dtype = torch.float32 if params[0].dtype in (torch.float16, torch.bfloat16) else params[0].dtype
         u = update_direction(optimizer, params, group_scales=sched.group_scales(), dtype=dtype)
         u_flat = torch.cat([t.reshape(-1) for t in u])
-        assert all(p.grad is not None for p in params)
         g_flat = torch.cat([p.grad.detach().to(dtype).reshape(-1) for p in params])  # type: ignore[union-attr]
         theta = torch.cat([p.detach().to(dtype).reshape(-1) for p in params])
         wds = weight_decay_terms(optimizer, params)
@@ -186,19 +220,15 @@ class DirectionalCurvatureMonitor(Callback):
             if any(maxi)
             else None
         )
-        try:
-            with HessianOperator(
-                pl_module,
-                self._resolved,
-                self._batch,
-                params=params,
-                method=self.method,
-                mode=self.mode,
-                seed=self.seed,
-            ) as H:
-                hu = H.matvec(u_flat)
-        except NonFiniteCurvatureError:
-            return float("nan"), float("nan")
+        # a module compiled by Lightning: "auto" measures through its compiled methods (finite differences), the
+        # exact methods run its eager ones (as the Hessian monitor does)
+        compiled = lightning_compiled(pl_module)
+        eager = lightning_eager(pl_module) if compiled and self.method != "auto" else nullcontext()
+        with eager, HessianOperator(
+            pl_module, loss_fn, batch, params=params, method=self.method, mode=self.mode,  # type: ignore[arg-type]
+            seed=self.seed, compiled=True if compiled and self.method == "auto" else None,
+        ) as H:  # fmt: skip
+            hu = H.matvec(u_flat)
         return directional_terms(g_flat, u_flat.to(hu.dtype), hu, params=theta, weight_decay=wd_flat, maximize=mask)
 
     @override
@@ -208,33 +238,41 @@ class DirectionalCurvatureMonitor(Callback):
         if not self._schedulers or self._batch is None:
             return
         opt = _unwrap(optimizer)
+        step = step_axis(trainer)
         for index, sched in enumerate(self._schedulers):
             if sched.optimizer is not opt:
                 continue
-            n, d = self._measure(pl_module, opt, sched)
-            if trainer.world_size > 1:
+            error: BaseException | str | None = None
+            try:
+                with forked_host_rng():  # whatever the loss draws from Python's or NumPy's RNG does not reach training
+                    n, d = self._measure(trainer, pl_module, opt, sched)
+            except Exception as exc:  # contained: a measurement never stops training
+                n, d, error = math.nan, math.nan, exc
+            if trainer.world_size > 1:  # a NaN on any process reaches every process: they all skip together
                 both = trainer.strategy.reduce(
                     torch.tensor([n, d], dtype=torch.float64, device=pl_module.device), reduce_op="mean"
                 )
                 assert isinstance(both, Tensor)
                 n, d = float(both[0].item()), float(both[1].item())
-            sched.observe_direction(numerator=n, denominator=d, step=trainer.global_step)
-            if self.log:
-                self._log(trainer, sched, n, d, "" if len(self._schedulers) == 1 else f"/{index}")
+            ok = math.isfinite(n) and math.isfinite(d)
+            if not ok:
+                self._report_failure(step, error if error is not None else "n_t or d_t is NaN or infinite")
+            sched.observe_direction(numerator=n, denominator=d, step=step)  # the scheduler ignores NaN
+            metrics = self._metrics(sched, n, d, "" if len(self._schedulers) == 1 else f"/{index}")
+            self.num_measurements += 1
+            self.last_metrics = metrics
+            if ok:
+                self._publish(trainer, metrics)
+            if self.log and (trainer._logger_connector.should_update_logs or getattr(trainer, "fast_dev_run", False)):
+                log_scalars(trainer, metrics, step)
 
-    def _log(self, trainer: pl.Trainer, sched: CurvatureDynamicsAwareLR, n: float, d: float, suffix: str) -> None:
-        if not trainer.loggers or not (
-            trainer._logger_connector.should_update_logs or getattr(trainer, "fast_dev_run", False)
-        ):
-            return
-        edge = sched.edge_lr()
+    def _metrics(self, sched: CurvatureDynamicsAwareLR, n: float, d: float, suffix: str) -> dict[str, float]:
         metrics = {
-            f"cdat/numerator{suffix}": n,
-            f"cdat/denominator{suffix}": d,
-            f"cdat/lr{suffix}": float(sched.optimizer.param_groups[0]["lr"]),
+            f"{CDAT_NUMERATOR}{suffix}": n,
+            f"{CDAT_DENOMINATOR}{suffix}": d,
+            f"{CDAT_LR}{suffix}": float(sched.optimizer.param_groups[0]["lr"]),
         }
+        edge = sched.edge_lr()
         if edge is not None:
-            metrics[f"cdat/edge_lr{suffix}"] = edge
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            metrics[f"{CDAT_EDGE_LR}{suffix}"] = edge
+        return metrics

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -22,6 +23,7 @@ from typing_extensions import override
 
 from lightning_curvature.callbacks._common import (
     CurvatureMonitorBase,
+    check_bool,
     check_choice,
     check_positive_float,
     check_positive_int,
@@ -29,20 +31,26 @@ from lightning_curvature.callbacks._common import (
     make_reduce_fn,
     measured_parameters,
 )
+from lightning_curvature.callbacks._compiled import lightning_compiled
 from lightning_curvature.callbacks._loss import LossFn
 from lightning_curvature.core import (
     HessianOperator,
     LanczosResult,
     NonFiniteCurvatureError,
-    adaptive_preconditioner,
     hutchpp_trace,
     is_adaptive,
     lanczos,
     slq_density,
     stability_threshold,
-    top_subspace_overlap,
 )
+from lightning_curvature.core._batch import BatchDim
 from lightning_curvature.core.eigen import cold_start_vector, preconditioned_operator
+from lightning_curvature.core.hvp import HVPMethod
+from lightning_curvature.core.lanczos import Handoff
+from lightning_curvature.core.operators import ScaledOperator
+from lightning_curvature.core.preconditioner import preconditioner_parts, predicted_first_step_preconditioner
+from lightning_curvature.core.sharded import reshard
+from lightning_curvature.core.vectors import Vector
 from lightning_curvature.tensorboard import (
     EDGE_RATIO,
     HESSIAN_TRACE,
@@ -58,6 +66,7 @@ from lightning_curvature.tensorboard import (
 
 __all__ = [
     "DENSITY_FIGURE",
+    "ERROR_BOUND",
     "HESSIAN_OVERHEAD",
     "HESSIAN_TRACE_STD_ERROR",
     "NUM_HVP",
@@ -65,11 +74,16 @@ __all__ = [
     "HessianEigenvalueMonitor",
 ]
 
-NUM_HVP = "curvature/num_hvp"
-HESSIAN_OVERHEAD = "curvature/overhead"
-HESSIAN_TRACE_STD_ERROR = "curvature/trace_std_error"
-SPECTRUM_HISTOGRAM = "curvature/spectrum"
-DENSITY_FIGURE = "curvature/density"
+_METHODS = ("auto", "double_backward", "finite_difference", "forward_over_reverse")
+
+from lightning_curvature.tags import (  # noqa: E402 - re-exported under their 0.1 names
+    DENSITY_FIGURE,
+    ERROR_BOUND,
+    HESSIAN_OVERHEAD,
+    HESSIAN_TRACE_STD_ERROR,
+    NUM_HVP,
+    SPECTRUM_HISTOGRAM,
+)
 
 
 class HessianEigenvalueMonitor(CurvatureMonitorBase):
@@ -101,8 +115,12 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     stochastic Lanczos quadrature (:func:`~lightning_curvature.core.slq_density`) and the mean gradient, so the
     gradient graph is built once. With ``warm_start=True`` the eigenvalue solve starts from the previous
     measurement's top ``k + 1`` Ritz vectors (``LanczosResult.warm_start``: Rayleigh–Ritz on them, then residual
-    expansion), which needs fewer Hessian-vector products while the spectrum moves slowly; the vectors are kept in
-    memory only (every fit, resumed or not, starts cold) and dropped after a failed measurement. A cold start for
+    expansion), which needs fewer Hessian-vector products while the spectrum moves slowly; the vectors are saved in
+    checkpoints when they hold at most ``checkpoint_warm_start_max_entries`` numbers (so a resumed run continues
+    with the uninterrupted run's values; larger ones start cold after a resume) and dropped after a failed
+    measurement. Products are computed by ``method`` (``"auto"``: double backward where valid, finite differences
+    for compiled code and FSDP shards; see :class:`~lightning_curvature.core.HessianOperator`), and ``max_vectors``
+    bounds the parameter-sized vectors a measurement holds, warm-start vectors included. A cold start for
     ``k=1`` begins from the gradient mixed with a seeded Gaussian
     (:func:`~lightning_curvature.core.gradient_start_vector`), for ``k > 1`` from a Gaussian.
     The result still meets ``tol``, but its last digits depend on the start: with the adaptive cadence, on which
@@ -121,13 +139,16 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     **Adaptive optimizers.** For Adam, AdamW and RMSprop the sharpness and eigenvalues are those of the
     *preconditioned* Hessian :math:`P^{-1/2} H P^{-1/2}`, with :math:`P` read from the optimizer state
     (:func:`~lightning_curvature.core.adaptive_preconditioner`), which is what their threshold applies to (Cohen et
-    al. 2022, arXiv 2207.14484). Before the optimizer's first step there is no :math:`P`: the plain Hessian is
-    logged then, without ``edge_ratio``, and schedulers are not fed. Trace and density are always those of the
-    plain Hessian; the subspace overlap is computed in the preconditioned coordinates (gradient
+    al. 2022, arXiv 2207.14484). Before the optimizer's first step there is no state to read: the preconditioner of
+    its first step is predicted from the curvature batch's gradient (Adam: :math:`P_1 = (1-\beta_1)(|g| + \epsilon)`,
+    :func:`~lightning_curvature.core.preconditioner.predicted_first_step_preconditioner`), so the value at step 0
+    is the sharpness the first update meets and schedulers are fed from the start. Trace and density are always those
+    of the plain Hessian; the subspace overlap is computed in the preconditioned coordinates (gradient
     :math:`P^{-1/2} g`).
 
     **Parameters measured.** Those of ``trainer.optimizers[0]`` that require grad (all trainable parameters
-    without an optimizer).
+    without an optimizer), logged under the tags above; and those of every other optimizer that a curvature-fed
+    scheduler is built on, logged as ``curvature/optimizer_{i}/sharpness`` and ``.../edge_ratio``.
 
     **Batch, BatchNorm and dropout.** See :mod:`lightning_curvature.callbacks._batch_source` for ``batch``. With
     ``mode="train"`` (default) the model keeps its flags: BatchNorm normalises with the curvature batch's own
@@ -142,12 +163,13 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     precision (autocast is not active in callbacks; half-precision parameters are upcast).
 
     **Distributed.** Under DDP every Hessian-vector product is all-reduced, so the estimate is that of the
-    global curvature batch and all processes compute the same eigenvalues; only rank 0 writes. Sharded
-    strategies (FSDP, DeepSpeed) raise at setup.
+    global curvature batch and all processes compute the same eigenvalues; only rank 0 writes. Under FSDP
+    (``ModelParallelStrategy`` with ``fully_shard``, ``FSDPStrategy``) products are finite differences through the
+    sharded module (:mod:`lightning_curvature.core.sharded`) and the vectors stay sharded. DeepSpeed raises at setup.
 
-    **Schedulers.** After each finite measurement, every ``trainer.lr_scheduler_configs[i].scheduler`` with a
-    method ``observe_sharpness(sharpness: float, step: int)`` receives it; at fit start, schedulers with
-    ``attach_monitor(monitor)`` receive this callback.
+    **Schedulers.** After each successful measurement every scheduler of ``trainer.lr_scheduler_configs`` with an
+    ``observe_sharpness(sharpness, step)`` method receives the sharpness of its own optimizer's parameters (at fit
+    start, those with ``attach_monitor(monitor)`` receive this callback).
 
     **Failures.** A NaN or infinite measurement is logged as NaN/inf with a warning and never stops training.
 
@@ -173,12 +195,20 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         compute_overlap: also log the share of the mean gradient in the top-k eigenspace.
         warm_start: start the eigenvalue solve from the previous measurement's Ritz vectors (kept in memory, not in
             checkpoints).
+        tracking_products: tracking mode (with ``every_n_steps=1``): a warm measurement takes at most this many
+            products from the previous Ritz vectors (for ``k=1``, Lanczos from the last top vector: 2 products give
+            the Rayleigh–Ritz value of the plane it spans with its residual) instead of running to ``tol``; its error
+            estimate is logged as ``curvature/error_bound``, and every ``cold_start_every`` measurements a cold,
+            certified one runs (Ramasinghe et al. 2026 track the preconditioned sharpness at every step this way).
         cold_start_every: with ``warm_start``, every this many warm measurements one starts cold from a random
             vector instead: a direction that became dominant outside the previous top ``k + 1`` eigenspace is then
             found at the latest that many measurements later.
         on_epoch_end: also measure after the last update of every training epoch.
         log_histogram: write the top-k spectrum as a TensorBoard histogram.
         prog_bar: show ``curvature/sharpness`` in the progress bar.
+        batch_dim: where the examples are in each tensor of the batch (an int, or one entry per element of the batch,
+            ``None`` for tensors not split into examples); default: the leading dimension, cross-checked against the
+            DataLoader's batch size (see :mod:`lightning_curvature.callbacks._batch_source`).
         reuse_graph: keep the gradient graph of every physical batch of the curvature batch for the whole
             measurement (fastest: each Hessian-vector product is one double-backward pass per batch; memory as for
             one batch of ``num_examples``); ``False`` rebuilds it per product (memory of one physical batch, about
@@ -207,6 +237,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     _prog_bar_key = SHARPNESS
     _headline_key = SHARPNESS
     _overhead_key = HESSIAN_OVERHEAD
+    _sharded_ok = True
 
     def __init__(
         self,
@@ -230,7 +261,12 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         on_epoch_end: bool = False,
         log_histogram: bool = True,
         prog_bar: bool = True,
-        reuse_graph: bool = True,
+        reuse_graph: bool | None = None,
+        method: HVPMethod = "auto",
+        max_vectors: int | None = None,
+        checkpoint_warm_start_max_entries: int = 1_000_000,
+        tracking_products: int | None = None,
+        batch_dim: BatchDim = None,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -240,25 +276,42 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             loss_fn=loss_fn,
             on_epoch_end=on_epoch_end,
             prog_bar=prog_bar,
+            batch_dim=batch_dim,
         )
         self.k = check_positive_int("k", k)
         self.tol = check_positive_float("tol", tol)
         self.max_iter = check_positive_int("max_iter", max_iter)
         self.mode: Literal["train", "eval"] = check_choice("mode", mode, ("train", "eval"))  # type: ignore[assignment]
-        self.compute_trace = bool(compute_trace)
+        self.compute_trace = check_bool("compute_trace", compute_trace)
         self.trace_samples = check_positive_int("trace_samples", trace_samples, minimum=3)
-        self.compute_density = bool(compute_density)
+        self.compute_density = check_bool("compute_density", compute_density)
         self.density_num_probes = check_positive_int("density_num_probes", density_num_probes)
         self.density_num_iters = check_positive_int("density_num_iters", density_num_iters)
-        self.compute_overlap = bool(compute_overlap)
-        self.warm_start = bool(warm_start)
+        self.compute_overlap = check_bool("compute_overlap", compute_overlap)
+        self.warm_start = check_bool("warm_start", warm_start)
         self.cold_start_every = check_positive_int("cold_start_every", cold_start_every)
         self._warm_in_a_row = 0
-        self.log_histogram = bool(log_histogram)
-        self.reuse_graph = bool(reuse_graph)
-        self._warm_start: Tensor | None = None  # previous top k + 1 Ritz vectors (warm start); never checkpointed
+        self.log_histogram = check_bool("log_histogram", log_histogram)
+        self.reuse_graph = None if reuse_graph is None else check_bool("reuse_graph", reuse_graph)
+        self.method: HVPMethod = check_choice("method", method, _METHODS)  # type: ignore[assignment]
+        if max_vectors is not None:
+            check_positive_int("max_vectors", max_vectors, minimum=self.k + 4)
+        self.max_vectors = max_vectors
+        self.checkpoint_warm_start_max_entries = check_positive_int(
+            "checkpoint_warm_start_max_entries", checkpoint_warm_start_max_entries, minimum=0
+        )
+        if tracking_products is not None:
+            check_positive_int("tracking_products", tracking_products, minimum=self.k + 1)
+            if not self.warm_start:
+                raise MisconfigurationException(
+                    "`tracking_products` needs `warm_start=True` (it refines the last Ritz vectors)."
+                )
+        self.tracking_products = tracking_products
+        # previous top k + 1 Ritz vectors per measured optimizer (warm start); checkpointed when small
+        self._warm_start: dict[int, list[Vector]] = {}
         self._warned: set[str] = set()
-        self._feedable = False  # the latest measurement may be passed to schedulers
+        self._fed: dict[int, float] = {}  # optimizer index -> sharpness fed to its schedulers
+        self.last_method: str | None = None  # how the latest products were computed
 
     # -- public view of the latest measurement --------------------------------------------------------------------
     @property
@@ -280,7 +333,8 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            self._warm_start = None  # a fit starts cold: the vectors may belong to another model or batch
+            # a fit starts cold (the vectors may belong to another model or batch) unless a checkpoint restores them
+            self._warm_start = {}
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -310,6 +364,11 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             return None
 
     @override
+    def _eager_measurement(self) -> bool:
+        # "auto" measures Lightning-compiled code through its compiled methods (finite differences)
+        return self.method != "auto"
+
+    @override
     def _failed_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         nan = math.nan
         metrics = {SHARPNESS: nan, **{eig_tag(i): nan for i in range(1, self.k + 1)}}
@@ -318,94 +377,187 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         if threshold is not None:
             metrics[STABILITY_THRESHOLD] = threshold
             metrics[EDGE_RATIO] = nan
-        self._warm_start = None
-        self._feedable = False
+        self._warm_start = {}
+        self._fed = {}
         return metrics
+
+    def _preconditioner(
+        self, optimizer: torch.optim.Optimizer | None, params: list[Tensor], H: HessianOperator
+    ) -> tuple[Vector | None, bool]:
+        """``(P, predicted)``: the adaptive optimizer's preconditioner, or before its first step the one it will use."""
+        if optimizer is None or not is_adaptive(optimizer):
+            return None, False
+        P = preconditioner_parts(optimizer, params)
+        predicted = False
+        if P is None:
+            P = predicted_first_step_preconditioner(optimizer, params, H.gradient())
+            predicted = True
+        if P is None:
+            return None, False
+        vec = H.space.coerce(list(P))
+        if not all(bool((torch.isfinite(t) & (t > 0)).all()) for t in vec):
+            raise NonFiniteCurvatureError("The optimizer's preconditioner is not finite and positive.")
+        return vec, predicted
+
+    def _optimizers_to_measure(self, trainer: pl.Trainer) -> list[int]:
+        """Optimizer 0 (the logged tags) and every other optimizer a scheduler wants fed."""
+        indices = [0] if trainer.optimizers else []
+        for config in trainer.lr_scheduler_configs:
+            if not callable(getattr(config.scheduler, "observe_sharpness", None)):
+                continue
+            for i, opt in enumerate(trainer.optimizers):
+                if getattr(config.scheduler, "optimizer", None) is opt and i not in indices:
+                    indices.append(i)
+        return indices
 
     @override
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, batch: Any, step: int
     ) -> dict[str, float]:
-        optimizer = first_optimizer(trainer)
-        params = measured_parameters(pl_module, optimizer)
-        adaptive = optimizer is not None and is_adaptive(optimizer)
-        precond = adaptive_preconditioner(optimizer, params) if adaptive else None  # type: ignore[arg-type]
-        if precond is not None and not bool((torch.isfinite(precond) & (precond > 0)).all()):
-            raise NonFiniteCurvatureError("The optimizer's preconditioner is not finite and positive.")
-        self._feedable = (not adaptive) or precond is not None
-        threshold = self._threshold(optimizer)
-        with HessianOperator(
-            pl_module, loss_fn, batch, params=params, mode=self.mode, reduce_fn=make_reduce_fn(trainer),
-            reuse_graph=self.reuse_graph,
-        ) as H:  # fmt: skip
-            res = self._eigenpairs(H, precond)
-            metrics: dict[str, float] = {SHARPNESS: float(res.eigenvalues[0])}
-            metrics.update({eig_tag(i + 1): float(v) for i, v in enumerate(res.eigenvalues)})
-            if threshold is not None:
-                metrics[STABILITY_THRESHOLD] = threshold
-                if self._feedable:
-                    metrics[EDGE_RATIO] = metrics[SHARPNESS] / threshold
-            if self.compute_trace:
-                tr = hutchpp_trace(H.matvec, H.dim, self.trace_samples, dtype=H.dtype, device=H.device)
-                metrics[HESSIAN_TRACE] = tr.estimate
-                metrics[HESSIAN_TRACE_STD_ERROR] = tr.std_error
-            if self.compute_overlap and res.eigenvectors is not None:
-                metrics[SUBSPACE_OVERLAP] = _overlap(H.gradient(), res.eigenvectors, precond)
-            density = None
-            if self.compute_density:
-                density = slq_density(
-                    H.matvec, H.dim, num_probes=self.density_num_probes, num_iters=self.density_num_iters,
-                    dtype=H.dtype, device=H.device,
-                )  # fmt: skip
-            metrics[NUM_HVP] = float(H.num_hvp)
+        self._fed = {}
+        reshard(pl_module)  # FSDP2: a forward without backward (the finiteness check) leaves the modules unsharded
+        indices: list[int | None] = list(self._optimizers_to_measure(trainer)) or [None]
+        metrics: dict[str, float] = {}
+        density = None
+        res_main = None
+        threshold_main = None
+        adaptive_main = False
+        for index in indices:
+            optimizer = trainer.optimizers[index] if index is not None else None
+            params = measured_parameters(pl_module, optimizer)
+            adaptive = optimizer is not None and is_adaptive(optimizer)
+            threshold = self._threshold(optimizer)
+            with HessianOperator(
+                pl_module, loss_fn, batch, params=params, mode=self.mode, reduce_fn=make_reduce_fn(trainer),
+                reuse_graph=self.reuse_graph, method=self.method,
+                compiled=True if lightning_compiled(pl_module) and self.method == "auto" else None,
+            ) as H:  # fmt: skip
+                precond, _ = self._preconditioner(optimizer, params, H)
+                feedable = (not adaptive) or precond is not None
+                op = preconditioned_operator(H, precond)
+                res = self._eigenpairs(op, H, index or 0)
+                sharpness = float(res.eigenvalues[0])
+                if feedable and math.isfinite(sharpness):
+                    self._fed[index or 0] = sharpness
+                if index not in (0, None):
+                    tag = f"curvature/optimizer_{index}"
+                    metrics[f"{tag}/sharpness"] = sharpness
+                    if threshold is not None and feedable:
+                        metrics[f"{tag}/edge_ratio"] = sharpness / threshold
+                    metrics[NUM_HVP] = metrics.get(NUM_HVP, 0.0) + float(H.num_hvp)
+                    continue
+                res_main, threshold_main, adaptive_main = res, threshold, adaptive
+                metrics[SHARPNESS] = sharpness
+                metrics.update({eig_tag(i + 1): float(v) for i, v in enumerate(res.eigenvalues)})
+                metrics[ERROR_BOUND] = float(res.error_bounds[0])
+                if threshold is not None:
+                    metrics[STABILITY_THRESHOLD] = threshold
+                    if feedable:
+                        metrics[EDGE_RATIO] = sharpness / threshold
+                if self.compute_trace:
+                    tr = hutchpp_trace(H, num_matvecs=self.trace_samples)
+                    metrics[HESSIAN_TRACE] = tr.estimate
+                    metrics[HESSIAN_TRACE_STD_ERROR] = tr.std_error
+                if self.compute_overlap and res.eigenvectors is not None:
+                    g = H.gradient()
+                    if isinstance(op, ScaledOperator):
+                        g = [d * t for d, t in zip(op.scale, g)]
+                    metrics[SUBSPACE_OVERLAP] = _overlap(H.space, g, res.eigenvectors)
+                if self.compute_density:
+                    density = slq_density(H, num_probes=self.density_num_probes, num_iters=self.density_num_iters)
+                metrics[NUM_HVP] = metrics.get(NUM_HVP, 0.0) + float(H.num_hvp)
+                self.last_method = H.method
         writer = find_summary_writer(trainer)
         if density is not None:
-            markers = {"stability threshold": threshold} if threshold is not None and not adaptive else None
+            markers = (
+                {"stability threshold": threshold_main} if threshold_main is not None and not adaptive_main else None
+            )
             log_density_figure(writer, DENSITY_FIGURE, density.grid, density.density, step, markers=markers)  # type: ignore[arg-type]
-        if self.log_histogram:
-            log_spectrum_histogram(writer, SPECTRUM_HISTOGRAM, res.eigenvalues, step)
+        if self.log_histogram and res_main is not None:
+            log_spectrum_histogram(writer, SPECTRUM_HISTOGRAM, res_main.eigenvalues, step)
         return metrics
 
-    def _eigenpairs(self, H: HessianOperator, precond: Tensor | None) -> LanczosResult:
-        """Top-k eigenpairs of ``H`` (or of ``P^{-1/2} H P^{-1/2}``), warm-started from the previous Ritz vectors."""
-        matvec, d = preconditioned_operator(H, precond)
+    def _eigenpairs(self, op: Any, H: HessianOperator, index: int) -> LanczosResult:
+        """Top-k eigenpairs of ``op`` (``H`` or ``P^{-1/2} H P^{-1/2}``), warm-started from the last Ritz vectors."""
         k = min(self.k, H.dim)
         if k < self.k:
             self._warn_once("k", f"{type(self).__name__}: k={self.k} exceeds the {H.dim} parameters; using k={k}.")
-        prev = self._warm_start
+        prev = self._warm_start.get(index)
         # the previous block, if it lives in the same parameter space (the block start needs at least k vectors)
-        v0 = prev if self.warm_start and prev is not None and prev.shape[-1] == H.dim and len(prev) >= k else None
+        usable = (
+            self.warm_start
+            and prev is not None
+            and len(prev) >= k
+            and all(t.shape == s for t, s in zip(prev[0], H.space.shapes))
+            and len(prev[0]) == len(H.space.shapes)
+        )
+        v0: Any = prev if usable else None
         if v0 is not None and self._warm_in_a_row >= self.cold_start_every:
             v0 = None  # the periodic cold start (see `cold_start_every`)
         self._warm_in_a_row = 0 if v0 is None else self._warm_in_a_row + 1
+        self._warm_start.pop(index, None)  # its memory counts in max_vectors: drop it before the solve
+        max_iter = max(self.max_iter, k)
         if v0 is None:
-            v0 = cold_start_vector(H, k, scale=d)  # the gradient start for k = 1, as in `hessian_eigenvalues`
+            scale = op.scale if isinstance(op, ScaledOperator) else None
+            cold = cold_start_vector(H, k, scale=scale)  # the gradient start for k = 1, as in `hessian_eigenvalues`
+            v0 = None if cold is None else Handoff([cold])
+        elif self.tracking_products is not None:
+            # tracking: a few products from the previous top-k vectors (for k = 1 Lanczos from the last top vector),
+            # not run to tol; the error estimate is logged and a certified cold solve comes every cold_start_every
+            v0 = Handoff([v0[0]] if k == 1 else v0[:k])
+            max_iter = self.tracking_products
+        else:
+            v0 = Handoff(v0)  # the solver owns the warm block (it counts in max_vectors)
         res = lanczos(
-            matvec, H.dim, k=k, tol=self.tol, max_iter=max(self.max_iter, k), v0=v0,
-            return_eigenvectors=self.compute_overlap, return_warm_start=self.warm_start, dtype=H.dtype,
-            device=H.device,
+            op, k=k, tol=self.tol, max_iter=max_iter, v0=v0,
+            return_eigenvectors=self.compute_overlap, return_warm_start=self.warm_start, max_vectors=self.max_vectors,
         )  # fmt: skip
-        self._warm_start = res.warm_start if self.warm_start else None
+        if self.warm_start and res.warm_start is not None:
+            self._warm_start[index] = [[t.clone() for t in v] for v in res.warm_start]
         return res
 
     @override
     def _after_measurement(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float], step: int, ok: bool
     ) -> None:
-        if not ok or not self._feedable:
+        if not ok:
             return
-        sharpness = metrics[SHARPNESS]
         for config in trainer.lr_scheduler_configs:
             observe = getattr(config.scheduler, "observe_sharpness", None)
-            if callable(observe):
-                observe(sharpness, step)
+            if not callable(observe):
+                continue
+            opt = getattr(config.scheduler, "optimizer", None)
+            index = next((i for i, o in enumerate(trainer.optimizers) if o is opt), 0)
+            value = self._fed.get(index)
+            if value is not None:
+                observe(value, step)
+
+    # -- checkpointing --------------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        total = sum(t.numel() for vectors in self._warm_start.values() for v in vectors for t in v)
+        if self.warm_start and 0 < total <= self.checkpoint_warm_start_max_entries:
+            state["warm_start"] = {
+                int(i): [[t.detach().cpu().clone() for t in v] for v in vectors]
+                for i, vectors in self._warm_start.items()
+            }
+            state["warm_in_a_row"] = self._warm_in_a_row
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        restored = state_dict.get("warm_start")
+        if isinstance(restored, dict):
+            self._warm_start = {int(i): [list(v) for v in vectors] for i, vectors in restored.items()}
+        self._warm_in_a_row = int(state_dict.get("warm_in_a_row", self._warm_in_a_row))
 
 
-def _overlap(gradient: Tensor, eigenvectors: Tensor, precond: Tensor | None) -> float:
-    """Share of the gradient in the eigenvectors' span, in the preconditioned coordinates if ``precond``."""
-    if precond is not None:
-        gradient = gradient * precond.to(device=gradient.device, dtype=gradient.dtype).rsqrt()
-    try:
-        return top_subspace_overlap(gradient, eigenvectors)
-    except ValueError:  # zero gradient: the overlap is undefined
+def _overlap(space: Any, gradient: Vector, eigenvectors: list[Vector]) -> float:
+    r"""Share of the gradient in the eigenvectors' span, :math:`\sum_i (v_i^\top g)^2 / \|g\|^2`."""
+    gg = float(space.dot(gradient, gradient))
+    if gg == 0.0 or not math.isfinite(gg):  # zero gradient: the overlap is undefined
         return math.nan
+    proj = space.dots([(v, gradient) for v in eigenvectors])
+    return min(1.0, float((proj**2).sum()) / gg)

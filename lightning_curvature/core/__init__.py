@@ -7,7 +7,7 @@ top-subspace overlap.
 
 from lightning_curvature.core._batch import MultiBatch
 from lightning_curvature.core._state import math_attention, preserved_model_state
-from lightning_curvature.core.covariance import CovarianceResult, gradient_covariance
+from lightning_curvature.core.covariance import CovarianceResult, NoiseScaleEstimate, gradient_covariance
 from lightning_curvature.core.density import DensityResult, hessian_spectral_density, slq_density
 from lightning_curvature.core.eigen import (
     EigenResult,
@@ -18,8 +18,10 @@ from lightning_curvature.core.eigen import (
 )
 from lightning_curvature.core.errors import NonFiniteCurvatureError
 from lightning_curvature.core.hvp import HessianOperator, all_reduce_sum, hessian_vector_product
-from lightning_curvature.core.lanczos import LanczosResult, lanczos, power_iteration
+from lightning_curvature.core.lanczos import LanczosResult, lanczos
+from lightning_curvature.core.operators import CurvatureOperator, DenseOperator, ScaledOperator
 from lightning_curvature.core.per_example import per_example_gradient_chunks
+from lightning_curvature.core.power import power_iteration
 from lightning_curvature.core.preconditioner import adaptive_preconditioner
 from lightning_curvature.core.stability import (
     adam_stability_threshold,
@@ -32,16 +34,22 @@ from lightning_curvature.core.stability import (
 from lightning_curvature.core.subspace import top_subspace_overlap
 from lightning_curvature.core.trace import TraceResult, hessian_trace, hutchinson_trace, hutchpp_trace
 from lightning_curvature.core.update_direction import directional_terms, update_direction
+from lightning_curvature.core.vectors import VectorSpace
 
 __all__ = [
     "CovarianceResult",
+    "CurvatureOperator",
+    "DenseOperator",
     "DensityResult",
     "EigenResult",
     "HessianOperator",
     "LanczosResult",
     "MultiBatch",
+    "NoiseScaleEstimate",
     "NonFiniteCurvatureError",
+    "ScaledOperator",
     "TraceResult",
+    "VectorSpace",
     "adam_stability_threshold",
     "adaptive_preconditioner",
     "all_reduce_sum",

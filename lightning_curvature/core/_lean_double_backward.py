@@ -1,8 +1,7 @@
 r"""Convolutions and ReLUs whose double backward does only the work a Hessian-vector product needs.
 
 A Hessian-vector product by double backward differentiates the first-order backward pass once more. For two
-common operations PyTorch's formulas for that do avoidable work (measured on one CPU thread, the benchmark CNN,
-``benchmarks/bench_engine.py``):
+common operations PyTorch's formulas for that do avoidable work (the figures are in ``benchmarks/README.md``):
 
 * Convolution :math:`y = x \star W + b`. Its backward gives :math:`g_x = W^\top \star g_y` and
   :math:`g_W = x \star^\top g_y`, each linear in :math:`g_y`, and :math:`g_W` in :math:`x`, :math:`g_x` in
@@ -15,8 +14,8 @@ common operations PyTorch's formulas for that do avoidable work (measured on one
 
   where ``wgrad``/``igrad`` are the weight- and input-gradient kernels of the convolution
   (``aten.convolution_backward``). PyTorch's ``_convolution_double_backward`` computes :math:`\partial_x` even
-  when the input needs no gradient (it checks only that the input is non-empty: on the first layer that is a
-  transposed convolution into 3 channels, 8–10 ms of an 80 ms product), and :math:`\partial_W` as a forward
+  when the input needs no gradient (it checks only that the input is non-empty: on a first layer that is a
+  transposed convolution into the input channels), and :math:`\partial_W` as a forward
   convolution over batch-transposed tensors, several times slower than the weight-gradient kernel.
 * ReLU. Its backward :math:`g_x = g_y \cdot [y > 0]` has a zero derivative in :math:`x`; PyTorch materialises
   that zero as a full tensor and adds it into the graph (a fill and an add per ReLU per product).
@@ -25,8 +24,7 @@ common operations PyTorch's formulas for that do avoidable work (measured on one
 out-of-place ``relu`` through autograd functions whose backward and double backward are exactly the formulas
 above, computed with PyTorch's own kernels. Values are those of PyTorch's double backward up to float rounding
 (tested in float64 against it for 1d/2d/3d, stride, padding, dilation, groups, bias); everything else — and
-everything under autocast — goes to PyTorch unchanged. One product on the benchmark CNN: 68.7 ms, against 76.1 ms
-with the first-layer routing alone and about 80 ms with PyTorch's formulas (interleaved medians).
+everything under autocast — goes to PyTorch unchanged.
 
 Used by :class:`~lightning_curvature.core.hvp.HessianOperator` while it builds the ``create_graph`` gradient.
 """

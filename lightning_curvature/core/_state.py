@@ -38,13 +38,13 @@ def _devices_of(module: nn.Module) -> list[torch.device]:
 
 @contextmanager
 def preserved_model_state(
-    module: nn.Module, mode: MeasurementMode = "train", seed: int | None = 0
+    module: nn.Module, mode: MeasurementMode = "train", seed: int | None = 0, eager: bool = True
 ) -> Iterator[nn.Module]:
     """Run a block that evaluates ``module`` without leaving any trace on it.
 
     On exit, every submodule gets back its own ``training`` flag, every buffer its value (BatchNorm running
     statistics, ``num_batches_tracked``), and the global CPU and accelerator RNG streams their state. Inside, the
-    module runs eagerly even if it was compiled (:func:`eager_execution`).
+    module runs eagerly even if it was compiled (:func:`eager_execution`), unless ``eager=False``.
 
     Args:
         module: the model to protect.
@@ -52,6 +52,7 @@ def preserved_model_state(
             dropout is active), ``"eval"`` switches every submodule to eval mode for the block.
         seed: if not ``None``, the (forked) global RNG is seeded with it on entry, so the dropout masks of a
             measurement are a deterministic function of ``seed``.
+        eager: run compiled code eagerly inside the block.
 
     Yields:
         ``module`` itself.
@@ -73,7 +74,8 @@ def preserved_model_state(
         stack.enter_context(torch.random.fork_rng(devices=devices, device_type=_device_type(devices)))
         if seed is not None:
             seed_generators(seed, devices)
-        stack.enter_context(eager_execution(module))
+        if eager:
+            stack.enter_context(eager_execution(module))
         if mode == "eval":
             module.eval()
         try:
@@ -86,10 +88,6 @@ def preserved_model_state(
                     saved = buffers.get(name)
                     if saved is not None and saved.shape == b.shape:
                         b.copy_(saved)
-
-
-# methods Lightning's ``from_compiled`` replaces by their compiled versions (keeping the originals in _compiler_ctx)
-_LIGHTNING_COMPILED = ("forward", "training_step", "validation_step", "test_step", "predict_step")
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
@@ -107,24 +105,17 @@ def eager_execution(module: nn.Module) -> Iterator[nn.Module]:
     """Run ``module`` and its submodules eagerly for the block, whichever way they were compiled.
 
     Code compiled by ``torch.compile`` (AOTAutograd) cannot be differentiated twice ("torch.compile with
-    aot_autograd does not currently support double backward"), so a Hessian-vector product through it fails. For
-    the block, submodules compiled in place (``nn.Module.compile()``) use their eager call, and a LightningModule
-    compiled through Lightning (``trainer.fit(torch.compile(model))`` stores the originals in ``_compiler_ctx``) gets
-    its eager ``forward``/``*_step`` methods back; the compiled ones are restored on exit. The values are those of
-    the same code without compilation.
+    aot_autograd does not currently support double backward"), so a double-backward product through it fails. For
+    the block, submodules compiled in place (``nn.Module.compile()``) use their eager call; the compiled ones are
+    restored on exit. The values are those of the same code without compilation. (A ``torch.compile`` wrapper,
+    ``OptimizedModule``, is unwrapped by the callers instead; Lightning's own compilation is undone by the callbacks,
+    :mod:`lightning_curvature.callbacks._compiled`.)
     """
     saved: list[tuple[nn.Module, str, object]] = []
     for m in module.modules():
         if getattr(m, "_compiled_call_impl", None) is not None:
             saved.append((m, "_compiled_call_impl", m._compiled_call_impl))
             m._compiled_call_impl = None
-        ctx = getattr(m, "_compiler_ctx", None)
-        if isinstance(ctx, dict):
-            for name in _LIGHTNING_COMPILED:
-                original = ctx.get(f"original_{name}")
-                if original is not None and name in m.__dict__:
-                    saved.append((m, name, m.__dict__[name]))
-                    setattr(m, name, original)
     try:
         yield module
     finally:

@@ -25,8 +25,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_curvature.core._batch import as_batch_first
 from lightning_curvature.core.hvp import HessianOperator, HVPMethod, LossFn, ReduceFn
 from lightning_curvature.core.lanczos import Operator, lanczos_tridiagonal
+from lightning_curvature.core.operators import as_operator
 
 __all__ = ["DensityResult", "hessian_spectral_density", "slq_density"]
 
@@ -75,7 +77,7 @@ def slq_density(
     """Stochastic Lanczos quadrature on a symmetric matrix or callable.
 
     Args:
-        A: symmetric matrix or callable ``v -> Av``.
+        A: an operator, a symmetric matrix or a callable ``v -> Av`` on flat vectors.
         dim: vector size (inferred from a matrix).
         num_probes: number of random probes.
         num_iters: Lanczos steps per probe.
@@ -108,18 +110,14 @@ def slq_density(
             raise ValueError(f"`{name}` must be >= 1, got {val!r}.")
     if sigma is not None and not sigma > 0:
         raise ValueError(f"`sigma` must be > 0, got {sigma!r}.")
-    if isinstance(A, Tensor):
-        dim, dtype, device = A.shape[0], A.dtype, A.device
-    if dim is None:
-        raise ValueError("`dim` is required when `A` is a callable.")
-    dtype = dtype or torch.float32
-    dev = torch.device(device or "cpu")
-    gen = torch.Generator(device=dev).manual_seed(seed)
+    op = as_operator(A, dim, dtype, device)
+    dim = op.dim
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     all_nodes, all_weights = [], []
     used = 0
     for _ in range(num_probes):
-        z = torch.randint(0, 2, (dim,), generator=gen, device=dev).to(dtype).mul_(2).sub_(1)
-        alpha, beta, _ = lanczos_tridiagonal(A, z, num_iters, reorthogonalize=reorthogonalize)
+        z = op.space.rademacher(gen)
+        alpha, beta, _ = lanczos_tridiagonal(op, z, num_iters, reorthogonalize=reorthogonalize)
         used += alpha.numel()
         T = torch.diag(alpha)
         if alpha.numel() > 1:
@@ -149,11 +147,12 @@ def hessian_spectral_density(
     grid_size: int = 1000,
     sigma: float | None = None,
     params: Sequence[Tensor] | None = None,
-    method: HVPMethod = "double_backward",
+    method: HVPMethod = "auto",
     mode: Literal["train", "eval"] = "train",
     reduce_fn: ReduceFn | None = None,
     seed: int = 0,
     reorthogonalize: bool = True,
+    batch_dim: Any = None,
 ) -> DensityResult:
     """Smoothed Hessian eigenvalue density of ``loss_fn(model, batch)`` by SLQ (see :func:`slq_density`).
 
@@ -161,19 +160,18 @@ def hessian_spectral_density(
         ValueError: for invalid SLQ settings.
         NonFiniteCurvatureError: if the loss or a product is NaN or infinite.
     """
+    if batch_dim is not None:  # where the examples are (see hessian_eigenvalues)
+        batch, loss_fn = as_batch_first(batch, loss_fn, batch_dim)
     with HessianOperator(
         model, loss_fn, batch, params=params, method=method, mode=mode, reduce_fn=reduce_fn, seed=seed
     ) as H:
         res = slq_density(
-            H.matvec,
-            H.dim,
+            H,
             num_probes=num_probes,
             num_iters=num_iters,
             grid_size=grid_size,
             sigma=sigma,
             seed=seed,
-            dtype=H.dtype,
-            device=H.device,
             reorthogonalize=reorthogonalize,
         )
         res.num_hvp = H.num_hvp

@@ -1,40 +1,60 @@
-r"""Matrix-free Hessian-vector products of ``loss_fn(model, batch)``.
+r"""Matrix-free Hessian-vector products of ``loss_fn(model, batch)`` on parameter-shaped vectors.
 
-Pearlmutter's trick gives :math:`Hv = \nabla_\theta (\nabla_\theta L \cdot v)` at the cost of roughly two
-gradients. Two implementations:
+Four ways to compute :math:`Hv` (``method=``):
 
-* ``"double_backward"`` (default): the ``create_graph`` gradient is built once per measurement and its graph is
-  reused for every product (``autograd.grad(g, θ, v, retain_graph=True)``); on CPU this beat forward-over-reverse
-  in both time and memory. Convolutions and ReLUs in that gradient are built through
-  :class:`~lightning_curvature.core._lean_double_backward.LeanDoubleBackward`, whose double backward skips work that
-  PyTorch's formulas do and then discard (same values; products about 15% cheaper on the benchmark CNN).
-* ``"forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad``; no graph is kept between products.
-  It fails through BatchNorm in train mode (in-place buffer updates).
+* ``"double_backward"``: Pearlmutter's trick :math:`Hv = \nabla_\theta(\nabla_\theta L \cdot v)`. The
+  ``create_graph`` gradient is built once per measurement and reused for every product; convolutions and ReLUs in
+  it are built through :class:`~lightning_curvature.core._lean_double_backward.LeanDoubleBackward` (same values,
+  less work). Exact, about 1.3–2 gradients per product. Needs a double backward through every op: not available
+  under FSDP, through fused attention kernels or compiled code, and silently wrong through a custom autograd
+  function whose backward is not itself differentiable (``@once_differentiable``, detached saved tensors).
+* ``"finite_difference"``: differences of first-order gradients,
+  :math:`Hv \approx (8(g_{+1} - g_{-1}) - (g_{+2} - g_{-2}))/(12\varepsilon)`, :math:`g_{\pm j} = \nabla
+  L(\theta \pm j\varepsilon v)` (the central difference extrapolated by Richardson, error :math:`O(\varepsilon^4)`;
+  ``fd_order=2`` for the plain central difference), with a step set from the dtype and the size of the parameters
+  ``v`` lives in (:func:`finite_difference_step`). The perturbed gradients are evaluated with the ReLU/max-pool
+  pattern of :math:`\theta` (:mod:`._frozen_kinks`): otherwise their jumps at the kinks bias the difference by
+  O(1). Works wherever training works; four (or two) gradients per product.
+* ``"forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad``; no graph is kept between products. Fails
+  through BatchNorm in train mode (in-place buffer updates).
+* ``"auto"`` (default): double backward where it exists and is valid, finite differences otherwise. At the first
+  measurement of a model (cached per model and loss function) one double-backward product is compared with one
+  finite-difference product on the same vector; if they differ by more than :data:`VALIDITY_TOLERANCE` relative,
+  double backward is dropping terms and finite differences are used (with a warning). Compiled models use finite
+  differences through the compiled code; on CPU the double backward runs under the math attention kernel (the fused
+  CPU kernel has none), on accelerators a failing double backward falls back to finite differences with the fused
+  kernel. The method used is :attr:`HessianOperator.method`.
 
-The operator evaluates the model through :func:`torch.func.functional_call` on detached parameter copies, so
-the caller's ``.grad`` is never written and a DDP wrapper's gradient reducer never fires. Models held in
-bf16/fp16 are evaluated in float32. Products of a :class:`~lightning_curvature.core._batch.MultiBatch` are
-averaged with weights proportional to batch sizes; ``reduce_fn`` (a SUM all-reduce) extends the average
-across processes.
+The operator evaluates the model through :func:`torch.func.functional_call` on copies of the parameters, so the
+caller's parameters and ``.grad`` are never written (even by a forward pass that writes its weights in place, such
+as ``nn.Embedding(max_norm=...)``) and a DDP wrapper's gradient reducer never fires. Models held in bf16/fp16 are
+evaluated in float32. The curvature batch is one batch, a :class:`~lightning_curvature.core._batch.MultiBatch`, or
+any re-iterable of batches (a ``DataLoader``): products are averaged with weights proportional to batch sizes, and
+``reduce_fn`` (a SUM all-reduce) extends the average across processes.
 
 Reference: B. A. Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 6(1), 1994.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+import math
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, nullcontext
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_curvature.core._batch import batch_size, iter_batches, to_compute
+from lightning_curvature.core._batch import MultiBatch, batch_size, iter_batches, to_compute
+from lightning_curvature.core._frozen_kinks import FrozenKinks, KinkReplayError
 from lightning_curvature.core._lean_double_backward import LeanDoubleBackward
 from lightning_curvature.core._state import (
     MeasurementMode,
     check_mode,
+    eager_execution,
     math_attention,
     model_devices,
     preserved_model_state,
@@ -42,20 +62,33 @@ from lightning_curvature.core._state import (
     unwrap_compiled,
 )
 from lightning_curvature.core.errors import NonFiniteCurvatureError
+from lightning_curvature.core.operators import CurvatureOperator
+from lightning_curvature.core.sharded import ShardedGradients, is_sharded, local_tensor, reshard, shard_space
+from lightning_curvature.core.vectors import Vector, VectorSpace, add_
 
 __all__ = [
+    "VALIDITY_TOLERANCE",
     "HVPMethod",
     "HessianOperator",
     "LossFn",
     "ReduceFn",
+    "finite_difference_step",
     "hessian_vector_product",
     "select_parameters",
 ]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 ReduceFn = Callable[[Tensor], Tensor]
-HVPMethod = Literal["double_backward", "forward_over_reverse"]
-_METHODS = ("double_backward", "forward_over_reverse")
+HVPMethod = Literal["auto", "double_backward", "finite_difference", "forward_over_reverse"]
+_METHODS = ("auto", "double_backward", "finite_difference", "forward_over_reverse")
+
+#: Relative difference between a double-backward and a finite-difference product above which ``"auto"`` decides
+#: that the double backward is wrong (finite differences are accurate to about 1e-5 in float32; a dropped
+#: second-derivative term changes products by far more).
+VALIDITY_TOLERANCE = 1e-2
+
+# model -> {loss function key: method chosen by "auto"}
+_AUTO_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Any, str]] = weakref.WeakKeyDictionary()
 
 
 def select_parameters(model: nn.Module, params: Sequence[Tensor] | None = None) -> list[tuple[str, Tensor]]:
@@ -95,6 +128,50 @@ def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def finite_difference_step(dtype: torch.dtype, scale: float, v_norm: float, order: int = 4) -> float:
+    r"""Step :math:`\varepsilon` of a finite difference along ``v``: :math:`\varepsilon\|v\| = c\,u^{1/3} s`.
+
+    ``s`` is the size of the parameters ``v`` lives in (:func:`direction_scale`), :math:`u` the unit roundoff, and
+    :math:`c` = 2 for the fourth-order stencil (steps :math:`\pm\varepsilon, \pm 2\varepsilon`), 0.5 for the
+    central difference. The central difference has truncation error :math:`O(\varepsilon^2)` and rounding error
+    :math:`O(u/\varepsilon)`; with no estimate of the higher derivatives the step is a fixed fraction of the
+    parameters' scale, and the constants are those that kept the products within 1e-4 of exact ones on the
+    benchmark models (``benchmarks/bench_products.py``).
+    """
+    u = float(torch.finfo(dtype).eps) / 2.0
+    c = 2.0 if order == 4 else 0.5
+    return c * u ** (1.0 / 3.0) * scale / max(v_norm, 1e-300)
+
+
+def direction_scale(space: VectorSpace, theta: Vector, v: Vector) -> float:
+    r"""The size of the parameters a direction lives in: :math:`\sqrt{P_\text{eff}}\,\bigl(\sum_i \hat v_i^2
+    \theta_i^2\bigr)^{1/2}`, :math:`P_\text{eff} = \|v\|_2^4/\|v\|_4^4` the number of entries it spreads over.
+
+    A random direction gets :math:`\approx\|\theta\|`; one concentrated on a layer gets about that layer's norm,
+    so every entry is perturbed by a similar fraction of its own size. At least 1e-2 (parameters at zero).
+    """
+    sums = torch.zeros(3, dtype=torch.float64, device=space.device)
+    for vi, ti in zip(v, theta):
+        v2 = vi.double().square()
+        sums += torch.stack([v2.sum(), v2.square().sum(), (v2 * ti.double().square()).sum()]).to(space.device)
+    if space.reduce_fn is not None:
+        sums = space.reduce_fn(sums)
+    vv, v4, vt = (float(x) for x in sums.cpu())
+    if not vv > 0:
+        return 1e-2
+    return max((vv * vv / max(v4, 1e-300)) ** 0.5 * (vt / vv) ** 0.5, 1e-2)
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` or a submodule runs code compiled by ``torch.compile`` (a wrapper or ``.compile()``)."""
+    for m in module.modules():
+        if isinstance(getattr(m, "_orig_mod", None), nn.Module):
+            return True
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            return True
+    return False
+
+
 class _LossModule(nn.Module):
     """Wraps ``loss_fn(model, batch)`` as a module so ``functional_call`` can swap the model's parameters."""
 
@@ -107,28 +184,97 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-class HessianOperator:
-    r"""The linear map :math:`v \mapsto Hv`, :math:`H = \nabla^2_\theta L`, on flat parameter vectors.
+def _is_batch_iterable(batch: Any) -> bool:
+    """A re-iterable of batches (a DataLoader, a generator...) rather than one batch."""
+    if isinstance(batch, MultiBatch):
+        return True
+    if isinstance(batch, (Tensor, tuple, list, dict, str, bytes)) or hasattr(batch, "__dataclass_fields__"):
+        return False
+    return isinstance(batch, Iterable)
 
-    Use it as a context manager: on entry the model state is saved (RNG, buffers, train/eval flags) and the
-    gradient graph is built; on exit everything is restored and the graph freed.
+
+class _Batches:
+    """The physical batches of a curvature batch, re-iterable; a one-pass iterator is materialised once."""
+
+    def __init__(self, batch: Any) -> None:
+        if _is_batch_iterable(batch) and not isinstance(batch, MultiBatch):
+            if iter(batch) is batch:  # a generator: read it once
+                batch = MultiBatch(list(batch))
+                self.source: Any = batch
+            else:
+                self.source = batch
+                sampler = getattr(batch, "sampler", None)
+                if isinstance(sampler, torch.utils.data.RandomSampler):
+                    warnings.warn(
+                        "The curvature batch is a DataLoader with shuffle=True: it is read again for every product, "
+                        "so with drop_last or random augmentations the operator changes between products. Use "
+                        "shuffle=False (the order does not matter for the average).",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+        else:
+            self.source = batch
+        self.materialised: list[Any] | None = (
+            list(iter_batches(batch)) if not _is_batch_iterable(self.source) or isinstance(batch, MultiBatch) else None
+        )
+        if self.materialised is not None:
+            if not self.materialised:
+                raise ValueError("Got an empty MultiBatch; pass at least one batch.")
+            for b in self.materialised:
+                batch_size(b)  # raises now for an empty batch or one without tensors
+
+    @property
+    def single(self) -> bool:
+        return self.materialised is not None and len(self.materialised) == 1
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.materialised is not None:
+            yield from self.materialised
+        else:
+            got = False
+            for b in self.source:
+                got = True
+                yield b
+            if not got:
+                raise ValueError("The curvature batch iterable is empty.")
+
+
+class HessianOperator(CurvatureOperator):
+    r"""The linear map :math:`v \mapsto Hv`, :math:`H = \nabla^2_\theta L`, on parameter-shaped vectors.
+
+    Use it as a context manager: on entry the model state is saved (RNG, buffers, train/eval flags) and, for double
+    backward, the gradient graph is built; on exit everything is restored and the graph freed. :meth:`matvec` takes
+    a list of tensors shaped like the parameters (returns one) or a flat vector (returns a flat vector).
 
     Args:
         model: the model; its parameters decide device and dtype (half precision is computed in float32).
         loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss over the batch.
-        batch: a batch (tensor, tuple/list or dict of tensors), or a ``MultiBatch`` of several.
-        params: parameters to differentiate with respect to (default: all trainable ones).
-        method: ``"double_backward"`` or ``"forward_over_reverse"``.
-        reuse_graph: keep the ``create_graph`` gradient of every batch for all products (double backward only).
-            Default: reuse for a single batch, rebuild per product for a ``MultiBatch`` (bounded memory).
+        batch: a batch (tensor, tuple/list, dict or dataclass of tensors), a ``MultiBatch``, or a re-iterable of
+            batches such as a ``DataLoader`` (read again for every product: a curvature batch larger than memory).
+        params: parameters to differentiate with respect to (default: all trainable ones). A parameter the loss
+            does not use, or whose gradient does not depend on the parameters, has a zero Hessian row.
+        method: ``"auto"`` (default), ``"double_backward"``, ``"finite_difference"`` or ``"forward_over_reverse"``
+            (see the module docstring).
+        reuse_graph: keep the double-backward graph of every physical batch for all products. Default: reuse for
+            a single batch, rebuild per product for several (memory of one physical batch).
         reduce_fn: a SUM all-reduce applied to the weighted local sums (products, gradient, example count), e.g.
             :func:`all_reduce_sum` under ``torch.distributed``; ``None`` for a single process.
         mode: ``"train"`` (model flags as they are: BatchNorm batch statistics, one fixed dropout mask per
             measurement) or ``"eval"``.
         seed: seed of the forked RNG, so dropout masks are the same in every product.
+        compiled: whether the model runs compiled code (``"auto"`` then uses finite differences through it); default:
+            detected from ``torch.compile`` wrappers and in-place compiled submodules (a framework that compiles
+            methods its own way, such as Lightning, says so here).
+        lean_double_backward: build double-backward graphs through
+            :class:`~lightning_curvature.core._lean_double_backward.LeanDoubleBackward` (same values, less work
+            through convolutions and ReLUs). Default: on CPU, where ``benchmarks/bench_engine.py`` measured it;
+            off on accelerators, where it has not been measured.
+        fd_order: finite-difference stencil: 4 (default; gradients at ±ε and ±2ε combined by Richardson's
+            extrapolation, error :math:`O(\varepsilon^4)`, four gradients per product) or 2 (central difference,
+            two gradients, about 4x less accurate).
 
     Raises:
-        ValueError: for an unknown ``method``/``mode`` or an empty batch.
+        ValueError: for an unknown ``method``/``mode``/``fd_order`` or an empty batch.
         TypeError: for non-floating parameters.
 
     Example::
@@ -149,45 +295,91 @@ class HessianOperator:
         batch: Any,
         *,
         params: Sequence[Tensor] | None = None,
-        method: HVPMethod = "double_backward",
+        method: HVPMethod = "auto",
         reuse_graph: bool | None = None,
         reduce_fn: ReduceFn | None = None,
         mode: MeasurementMode = "train",
         seed: int | None = 0,
+        fd_order: int = 4,
+        compiled: bool | None = None,
+        lean_double_backward: bool | None = None,
     ) -> None:
         if method not in _METHODS:
             raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
+        if fd_order not in (2, 4):
+            raise ValueError(f"`fd_order` must be 2 or 4, got {fd_order!r}.")
+        self.fd_order = fd_order
         self.mode = check_mode(mode)
-        model = unwrap_compiled(model)  # compiled code cannot be differentiated twice
+        reshard(model)  # FSDP2 modules left unsharded by a forward without backward: measure the shards
+        self.compiled = is_compiled(model) if compiled is None else bool(compiled)
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+        self._math_kernel = on_cpu or method in ("double_backward", "forward_over_reverse")
+        if lean_double_backward is None:  # measured to pay on CPU (bench_engine.py); untested on accelerators
+            lean_double_backward = all(p.device.type == "cpu" for p in model.parameters())
+        self.lean_double_backward = bool(lean_double_backward)
         self.model = model
         self.loss_fn = loss_fn
-        self.method = method
+        self.requested_method: str = method
+        self.method: str = method
         self.reduce_fn = reduce_fn
         self.seed = seed
-        self._named = select_parameters(model, params)
-        self._batches = list(iter_batches(batch))
-        self._sizes = [batch_size(b) for b in self._batches]
-        self.reuse_graph = (len(self._batches) == 1) if reuse_graph is None else bool(reuse_graph)
+        eval_model = unwrap_compiled(model) if method in ("double_backward", "forward_over_reverse") else model
+        self._eval_model = eval_model
+        self._named = select_parameters(unwrap_compiled(model), params)
+        # names as the evaluated module sees them (a torch.compile wrapper adds "_orig_mod."), matched by identity
+        names = {id(p): n for n, p in eval_model.named_parameters(remove_duplicate=False)}
+        self._names = [f"model.{names[id(p)]}" for _, p in self._named]
+        self._prefix = "model."
+        self._batches = _Batches(batch)
+        self.reuse_graph = self._batches.single if reuse_graph is None else bool(reuse_graph)
         first = self._named[0][1]
-        self.device = first.device
-        self.dtype = compute_dtype_for(first.dtype)
-        self.shapes = [p.shape for _, p in self._named]
-        self.numels = [p.numel() for _, p in self._named]
-        self.dim = sum(self.numels)
-        self.num_hvp = 0
+        self.dtype_in = first.dtype
+        dtype = compute_dtype_for(first.dtype)
+        params_list = [p for _, p in self._named]
+        #: the parameters are FSDP shards: products by finite differences through the module's own forward/backward
+        self.sharded = is_sharded(params_list)
+        if self.sharded:
+            if method in ("double_backward", "forward_over_reverse"):
+                raise ValueError(
+                    f"method={method!r} needs a double backward or forward-mode AD, which do not exist through FSDP's "
+                    "sharded parameters; use method='finite_difference' or 'auto'."
+                )
+            self.method = "finite_difference"
+            self.space = shard_space(params_list, first.dtype)
+        else:
+            self.space = VectorSpace(params_list, dtype=dtype)
+        self.shapes = list(self.space.shapes)
+        self.numels = list(self.space.numels)
+        self.num_matvecs = 0
         self.num_grad = 0
-        self._wrapper = _LossModule(model, loss_fn)
+        self._wrapper = _LossModule(eval_model, loss_fn)
         self._devices = model_devices(model)
         self._stack: ExitStack | None = None
-        self._graphs: list[tuple[list[Tensor], list[Tensor]]] | None = None
-        self._total: float | None = None
-        self._gradient: Tensor | None = None
+        self._graphs: list[tuple[list[Tensor], list[Tensor], int]] | None = None
+        self.num_check_products = 0
+        self._gradient: Vector | None = None
+        self._kinks: dict[int, list[Any]] = {}
+        #: finite differences replay the ReLU/max-pool pattern of θ (see :mod:`._frozen_kinks`)
+        self.freeze_kinks = True
 
-    # -- context management -------------------------------------------------------------------------------
+    # -- compatibility ----------------------------------------------------------------------------------------------
+    @property
+    def num_hvp(self) -> int:
+        """Products taken so far by callers (the validity check of ``"auto"`` is :attr:`num_check_products`)."""
+        return self.num_matvecs
+
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Concatenate parameter-shaped tensors into one flat vector (a copy)."""
+        return self.space.flatten(list(tensors))
+
+    def unflatten(self, v: Tensor) -> list[Tensor]:
+        """Split a flat vector into parameter-shaped tensors."""
+        return self.space.unflatten(v)
+
+    # -- context management -------------------------------------------------------------------------------------
     def __enter__(self) -> HessianOperator:
         stack = ExitStack()
-        stack.enter_context(preserved_model_state(self.model, self.mode, self.seed))
-        stack.enter_context(math_attention())
+        stack.enter_context(preserved_model_state(self.model, self.mode, self.seed, eager=False))
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         self._stack = stack
@@ -201,6 +393,7 @@ class HessianOperator:
     def __exit__(self, *exc: object) -> None:
         self._graphs = None
         self._gradient = None
+        self._kinks = {}
         if self._stack is not None:
             self._stack.close()
             self._stack = None
@@ -209,138 +402,355 @@ class HessianOperator:
         if self._stack is None:
             raise RuntimeError("HessianOperator must be used inside `with HessianOperator(...) as H:`.")
 
-    # -- evaluation --------------------------------------------------------------------------------------------
-    def parameter_copies(self) -> list[Tensor]:
-        """Detached copies of the parameters in the compute dtype, requiring grad."""
-        return [p.detach().to(self.dtype).requires_grad_(True) for _, p in self._named]
+    # -- evaluation ---------------------------------------------------------------------------------------------
+    def _exact_context(self) -> Any:
+        """Kernels and execution for exact (second-order) products: eager code; the math attention kernel on CPU
+        or when double backward was asked for (on an accelerator ``"auto"`` keeps training's fused kernel, whose
+        missing double backward then sends it to finite differences: the math kernel's memory is quadratic in the
+        sequence length)."""
+        stack = ExitStack()
+        stack.enter_context(eager_execution(self.model))
+        if self._math_kernel:
+            stack.enter_context(math_attention())
+        return stack
+
+    def parameter_copies(self, shift: Vector | None = None, alpha: float = 0.0) -> list[Tensor]:
+        """Copies of the parameters in the compute dtype (never sharing storage), optionally ``θ + α·shift``."""
+        out = []
+        for i, (_, p) in enumerate(self._named):
+            t = p.detach().to(self.space.dtypes[i], copy=True)
+            if shift is not None:
+                t.add_(shift[i], alpha=alpha)
+            out.append(t.requires_grad_(True))
+        return out
 
     def _loss(self, params: Sequence[Tensor], batch: Any) -> Tensor:
-        mapping: dict[str, Tensor] = {f"model.{n}": t for (n, _), t in zip(self._named, params)}
-        if self.dtype != self._named[0][1].dtype:
-            # half-precision model: evaluate buffers in float32 too
-            for n, b in self.model.named_buffers():
-                if b.is_floating_point():
-                    mapping[f"model.{n}"] = b.detach().to(self.dtype)
-        batch = to_compute(batch, self.device, self.dtype)
+        mapping: dict[str, Tensor] = dict(zip(self._names, params))
+        if self.space.dtype != self.dtype_in:
+            mapping.update(self._upcast_rest())
+        batch = to_compute(batch, self.space.device, self.space.dtype)
         if self.seed is not None:
             seed_generators(self.seed, self._devices)  # the same dropout mask in every evaluation
         loss = functional_call(self._wrapper, mapping, (batch,), strict=False)
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise TypeError(
-                f"`loss_fn` must return a scalar tensor, got {type(loss).__name__} {getattr(loss, 'shape', '')}."
-            )
-        loss = loss.reshape(())
-        if not loss.is_floating_point():
-            raise TypeError(f"`loss_fn` must return a floating-point loss, got dtype {loss.dtype}.")
-        return loss.to(self.dtype)
+        return _checked_loss(loss)
 
-    def _grad_with_graph(self, batch: Any) -> tuple[list[Tensor], list[Tensor]]:
+    def _upcast_rest(self) -> dict[str, Tensor]:
+        """Half-precision model: its frozen parameters and floating buffers in the compute dtype too (copies)."""
+        chosen = set(self._names)
+        rest: dict[str, Tensor] = {}
+        for n, t in [*self._eval_model.named_parameters(), *self._eval_model.named_buffers()]:
+            key = f"{self._prefix}{n}"
+            if key not in chosen and t.is_floating_point() and t.dtype != self.space.dtype:
+                rest[key] = t.detach().to(self.space.dtype)
+        return rest
+
+    def _grad_with_graph(self, batch: Any) -> tuple[list[Tensor], list[Tensor], int]:
         params = self.parameter_copies()
-        with LeanDoubleBackward():  # conv and ReLU double backward without PyTorch's avoidable work
+        lean = LeanDoubleBackward() if self.lean_double_backward else nullcontext()
+        with lean:  # conv and ReLU double backward without PyTorch's avoidable work
             loss = self._loss(params, batch)
-        # With a cross-process reduction, a rank must not raise alone (the others would wait in the all-reduce
-        # forever): the NaN flows into the reduced products instead and every rank raises at the same point.
-        if self.reduce_fn is None and not torch.isfinite(loss):
-            raise NonFiniteCurvatureError(f"The loss is not finite ({loss.item()}); no curvature to measure.")
+        self._check_finite_loss(loss)
         raw = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(raw, params)]
         self.num_grad += 1
-        return params, grads
+        return params, grads, batch_size(batch)
 
-    def _prepare(self) -> None:
-        n = torch.tensor(float(sum(self._sizes)), dtype=torch.float64, device=self.device)
-        if self.reduce_fn is not None:
-            n = self.reduce_fn(n)
-        self._total = float(n.item())
-        if self.method == "double_backward" and self.reuse_graph:
+    def _check_finite_loss(self, loss: Tensor) -> None:
+        # With a cross-process reduction a rank must not raise alone (the others would wait in the all-reduce
+        # forever): the NaN flows into the reduced products instead and every rank raises at the same point.
+        if self.reduce_fn is None and not torch.isfinite(loss):
+            raise NonFiniteCurvatureError(f"The loss is not finite ({loss.item()}); no curvature to measure.")
+
+    def _seeded_loss(self, model: nn.Module, batch: Any) -> Tensor:
+        if self.seed is not None:
+            seed_generators(self.seed, self._devices)  # the same dropout mask in every evaluation
+        return _checked_loss(self.loss_fn(model, batch))
+
+    def _gradient_at(self, batch: Any, shift: Vector | None = None, alpha: float = 0.0) -> Vector:
+        """First-order gradient of the batch's mean loss at ``θ + α·shift`` (sharded: its global-mean share)."""
+        if self.sharded:
+            out = self._sharded_oracle.gradient(batch, batch_size(batch), shift, alpha)
+            self.num_grad += 1
+            return out
+        params = self.parameter_copies(shift, alpha)
+        loss = self._loss(params, batch)
+        self._check_finite_loss(loss)
+        raw = torch.autograd.grad(loss, params, allow_unused=True)
+        self.num_grad += 1
+        return [g.detach() if g is not None else torch.zeros_like(p) for g, p in zip(raw, params)]
+
+    def _build_graphs(self) -> None:
+        with self._exact_context():
             self._graphs = [self._grad_with_graph(b) for b in self._batches]
 
-    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
-        """Concatenate parameter-shaped tensors into one flat vector."""
-        return torch.cat([t.reshape(-1) for t in tensors])
+    def _prepare(self) -> None:
+        if self.sharded:
+            local = sum(batch_size(b) for b in self._batches)
+            assert self.space.reduce_fn is not None
+            count = self.space.reduce_fn(torch.tensor([float(local)], dtype=torch.float64, device=self.space.device))
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            self._sharded_oracle = ShardedGradients(
+                self.model,
+                self._seeded_loss,
+                [p for _, p in self._named],
+                float(count[0]),
+                world,
+                lambda b: to_compute(b, self.space.device, self.dtype_in),
+            )
+            return
+        if self.method == "auto":
+            self.method = self._resolve_auto()
+        if self.method == "double_backward" and self.reuse_graph and self._graphs is None:
+            self._build_graphs()
 
-    def unflatten(self, v: Tensor) -> list[Tensor]:
-        """Split a flat vector into parameter-shaped views."""
-        return [c.view(s) for c, s in zip(torch.split(v, self.numels), self.shapes)]
-
-    def _finish(self, local_sum: Tensor, what: str) -> Tensor:
-        if self.reduce_fn is not None:
-            local_sum = self.reduce_fn(local_sum)
-        assert self._total is not None
-        out = local_sum / self._total
-        if self.reduce_fn is not None and not bool(torch.isfinite(out).all()):
+    def _finish(self, parts: Vector, local_count: float, what: str) -> Vector:
+        """Divide the weighted sums by the (global) example count; under DDP one all-reduce of count and sums."""
+        if self.sharded:  # the sharded oracle returns each batch's share of the global mean, already reduced
+            return parts
+        if self.reduce_fn is None:
+            return [t.div_(local_count) for t in parts] if local_count != 1 else parts
+        dtype = self.space.dtype
+        flat = torch.cat([torch.tensor([local_count], dtype=dtype, device=self.space.device)] + [
+            t.reshape(-1).to(device=self.space.device) for t in parts
+        ])  # fmt: skip
+        flat = self.reduce_fn(flat)
+        total = float(flat[0])
+        if not bool(torch.isfinite(flat).all()):
             raise NonFiniteCurvatureError(f"The reduced {what} is not finite on some process.")
+        out = []
+        for piece, t in zip(torch.split(flat[1:], self.space.numels), parts):
+            out.append((piece / total).to(device=t.device).view(t.shape))
         return out
 
-    def matvec(self, v: Tensor) -> Tensor:
-        """:math:`Hv` for a flat vector ``v`` (any dtype; computed and returned in the compute dtype).
-
-        Raises:
-            RuntimeError: outside the ``with`` block.
-            ValueError: if ``v`` has the wrong size.
-        """
+    # -- products -------------------------------------------------------------------------------------------------
+    def _matvec(self, v: Vector) -> Vector:
         self._require_open()
-        if v.shape != (self.dim,):
-            raise ValueError(f"Expected a flat vector of size {self.dim}, got shape {tuple(v.shape)}.")
-        v = v.to(device=self.device, dtype=self.dtype)
-        vs = self.unflatten(v)
-        self.num_hvp += 1
-        if len(self._batches) == 1 and self.reduce_fn is None:
-            return self._batch_hvp(0, vs)  # one batch, one process: no weighting needed
-        out = torch.zeros(self.dim, device=self.device, dtype=self.dtype)
-        for i, n in enumerate(self._sizes):
-            out.add_(self._batch_hvp(i, vs), alpha=float(n))
-        return self._finish(out, "Hessian-vector product")
+        return self._product(v, self.method)
 
-    def _batch_hvp(self, i: int, vs: Sequence[Tensor]) -> Tensor:
-        """The product with the Hessian of physical batch ``i``'s mean loss, flat and detached."""
-        if self.method == "forward_over_reverse":
-            return self._hvp_forward_over_reverse(self._batches[i], vs).detach()
-        if self._graphs is not None:
-            params, grads = self._graphs[i]
-            retain = True
+    def _product(self, v: Vector, method: str) -> Vector:
+        acc: Vector | None = None  # weighted sum of the batches' products, built in place (no extra vector)
+        count = 0.0
+        # one batch in one process: its product is the answer (no weighting, no division)
+        alone = self._batches.single and self.reduce_fn is None and not self.sharded
+        if method == "double_backward":
+            with self._exact_context():
+                if self._graphs is not None:
+                    for params, grads, n in self._graphs:
+                        n = 1 if alone else n
+                        acc = _accumulate(acc, self._double_backward(params, grads, v, retain=True), n)
+                        count += n
+                else:
+                    for b in self._batches:
+                        params, grads, n = self._grad_with_graph(b)
+                        n = 1 if alone else n
+                        acc = _accumulate(acc, self._double_backward(params, grads, v, retain=False), n)
+                        del params, grads
+                        count += n
+        elif method == "forward_over_reverse":
+            with self._exact_context():
+                for b in self._batches:
+                    n = 1 if alone else batch_size(b)
+                    acc = _accumulate(acc, self._forward_over_reverse(b, v), n)
+                    count += n
         else:
-            params, grads = self._grad_with_graph(self._batches[i])
-            retain = False
-        hv_parts = torch.autograd.grad(grads, params, vs, retain_graph=retain, allow_unused=True)
-        return self.flatten([h if h is not None else torch.zeros_like(p) for h, p in zip(hv_parts, params)]).detach()
+            eps = self._fd_step(v)
+            for i, b in enumerate(self._batches):
+                n = 1 if (self.sharded or alone) else batch_size(b)
+                d1 = self._central_difference(i, b, v, eps)  # g(+ε) − g(−ε)
+                if self.fd_order == 2:
+                    part = [t.mul_(1.0 / (2.0 * eps)) for t in d1]
+                else:  # (8(g(+ε) − g(−ε)) − (g(+2ε) − g(−2ε))) / 12ε: Richardson's extrapolation, error O(ε⁴)
+                    d2 = self._central_difference(i, b, v, 2.0 * eps)
+                    part = [a.mul_(8.0 / (12.0 * eps)).add_(c, alpha=-1.0 / (12.0 * eps)) for a, c in zip(d1, d2)]
+                    del d2
+                acc = _accumulate(acc, part, n)
+                count += n
+        assert acc is not None
+        return self._finish(acc, count, "Hessian-vector product")
 
-    __call__ = matvec
+    def _kink_pattern(self, i: int, batch: Any) -> list[Any]:
+        """The on/off pattern of the piecewise-linear ops at θ for batch ``i`` (recorded once per stored batch)."""
+        records = self._kinks.get(i) if self._batches.materialised is not None else None
+        if records is None:
+            records = []
+            with torch.no_grad(), FrozenKinks(records, record=True):
+                self._loss_no_grad(batch)
+            if self._batches.materialised is not None:
+                self._kinks[i] = records
+        return records
 
-    def _hvp_forward_over_reverse(self, batch: Any, vs: Sequence[Tensor]) -> Tensor:
-        params = tuple(p.detach().to(self.dtype) for _, p in self._named)
+    def _central_difference(self, i: int, batch: Any, v: Vector, eps: float) -> Vector:
+        """``∇L(θ + εv) − ∇L(θ − εv)`` computed in place in the first gradient (two gradient vectors at most)."""
+        plus, minus = self._central_pair(i, batch, v, eps)
+        for a, b in zip(plus, minus):
+            a.sub_(b)
+        return plus
+
+    def _central_pair(self, i: int, batch: Any, v: Vector, eps: float) -> tuple[Vector, Vector]:
+        """Gradients at θ ± εv, with the activation pattern frozen at θ (see :mod:`._frozen_kinks`)."""
+        if self.freeze_kinks:
+            try:
+                records = self._kink_pattern(i, batch)
+                with FrozenKinks(records, record=False):
+                    plus = self._gradient_at(batch, v, eps)
+                with FrozenKinks(records, record=False):
+                    minus = self._gradient_at(batch, v, -eps)
+                return plus, minus
+            except KinkReplayError as err:
+                self.freeze_kinks = False
+                warnings.warn(
+                    f"The activation pattern could not be replayed ({err}); finite-difference products include the "
+                    "curvature of ReLU/max-pool kinks from now on.",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+        return self._gradient_at(batch, v, eps), self._gradient_at(batch, v, -eps)
+
+    def _loss_no_grad(self, batch: Any) -> None:
+        if self.sharded:  # through FSDP's own forward (it all-gathers the shards)
+            if self.seed is not None:
+                seed_generators(self.seed, self._devices)
+            self.loss_fn(self.model, to_compute(batch, self.space.device, self.dtype_in))
+            reshard(self.model)
+            return
+        params = [p.detach().to(d, copy=True) for (_, p), d in zip(self._named, self.space.dtypes)]
+        mapping: dict[str, Tensor] = dict(zip(self._names, params))
+        if self.space.dtype != self.dtype_in:
+            mapping.update(self._upcast_rest())
+        batch = to_compute(batch, self.space.device, self.space.dtype)
+        if self.seed is not None:
+            seed_generators(self.seed, self._devices)
+        functional_call(self._wrapper, mapping, (batch,), strict=False)
+
+    def _double_backward(self, params: list[Tensor], grads: list[Tensor], v: Vector, retain: bool) -> Vector:
+        live = [i for i, g in enumerate(grads) if g.requires_grad]  # a constant gradient has a zero Hessian row
+        if not live:
+            return [torch.zeros_like(p) for p in params]
+        hv = torch.autograd.grad(
+            [grads[i] for i in live], params, [v[i] for i in live], retain_graph=retain, allow_unused=True
+        )
+        return [h.detach() if h is not None else torch.zeros_like(p) for h, p in zip(hv, params)]
+
+    def _forward_over_reverse(self, batch: Any, v: Vector) -> Vector:
+        params = tuple(p.detach().to(self.space.dtypes[i], copy=True) for i, (_, p) in enumerate(self._named))
 
         def grad_fn(*ps: Tensor) -> tuple[Tensor, ...]:
             return torch.func.grad(lambda *q: self._loss(q, batch), argnums=tuple(range(len(ps))))(*ps)
 
-        out = torch.func.jvp(grad_fn, params, tuple(vs))
-        return self.flatten(out[1])
+        out = torch.func.jvp(grad_fn, params, tuple(v))[1]
+        return [t.detach() for t in out]
 
-    def gradient(self) -> Tensor:
-        """The mean gradient :math:`\\nabla L` as a flat vector (reduced across processes).
+    def _fd_step(self, v: Vector) -> float:
+        theta = [local_tensor(p).detach() for _, p in self._named]
+        scale = direction_scale(self.space, theta, v)
+        return finite_difference_step(self.space.dtype, scale, float(self.space.norm(v)), self.fd_order)
+
+    # -- the choice of "auto" -------------------------------------------------------------------------------------
+    def _auto_key(self) -> Any:
+        return getattr(self.loss_fn, "__code__", self.loss_fn)
+
+    def _resolve_auto(self) -> str:
+        """Double backward if it runs and agrees with finite differences, else finite differences (cached)."""
+        if self.compiled:
+            return "finite_difference"
+        cache = _AUTO_CACHE.setdefault(self.model, {})
+        known = cache.get(self._auto_key())
+        if known is not None:
+            return known
+        probe = self.space.randn(torch.Generator(device="cpu").manual_seed(12345))
+        try:
+            if self.reuse_graph:
+                self._build_graphs()
+            exact = self._product(probe, "double_backward")
+        except (RuntimeError, NotImplementedError) as err:
+            warnings.warn(
+                f"Double backward is not available for this model ({type(err).__name__}: {str(err)[:200]}); "
+                "curvature is measured with finite-difference products.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._graphs = None
+            cache[self._auto_key()] = "finite_difference"
+            return "finite_difference"
+        approx = self._product(probe, "finite_difference")
+        self.num_check_products = 2
+        diff = self.space.norm([a - b for a, b in zip(exact, approx)])
+        scale = torch.maximum(self.space.norm(exact), self.space.norm(approx)).clamp_min(1e-300)
+        rel = float(diff / scale)
+        if not math.isfinite(rel):
+            raise NonFiniteCurvatureError("A Hessian-vector product is not finite.")
+        method = "double_backward" if rel <= VALIDITY_TOLERANCE else "finite_difference"
+        if method == "finite_difference":
+            self._graphs = None
+            warnings.warn(
+                f"Double-backward Hessian-vector products of this model differ from finite differences by {rel:.1%} "
+                "(a custom autograd function whose backward is not differentiable drops second-derivative terms); "
+                "curvature is measured with finite-difference products.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        cache[self._auto_key()] = method
+        return method
+
+    # -- gradient ---------------------------------------------------------------------------------------------------
+    def gradient(self) -> Vector:
+        """The mean gradient :math:`\\nabla L` as a parameter-shaped vector (reduced across processes).
 
         Computed (and all-reduced) once per ``with`` block: the parameters cannot change inside it.
         """
         self._require_open()
         if self._gradient is not None:
             return self._gradient
-        out = torch.zeros(self.dim, device=self.device, dtype=self.dtype)
-        for i, (b, n) in enumerate(zip(self._batches, self._sizes)):
-            if self._graphs is not None:
-                g = self.flatten(self._graphs[i][1]).detach()
-            else:
-                params = self.parameter_copies()
-                loss = self._loss(params, b)
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                g = self.flatten([x if x is not None else torch.zeros_like(p) for x, p in zip(grads, params)])
-                self.num_grad += 1
-            out.add_(g, alpha=float(n))
-        self._gradient = self._finish(out, "gradient")
+        if self._graphs is not None and len(self._graphs) == 1 and self.reduce_fn is None:
+            self._gradient = [g.detach() for g in self._graphs[0][1]]  # the graph's own gradient: no copy
+            return self._gradient
+        acc: Vector | None = None
+        count = 0.0
+        if self._graphs is not None:
+            for _, grads, n in self._graphs:
+                acc = _accumulate(acc, [g.detach().clone() for g in grads], n)
+                count += n
+        else:
+            ctx = self._exact_context() if self.method == "double_backward" else nullcontext()
+            with ctx:
+                for b in self._batches:
+                    n = 1 if self.sharded else batch_size(b)
+                    acc = _accumulate(acc, self._gradient_at(b), n)
+                    count += n
+        assert acc is not None
+        self._gradient = self._finish(acc, count, "gradient")
         return self._gradient
 
     def parameters_flat(self) -> Tensor:
         """The current parameter values as one flat vector in the compute dtype."""
-        return self.flatten([p.detach().to(self.dtype) for _, p in self._named])
+        return self.space.flatten([p.detach() for _, p in self._named])
+
+    def parameter_values(self) -> Vector:
+        """The current parameter values as a vector of the space (copies)."""
+        return [p.detach().to(d, copy=True) for (_, p), d in zip(self._named, self.space.dtypes)]
+
+
+def _accumulate(acc: Vector | None, part: Vector, weight: float) -> Vector:
+    """``acc + weight · part``, reusing ``part``'s memory for the first term (it is a fresh product)."""
+    if acc is None:
+        return [t.mul_(float(weight)) for t in part] if weight != 1 else part
+    return add_(acc, part, float(weight))
+
+
+def _checked_loss(loss: Any) -> Tensor:
+    """``loss`` as a 0-dim floating tensor connected to the parameters, or a clear error."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"`loss_fn` must return a scalar tensor, got {type(loss).__name__}.")
+    if loss.numel() != 1:
+        raise TypeError(f"`loss_fn` must return a scalar (mean) loss, got a tensor of shape {tuple(loss.shape)}.")
+    if not loss.is_floating_point():
+        raise TypeError(f"`loss_fn` must return a floating-point loss, got dtype {loss.dtype}.")
+    if not loss.requires_grad:
+        raise ValueError(
+            "`loss_fn` returned a loss that does not depend on the parameters (it was detached, or computed under "
+            "torch.no_grad()/inference_mode, or .item() was taken); curvature needs a differentiable loss."
+        )
+    return loss.reshape(()).to(torch.float32 if loss.dtype in (torch.float16, torch.bfloat16) else loss.dtype)
 
 
 def hessian_vector_product(
@@ -349,14 +759,13 @@ def hessian_vector_product(
     batch: Any,
     vector: Tensor | Sequence[Tensor],
     **kwargs: Any,
-) -> Tensor:
-    """One product :math:`Hv`; ``vector`` flat or a list shaped like the parameters. Returns a flat vector.
+) -> Any:
+    """One product :math:`Hv`; ``vector`` flat (returns flat) or a list shaped like the parameters (returns one).
 
     Keyword arguments are those of :class:`HessianOperator`.
     """
     with HessianOperator(model, loss_fn, batch, **kwargs) as H:
-        v = vector if isinstance(vector, Tensor) else H.flatten(vector)
-        return H.matvec(v)
+        return H.matvec(vector if isinstance(vector, Tensor) else list(vector))
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:

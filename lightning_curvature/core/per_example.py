@@ -2,13 +2,15 @@ r"""Per-example gradients :math:`g_i = \nabla_\theta \ell(\theta; x_i)`, in chun
 
 ``torch.func.vmap(torch.func.grad(...))`` over the examples of a chunk (each example is passed to
 ``loss_fn`` as a batch of one); where ``vmap`` cannot trace the model (data-dependent control flow,
-``.item()``, unsupported in-place ops) a micro-batch loop of one ``autograd.grad`` per example is used.
+``.item()``, unsupported in-place ops) a micro-batch loop of one ``autograd.grad`` per example is used, with a
+warning. Running out of memory is raised, never answered by the (slower) loop: pass a smaller ``chunk_size``.
 BatchNorm in train mode mixes the examples of a batch, so per-example gradients do not exist there: that
 case raises (as BackPACK does) unless the measurement runs in eval mode.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -20,6 +22,11 @@ from lightning_curvature.core._batch import _map_tensors, batch_size, iter_batch
 from lightning_curvature.core.hvp import LossFn, _LossModule, compute_dtype_for, select_parameters
 
 __all__ = ["check_per_example_safe", "default_chunk_size", "per_example_gradient_chunks"]
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
 
 PerExampleStrategy = Literal["auto", "vmap", "loop"]
 
@@ -76,11 +83,18 @@ def per_example_gradient_chunks(
     device, dtype = first.device, compute_dtype_for(first.dtype)
     num_params = sum(p.numel() for _, p in named)
     wrapper = _LossModule(model, loss_fn)
-    pvals = tuple(p.detach().to(dtype) for _, p in named)
+    # copies: a forward that writes its weights in place (nn.Embedding(max_norm=...)) must not touch the parameters
+    pvals = tuple(p.detach().to(dtype, copy=True) for _, p in named)
     names = [f"model.{n}" for n, _ in named]
+    rest: dict[str, Tensor] = {}
+    if dtype != first.dtype:  # half-precision model: frozen parameters and buffers in the compute dtype too
+        chosen = set(names)
+        for key, t in [*model.named_parameters(), *model.named_buffers()]:
+            if f"model.{key}" not in chosen and t.is_floating_point() and t.dtype != dtype:
+                rest[f"model.{key}"] = t.detach().to(dtype)
 
     def loss_of(ps: tuple[Tensor, ...], example_batch: Any) -> Tensor:
-        out = functional_call(wrapper, dict(zip(names, ps)), (example_batch,), strict=False)
+        out = functional_call(wrapper, {**rest, **dict(zip(names, ps))}, (example_batch,), strict=False)
         return out.reshape(()).to(dtype)
 
     def one(ps: tuple[Tensor, ...], example: Any) -> tuple[Tensor, ...]:
@@ -98,10 +112,17 @@ def per_example_gradient_chunks(
             if use_vmap:
                 try:
                     grads = vmapped(pvals, sub)
-                except Exception:
-                    if strategy == "vmap":
-                        raise
-                    use_vmap = False  # fall back to the micro-batch loop for the rest
+                except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
+                    if strategy == "vmap" or _is_out_of_memory(err):
+                        raise  # out of memory is not a tracing problem: a smaller chunk_size is the remedy
+                    use_vmap = False  # vmap cannot trace this model: a per-example loop for the rest
+                    warnings.warn(
+                        f"torch.func.vmap cannot compute per-example gradients of this model "
+                        f"({type(err).__name__}: {str(err)[:160]}); using a per-example loop (much slower). Pass "
+                        "strategy='loop' to skip the attempt.",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
             if grads is not None:
                 yield torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1).detach()
                 continue

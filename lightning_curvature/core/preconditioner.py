@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["adaptive_preconditioner"]
+__all__ = ["adaptive_preconditioner", "preconditioner_parts", "predicted_first_step_preconditioner"]
 
 
 def adaptive_preconditioner(
@@ -31,7 +31,23 @@ def adaptive_preconditioner(
     *,
     momentum_bias_step: Literal["current", "next", "none"] = "current",
 ) -> Tensor | None:
-    """Diagonal of ``P`` as one flat vector over ``params`` (in their order), or ``None`` without state yet.
+    """Diagonal of ``P`` as one flat vector over ``params`` (see :func:`preconditioner_parts`), or ``None``.
+
+    Raises:
+        TypeError: for a non-adaptive optimizer.
+        ValueError: for a parameter the optimizer does not manage, or a bad ``momentum_bias_step``.
+    """
+    parts = preconditioner_parts(optimizer, params, momentum_bias_step=momentum_bias_step)
+    return None if parts is None else torch.cat([t.reshape(-1) for t in parts])
+
+
+def preconditioner_parts(
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[Tensor],
+    *,
+    momentum_bias_step: Literal["current", "next", "none"] = "current",
+) -> list[Tensor] | None:
+    """Diagonal of ``P`` shaped like each of ``params`` (in their order), or ``None`` without state yet.
 
     Args:
         optimizer: an ``Adam``, ``AdamW`` or ``RMSprop`` instance that has taken at least one step.
@@ -40,8 +56,8 @@ def adaptive_preconditioner(
             momentum bias factor (``"none"``) for Adam/AdamW.
 
     Returns:
-        float32/float64 flat tensor of positive entries on the parameters' device, or ``None`` if the optimizer
-        has no state for the parameters yet (before its first step).
+        float32/float64 tensors of positive entries shaped like the parameters (local shards for sharded ones),
+        or ``None`` if the optimizer has no state for the parameters yet (before its first step).
 
     Raises:
         TypeError: for a non-adaptive optimizer.
@@ -69,11 +85,53 @@ def adaptive_preconditioner(
             v = state["exp_avg_sq"].to(dtype)
             if group.get("amsgrad", False) and "max_exp_avg_sq" in state:
                 v = state["max_exp_avg_sq"].to(dtype)
-            denom = (v / (1.0 - beta2**t)).sqrt() + eps
+            denom = (_local(v) / (1.0 - beta2**t)).sqrt() + eps
             factor = {"current": 1.0 - beta1**t, "next": 1.0 - beta1 ** (t + 1), "none": 1.0}[momentum_bias_step]
-            parts.append((denom * factor).reshape(-1))
+            parts.append(denom * factor)
         else:
             if "square_avg" not in state:
                 return None
-            parts.append((state["square_avg"].to(dtype).sqrt() + eps).reshape(-1))
-    return torch.cat(parts)
+            parts.append(_local(state["square_avg"].to(dtype)).sqrt() + eps)
+    return parts
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2 optimizer state), the tensor itself otherwise."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def predicted_first_step_preconditioner(
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], gradient: Sequence[Tensor]
+) -> list[Tensor] | None:
+    r"""The preconditioner an adaptive optimizer will use at its first step, from the gradient it will see.
+
+    Adam/AdamW start from zero moments, so after one step :math:`\hat v_1 = g^2` and
+    :math:`P_1 = (1-eta_1)\,\mathrm{diag}(|g| + \epsilon)`; RMSprop has :math:`v_1 = (1-lpha) g^2` and
+    :math:`P_1 = \mathrm{diag}(\sqrt{1-lpha}\,|g| + \epsilon)`. With the gradient of a curvature batch in place of
+    the first training batch's this predicts the sharpness the first update meets, when there is no optimizer
+    state to read yet (Cohen et al. 2022's preconditioned sharpness at :math:`t = 1`).
+
+    Returns:
+        Tensors shaped like ``params``, or ``None`` for a non-adaptive optimizer.
+
+    Raises:
+        ValueError: for a parameter the optimizer does not manage.
+    """
+    is_adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+    if not (is_adam or isinstance(optimizer, torch.optim.RMSprop)):
+        return None
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    parts = []
+    for p, g in zip(params, gradient):
+        group = group_of.get(id(p))
+        if group is None:
+            raise ValueError(f"A parameter of shape {tuple(p.shape)} is not managed by the optimizer.")
+        eps = float(group["eps"])
+        if is_adam:
+            beta1 = float(group["betas"][0])
+            parts.append((1.0 - beta1) * (g.abs() + eps))
+        else:
+            alpha = float(group["alpha"])
+            parts.append((1.0 - alpha) ** 0.5 * g.abs() + eps)
+    return parts

@@ -117,7 +117,7 @@ def stability_threshold(optimizer: torch.optim.Optimizer, group: int = 0, lr: fl
     """Stability threshold of ``optimizer``'s parameter group ``group`` at its current (or a given) lr.
 
     For Adam/AdamW/RMSprop it applies to the preconditioned sharpness
-    (:func:`~lightning_curvature.core.preconditioner.preconditioned_sharpness`).
+    (:func:`~lightning_curvature.core.eigen.preconditioned_sharpness`).
 
     Raises:
         TypeError: for an unsupported optimizer.

@@ -16,15 +16,18 @@ This removes the outliers' variance, which dominates for network Hessians.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from lightning_curvature.core._basis import Basis
+from lightning_curvature.core._batch import as_batch_first
 from lightning_curvature.core.hvp import HessianOperator, HVPMethod, LossFn, ReduceFn
-from lightning_curvature.core.lanczos import Operator, as_matvec
+from lightning_curvature.core.lanczos import Operator
+from lightning_curvature.core.operators import CurvatureOperator, as_operator
 
 __all__ = ["TraceResult", "hessian_trace", "hutchinson_trace", "hutchpp_trace"]
 
@@ -44,14 +47,6 @@ class TraceResult:
     num_hvp: int
 
 
-def _rademacher(n: int, gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.randint(0, 2, (n,), generator=gen, device=device).to(dtype).mul_(2).sub_(1)
-
-
-def _generator(seed: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 def _mean_and_se(samples: list[float]) -> tuple[float, float]:
     m = len(samples)
     mean = math.fsum(samples) / m
@@ -61,12 +56,20 @@ def _mean_and_se(samples: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / m)
 
 
-def _infer(A: Operator, dim: int | None, dtype: torch.dtype | None, device: Any) -> tuple[int, torch.dtype, Any]:
-    if isinstance(A, Tensor):
-        return A.shape[0], A.dtype, A.device
-    if dim is None:
-        raise ValueError("`dim` is required when `A` is a callable.")
-    return dim, dtype or torch.float32, device or torch.device("cpu")
+def _operator_and_probes(
+    A: Operator, dim: int | None, dtype: torch.dtype | None, device: Any, seed: int
+) -> tuple[CurvatureOperator, torch.Generator]:
+    return as_operator(A, dim, dtype, device), torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _deflation_basis(op: CurvatureOperator, vectors: Any) -> Basis:
+    """The eigenvectors to deflate (a ``(k, n)`` tensor or a list of vectors) as a basis of ``op``'s space."""
+    space = op.space
+    if isinstance(vectors, Tensor):
+        rows = [space.coerce(r) for r in vectors.reshape(-1, space.dim if len(space) == 1 else vectors.shape[-1])]
+    else:
+        rows = [space.coerce(v) for v in vectors]
+    return Basis.from_vectors(space, rows)
 
 
 def hutchinson_trace(
@@ -74,7 +77,7 @@ def hutchinson_trace(
     dim: int | None = None,
     num_matvecs: int = 100,
     *,
-    deflate: Tensor | None = None,
+    deflate: Any = None,
     deflate_eigenvalues: Tensor | None = None,
     seed: int = 0,
     dtype: torch.dtype | None = None,
@@ -83,12 +86,14 @@ def hutchinson_trace(
     """Hutchinson's estimator with Rademacher probes (optionally deflated by known eigenpairs).
 
     Args:
-        A: symmetric matrix or callable ``v -> Av``.
-        dim: vector size (inferred from a matrix).
+        A: a :class:`~lightning_curvature.core.operators.CurvatureOperator`, a symmetric matrix or a callable
+            ``v -> Av`` on flat vectors.
+        dim: vector size (for a callable).
         num_matvecs: number of probes (= products).
-        deflate: ``(k, n)`` orthonormal eigenvectors to project out; their eigenvalues are added exactly.
+        deflate: ``k`` orthonormal eigenvectors to project out (a ``(k, n)`` tensor or a list of vectors); their
+            eigenvalues are added exactly.
         deflate_eigenvalues: the ``k`` eigenvalues of ``deflate``.
-        seed: seed of the probes (the global RNG is not touched).
+        seed: seed of the probes (a CPU generator; the global RNG is not touched).
         dtype: probe dtype for a callable.
         device: probe device for a callable.
 
@@ -108,20 +113,19 @@ def hutchinson_trace(
         raise ValueError(f"`num_matvecs` must be >= 1, got {num_matvecs!r}.")
     if (deflate is None) != (deflate_eigenvalues is None):
         raise ValueError("Pass both `deflate` (eigenvectors) and `deflate_eigenvalues`, or neither.")
-    n, dt, dev = _infer(A, dim, dtype, device)
-    matvec = as_matvec(A)
+    op, gen = _operator_and_probes(A, dim, dtype, device, seed)
+    space = op.space
     V = None
     exact = 0.0
     if deflate is not None and deflate_eigenvalues is not None:
-        V = deflate.reshape(-1, n).to(device=dev, dtype=dt)
+        V = _deflation_basis(op, deflate)
         exact = float(deflate_eigenvalues.sum())
-    gen = _generator(seed, torch.device(dev))
     samples = []
     for _ in range(num_matvecs):
-        z = _rademacher(n, gen, dt, torch.device(dev))
+        z = space.rademacher(gen)
         if V is not None:
-            z = z - V.T @ (V @ z)
-        samples.append(float(torch.dot(z, matvec(z).reshape(-1).to(dt))))
+            V.subtract(z, V.dots(z))
+        samples.append(float(space.dot(z, op.matvec(z))))
     mean, se = _mean_and_se(samples)
     return TraceResult(estimate=exact + mean, std_error=se, num_hvp=num_matvecs)
 
@@ -137,39 +141,42 @@ def hutchpp_trace(
 ) -> TraceResult:
     """Hutch++ with ``num_matvecs`` products split in thirds (sketch, exact part, Hutchinson on the rest).
 
+    Memory: the sketch keeps ``num_matvecs // 3`` vectors of the operator's size.
+
     Raises:
         ValueError: for ``num_matvecs < 3``.
 
     Example::
 
         >>> A = torch.diag(torch.tensor([100.0, 50.0, 1.0, 1.0, 1.0], dtype=torch.float64))
-        >>> round(hutchpp_trace(A, num_matvecs=15).estimate, 6)  # the 5-column sketch spans everything: exact
+        >>> round(hutchpp_trace(A, num_matvecs=30).estimate, 6)  # a 10-column sketch spans all 5 dimensions: exact
         153.0
     """
     if num_matvecs < 3:
         raise ValueError(f"Hutch++ needs `num_matvecs` >= 3, got {num_matvecs!r}.")
-    n, dt, dev = _infer(A, dim, dtype, device)
-    dev = torch.device(dev)
-    matvec = as_matvec(A)
-    gen = _generator(seed, dev)
-    s = max(1, min(num_matvecs // 3, n))
+    op, gen = _operator_and_probes(A, dim, dtype, device, seed)
+    space = op.space
+    s = max(1, num_matvecs // 3)  # may exceed the dimension: dependent sketch columns are dropped
     h = num_matvecs - 2 * s
-    AS = torch.stack([matvec(_rademacher(n, gen, dt, dev)).reshape(-1).to(dt) for _ in range(s)], dim=1)
-    Q, _ = torch.linalg.qr(AS)
-    exact = math.fsum(
-        float(torch.dot(Q[:, i], matvec(Q[:, i].contiguous()).reshape(-1).to(dt))) for i in range(Q.shape[1])
-    )
+    Q = Basis(space)
+    for _ in range(s):  # Q = orth(A S), one sketch column at a time (two Gram–Schmidt passes)
+        y = op.matvec(space.rademacher(gen))
+        before = float(space.norm(y))
+        for _ in range(2):
+            Q.subtract(y, Q.dots(y))
+        nrm = float(space.norm(y))
+        if nrm > 1e-10 * max(before, 1e-300):
+            Q.append([t / nrm for t in y])
+    exact = math.fsum(float(space.dot(Q.vector(i), op.matvec(list(Q.vector(i))))) for i in range(len(Q)))
     samples = []
     for _ in range(h):
-        z = _rademacher(n, gen, dt, dev)
-        z = z - Q @ (Q.T @ z)
-        Az = matvec(z).reshape(-1).to(dt)
-        samples.append(float(torch.dot(z, Az - Q @ (Q.T @ Az))))
-    if samples:
-        mean, se = _mean_and_se(samples)
-    else:
-        mean, se = 0.0, math.inf
-    return TraceResult(estimate=exact + mean, std_error=se, num_hvp=s + Q.shape[1] + h)
+        z = space.rademacher(gen)
+        Q.subtract(z, Q.dots(z))
+        Az = op.matvec(z)
+        Q.subtract(Az, Q.dots(Az))
+        samples.append(float(space.dot(z, Az)))
+    mean, se = _mean_and_se(samples) if samples else (0.0, math.inf)
+    return TraceResult(estimate=exact + mean, std_error=se, num_hvp=s + len(Q) + h)
 
 
 def hessian_trace(
@@ -181,26 +188,30 @@ def hessian_trace(
     estimator: Literal["hutch++", "hutchinson"] = "hutch++",
     deflate: Any | None = None,
     params: Sequence[Tensor] | None = None,
-    method: HVPMethod = "double_backward",
+    method: HVPMethod = "auto",
     mode: Literal["train", "eval"] = "train",
     reduce_fn: ReduceFn | None = None,
     seed: int = 0,
+    reuse_graph: bool | None = None,
+    batch_dim: Any = None,
 ) -> TraceResult:
     """Trace of the Hessian of ``loss_fn(model, batch)`` with a standard error.
 
     Args:
         model: the model.
         loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss.
-        batch: the batch (or ``MultiBatch``).
+        batch: one batch, a ``MultiBatch`` or a re-iterable of batches (a ``DataLoader``).
         num_samples: Hessian-vector products to spend.
         estimator: ``"hutch++"`` (default) or ``"hutchinson"``.
         deflate: an :class:`~lightning_curvature.core.eigen.EigenResult` with eigenvectors: its eigenvalues are
             counted exactly and Hutchinson estimates the rest (overrides ``estimator``).
         params: parameters (default: all trainable).
-        method: HVP implementation.
+        method: HVP implementation (``"auto"``: see :class:`~lightning_curvature.core.hvp.HessianOperator`).
         mode: ``"train"`` or ``"eval"``.
         reduce_fn: SUM all-reduce for distributed measurements.
         seed: seed of the probes.
+        reuse_graph: see :class:`~lightning_curvature.core.hvp.HessianOperator`.
+        batch_dim: where the examples are in the batch's tensors (see :func:`~.eigen.hessian_eigenvalues`).
 
     Returns:
         :class:`TraceResult` with ``num_hvp``.
@@ -211,25 +222,22 @@ def hessian_trace(
     """
     if estimator not in ("hutch++", "hutchinson"):
         raise ValueError(f"`estimator` must be 'hutch++' or 'hutchinson', got {estimator!r}.")
+    if batch_dim is not None:
+        batch, loss_fn = as_batch_first(batch, loss_fn, batch_dim)
     if deflate is not None and getattr(deflate, "eigenvectors", None) is None:
         raise ValueError("`deflate` must be an EigenResult computed with return_eigenvectors=True.")
     with HessianOperator(
-        model, loss_fn, batch, params=params, method=method, mode=mode, reduce_fn=reduce_fn, seed=seed
-    ) as H:
-        mv: Callable[[Tensor], Tensor] = H.matvec
+        model, loss_fn, batch, params=params, method=method, mode=mode, reduce_fn=reduce_fn, seed=seed,
+        reuse_graph=reuse_graph,
+    ) as H:  # fmt: skip
         if deflate is not None:
+            vectors = getattr(deflate, "eigenvector_list", None)
+            vectors = vectors if vectors is not None else deflate.eigenvectors
             res = hutchinson_trace(
-                mv,
-                H.dim,
-                num_samples,
-                deflate=deflate.eigenvectors,
-                deflate_eigenvalues=deflate.eigenvalues,
-                seed=seed,
-                dtype=H.dtype,
-                device=H.device,
+                H, num_matvecs=num_samples, deflate=vectors, deflate_eigenvalues=deflate.eigenvalues, seed=seed
             )
         elif estimator == "hutchinson":
-            res = hutchinson_trace(mv, H.dim, num_samples, seed=seed, dtype=H.dtype, device=H.device)
+            res = hutchinson_trace(H, num_matvecs=num_samples, seed=seed)
         else:
-            res = hutchpp_trace(mv, H.dim, num_samples, seed=seed, dtype=H.dtype, device=H.device)
+            res = hutchpp_trace(H, num_matvecs=num_samples, seed=seed)
         return TraceResult(estimate=res.estimate, std_error=res.std_error, num_hvp=H.num_hvp)

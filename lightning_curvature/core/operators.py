@@ -1,0 +1,154 @@
+r"""Symmetric linear operators on parameter-shaped vectors: the unit every solver works with.
+
+A :class:`CurvatureOperator` has a :class:`~lightning_curvature.core.vectors.VectorSpace` and a product
+:meth:`~CurvatureOperator.matvec` on vectors of that space (lists of tensors). It also accepts a flat tensor and then
+returns a flat tensor, for convenience (cf. curvlinops' ``PyTorchLinearOperator``). Solvers (Lanczos, Hutch++,
+stochastic Lanczos quadrature, power iteration) take an operator, a dense symmetric matrix (wrapped in
+:class:`DenseOperator`, for tests) or a callable on flat vectors (:class:`CallableOperator`, the 0.1 interface).
+
+* :class:`~lightning_curvature.core.hvp.HessianOperator`: :math:`v \mapsto Hv` of a model's loss.
+* :class:`ScaledOperator`: :math:`v \mapsto D A D v` for a positive diagonal :math:`D` (the preconditioned Hessian
+  :math:`P^{-1/2} H P^{-1/2}` of an adaptive optimizer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, overload
+
+import torch
+from torch import Tensor
+
+from lightning_curvature.core.vectors import Vector, VectorSpace
+
+__all__ = ["CallableOperator", "CurvatureOperator", "DenseOperator", "ScaledOperator", "as_operator"]
+
+
+class CurvatureOperator:
+    """Base class: a symmetric linear map on the vectors of :attr:`space`.
+
+    Subclasses implement :meth:`_matvec` on vectors of the space. :attr:`num_matvecs` counts products.
+    """
+
+    space: VectorSpace
+    num_matvecs: int = 0
+
+    @property
+    def dim(self) -> int:
+        """Number of entries of the (global) vectors."""
+        return self.space.dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the vectors."""
+        return self.space.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the first tensor of a vector."""
+        return self.space.device
+
+    def _matvec(self, v: Vector) -> Vector:
+        raise NotImplementedError
+
+    @overload
+    def matvec(self, v: Tensor) -> Tensor: ...
+
+    @overload
+    def matvec(self, v: Vector) -> Vector: ...
+
+    def matvec(self, v: Any) -> Any:
+        """The product with ``v``: a parameter-shaped list (returns one) or a flat tensor (returns a flat tensor).
+
+        Raises:
+            ValueError: if ``v`` does not match the space.
+        """
+        flat = isinstance(v, Tensor)
+        out = self._matvec(self.space.coerce(v))
+        self.num_matvecs += 1
+        return self.space.flatten(out) if flat else out
+
+    __call__ = matvec
+
+    def matmat(self, vectors: Sequence[Vector]) -> list[Vector]:
+        """Products with several vectors (a loop unless a subclass batches them)."""
+        return [self.matvec(list(v)) for v in vectors]
+
+
+class DenseOperator(CurvatureOperator):
+    """A dense symmetric matrix as an operator on flat vectors (one tensor of shape ``(n,)``).
+
+    Raises:
+        ValueError: if ``A`` is not a square matrix.
+
+    Example::
+
+        >>> A = DenseOperator(torch.diag(torch.tensor([3.0, 1.0])))
+        >>> A.matvec(torch.tensor([1.0, 1.0]))
+        tensor([3., 1.])
+    """
+
+    def __init__(self, A: Tensor) -> None:
+        if A.dim() != 2 or A.shape[0] != A.shape[1]:
+            raise ValueError(f"Expected a square matrix, got shape {tuple(A.shape)}.")
+        self.A = A
+        self.space = VectorSpace([torch.empty(A.shape[0], dtype=A.dtype, device=A.device)])
+        self.num_matvecs = 0
+
+    def _matvec(self, v: Vector) -> Vector:
+        return [self.A @ v[0]]
+
+
+class CallableOperator(CurvatureOperator):
+    """A callable ``v -> Av`` on flat vectors of size ``dim`` as an operator."""
+
+    def __init__(
+        self, fn: Callable[[Tensor], Tensor], dim: int, dtype: torch.dtype, device: torch.device | str | None
+    ) -> None:
+        self.fn = fn
+        self.space = VectorSpace([torch.empty(int(dim), dtype=dtype, device=device)])
+        self.num_matvecs = 0
+
+    def _matvec(self, v: Vector) -> Vector:
+        return [self.fn(v[0]).reshape(-1).to(v[0].dtype)]
+
+
+class ScaledOperator(CurvatureOperator):
+    r""":math:`v \mapsto D A D v` for a positive diagonal :math:`D` given as a vector of ``A``'s space.
+
+    With :math:`D = P^{-1/2}` this is the preconditioned Hessian whose top eigenvalue is the sharpness of an
+    adaptive optimizer (Cohen et al. 2022, arXiv 2207.14484).
+    """
+
+    def __init__(self, A: CurvatureOperator, scale: Vector) -> None:
+        self.A = A
+        self.space = A.space
+        self.scale = self.space.coerce(scale)
+        self.num_matvecs = 0
+
+    def _matvec(self, v: Vector) -> Vector:
+        scaled = [d * t for d, t in zip(self.scale, v)]
+        return [d * t for d, t in zip(self.scale, self.A.matvec(scaled))]
+
+
+def as_operator(
+    A: CurvatureOperator | Tensor | Callable[[Tensor], Tensor],
+    dim: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> CurvatureOperator:
+    """An operator for ``A``: itself, a :class:`DenseOperator` for a matrix, a :class:`CallableOperator` for a callable.
+
+    Raises:
+        ValueError: for a callable without ``dim``.
+        TypeError: for anything else.
+    """
+    if isinstance(A, CurvatureOperator):
+        return A
+    if isinstance(A, Tensor):
+        return DenseOperator(A)
+    if callable(A):
+        if dim is None:
+            raise ValueError("`dim` is required when `A` is a callable and no `v0` is given.")
+        return CallableOperator(A, dim, dtype or torch.float32, device)
+    raise TypeError(f"Expected an operator, a Tensor or a callable v -> Av, got {type(A).__name__}.")

@@ -1,0 +1,248 @@
+"""Hessian-vector products by every method against dense float64 Hessians; ``method="auto"``; what the operator
+must tolerate (unused parameters, in-place forwards, bad losses, iterables of batches)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _reference import ce_loss, dense_hessian, digits, mlp
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_curvature import HessianOperator, hessian_eigenvalues, hessian_trace, hessian_vector_product
+from lightning_curvature.core import hvp as hvp_module
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+def _relu_cnn(dtype: torch.dtype) -> tuple[nn.Module, Any, Any]:
+    """ReLU + max-pool: the gradient jumps at the kinks, where plain central differences go wrong."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * 4 * 4, 10)
+    ).to(dtype)
+    x, y = digits(48, dtype=dtype)
+    return net, lambda m, b: F.cross_entropy(m(b[0].view(-1, 1, 8, 8)), b[1]), (x, y)
+
+
+def _tanh_mlp(dtype: torch.dtype) -> tuple[nn.Module, Any, Any]:
+    return mlp(hidden=6, dtype=dtype), ce_loss, digits(48, dtype=dtype)
+
+
+CASES = {"tanh-mlp": _tanh_mlp, "relu-cnn": _relu_cnn}
+_DENSE: dict[str, Tensor] = {}
+
+
+def _dense(name: str) -> Tensor:
+    if name not in _DENSE:  # the dense reference is the slow part: once per case
+        model, loss_fn, batch = CASES[name](torch.float64)
+        _DENSE[name] = dense_hessian(model, loss_fn, batch)
+    return _DENSE[name]
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return float(torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double()))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("fd_order", [4, 2])
+def test_finite_difference_products_in_float32_match_the_float64_hessian(name: str, fd_order: int) -> None:
+    H = _dense(name)
+    model32, loss_fn, batch32 = CASES[name](torch.float32)
+    _, evecs = torch.linalg.eigh(H)
+    g = torch.Generator().manual_seed(0)
+    directions = {"random": torch.randn(H.shape[0], dtype=torch.float64, generator=g), "top": evecs[:, -1]}
+    limit = 1e-4 if fd_order == 4 else 5e-4
+    with HessianOperator(model32, loss_fn, batch32, method="finite_difference", fd_order=fd_order) as Hop:
+        for label, v in directions.items():
+            got = Hop.matvec(v.float())
+            assert _rel(got, H @ v) < limit, (label, _rel(got, H @ v))
+
+
+def test_without_the_frozen_pattern_central_differences_are_wrong_on_relu_nets() -> None:
+    """The reason for :mod:`_frozen_kinks`: the gradient's jumps at ReLU/max-pool kinks bias the difference."""
+    H = _dense("relu-cnn")
+    model32, loss_fn, batch32 = _relu_cnn(torch.float32)
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with HessianOperator(model32, loss_fn, batch32, method="finite_difference") as Hop:
+        frozen = _rel(Hop.matvec(v.float()), H @ v)
+        Hop.freeze_kinks = False
+        free = _rel(Hop.matvec(v.float()), H @ v)
+    assert frozen < 1e-4 < 1e-2 < free
+
+
+def test_forward_over_reverse_and_double_backward_match_the_dense_hessian() -> None:
+    model, loss_fn, batch = _tanh_mlp(torch.float64)
+    H = _dense("tanh-mlp")
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for method in ("double_backward", "forward_over_reverse", "finite_difference"):
+        hv = hessian_vector_product(model, loss_fn, batch, v, method=method)
+        tol = 1e-10 if method != "finite_difference" else 1e-7
+        assert _rel(hv, H @ v) < tol, method
+
+
+class _DetachedTanh(torch.autograd.Function):
+    """tanh whose backward uses a detached saved output: double backward silently drops σ''."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y.detach() ** 2)
+
+
+class _CustomOpNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(64, 16)
+        self.b = nn.Linear(16, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(_DetachedTanh.apply(self.a(x)))
+
+
+class _PlainNet(_CustomOpNet):
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_auto_detects_a_silently_wrong_double_backward_and_uses_finite_differences() -> None:
+    x, y = digits(64, dtype=torch.float32)
+    batch = (x, y)
+    ref = hessian_eigenvalues(_PlainNet(), ce_loss, batch, k=3, tol=1e-6, method="double_backward").eigenvalues
+    wrong = hessian_eigenvalues(_CustomOpNet(), ce_loss, batch, k=3, tol=1e-6, method="double_backward")
+    assert wrong.converged and float((wrong.eigenvalues - ref).abs().max() / ref[0]) > 0.02  # the silent failure
+    with pytest.warns(RuntimeWarning, match="differ from finite differences"):
+        auto = hessian_eigenvalues(_CustomOpNet(), ce_loss, batch, k=3, tol=1e-6)
+    assert auto.method == "finite_difference"
+    torch.testing.assert_close(auto.eigenvalues, ref, rtol=1e-4, atol=0)
+
+
+def test_auto_keeps_double_backward_where_it_is_valid_and_says_so() -> None:
+    for name, make in CASES.items():
+        model, loss_fn, batch = make(torch.float32)
+        res = hessian_eigenvalues(model, loss_fn, batch, k=1)
+        assert res.method == "double_backward", name
+        trace = hessian_trace(model, loss_fn, batch, num_samples=6)
+        assert trace.num_hvp == 6  # the validity check is not counted as the estimator's products
+
+
+class _UnusedHead(nn.Module):
+    """A head used only in validation, and a bias whose gradient does not depend on the parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(64, 10)
+        self.val_head = nn.Linear(10, 2)
+        self.offset = nn.Parameter(torch.zeros(10))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+def _unused_loss(model: nn.Module, batch: Any) -> Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y) + (model.offset * 0.1).sum()  # constant gradient: zero Hessian row
+
+
+@pytest.mark.parametrize("method", ["double_backward", "finite_difference", "auto"])
+def test_unused_and_constant_gradient_parameters_have_zero_hessian_rows(method: str) -> None:
+    model = _UnusedHead().double()
+    batch = digits(32)
+    if "unused" not in _DENSE:
+        _DENSE["unused"] = dense_hessian(model, _unused_loss, batch)
+    H = _DENSE["unused"]
+    ref = torch.linalg.eigvalsh(H).flip(0)[:3]
+    res = hessian_eigenvalues(model, _unused_loss, batch, k=3, tol=1e-7, method=method)
+    torch.testing.assert_close(res.eigenvalues, ref, rtol=1e-6, atol=1e-10)
+    tr = hessian_trace(model, _unused_loss, batch, num_samples=30, method=method)
+    assert abs(tr.estimate - float(torch.trace(H))) <= 4 * tr.std_error + 1e-8
+
+
+def test_a_forward_that_writes_its_weights_in_place_leaves_the_parameters_bit_identical() -> None:
+    """nn.Embedding(max_norm=...) renormalises rows of its weight inside the forward pass."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 8, max_norm=0.5), nn.Flatten(), nn.Linear(8 * 4, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(5.0)  # rows above max_norm: the forward would shrink them
+    before = [p.detach().clone() for p in model.parameters()]
+    tokens = torch.randint(0, 20, (16, 4), generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(2))
+    for method in ("double_backward", "finite_difference"):
+        hessian_eigenvalues(model, ce_loss, (tokens, labels), k=2, method=method)
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), method
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "error", "match"),
+    [
+        (lambda m, b: ce_loss(m, b).detach(), ValueError, "does not depend on the parameters"),
+        (lambda m, b: torch.tensor(ce_loss(m, b).item()), ValueError, "does not depend on the parameters"),
+        (lambda m, b: m(b[0]).sum(1), TypeError, "scalar"),
+        (lambda m, b: ce_loss(m, b).round().long(), TypeError, "floating-point"),
+        (lambda m, b: "loss", TypeError, "scalar tensor"),
+    ],
+    ids=["detached", "item", "non-scalar", "integer", "string"],
+)
+def test_a_bad_loss_is_a_clear_error(loss_fn: Any, error: type, match: str) -> None:
+    model = mlp(dtype=torch.float32)
+    with pytest.raises(error, match=match):
+        hessian_eigenvalues(model, loss_fn, digits(8, dtype=torch.float32))
+
+
+def test_a_loss_computed_under_no_grad_is_a_clear_error() -> None:
+    def no_grad_loss(m: nn.Module, b: Any) -> Tensor:
+        with torch.no_grad():
+            return ce_loss(m, b)
+
+    with pytest.raises(ValueError, match="no_grad"):
+        hessian_eigenvalues(mlp(dtype=torch.float32), no_grad_loss, digits(8, dtype=torch.float32))
+
+
+def test_a_dataloader_is_one_curvature_batch_averaged_by_size() -> None:
+    model = mlp(hidden=4)
+    x, y = digits(90)
+    H = dense_hessian(model, ce_loss, (x, y))
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)  # 32 + 32 + 26: weighted by size
+    res = hessian_eigenvalues(model, ce_loss, loader, k=3, tol=1e-9, method="double_backward")
+    torch.testing.assert_close(res.eigenvalues, torch.linalg.eigvalsh(H).flip(0)[:3], rtol=1e-8, atol=0)
+    fd = hessian_eigenvalues(model, ce_loss, loader, k=1, tol=1e-7, method="finite_difference")
+    torch.testing.assert_close(fd.eigenvalues[0], torch.linalg.eigvalsh(H)[-1], rtol=1e-6, atol=0)
+    with pytest.warns(RuntimeWarning, match="shuffle"):
+        hessian_eigenvalues(model, ce_loss, DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True), k=1)
+
+
+def test_a_generator_of_batches_is_read_once() -> None:
+    model = mlp(hidden=4)
+    x, y = digits(64)
+    whole = hessian_eigenvalues(model, ce_loss, (x, y), k=2, tol=1e-9, method="double_backward").eigenvalues
+    gen = ((x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16))
+    torch.testing.assert_close(
+        hessian_eigenvalues(model, ce_loss, gen, k=2, tol=1e-9, method="double_backward").eigenvalues,
+        whole,
+        rtol=1e-9,
+        atol=0,
+    )
+
+
+def test_the_step_is_a_fraction_of_the_parameters_the_direction_lives_in() -> None:
+    from lightning_curvature.core.vectors import VectorSpace
+
+    space = VectorSpace([torch.empty(1000), torch.empty(10)])
+    theta = [torch.full((1000,), 0.1), torch.full((10,), 3.0)]
+    spread = [torch.ones(1000), torch.ones(10)]
+    on_head = [torch.zeros(1000), torch.ones(10)]
+    assert hvp_module.direction_scale(space, theta, on_head) == pytest.approx(3.0 * 10**0.5, rel=1e-6)
+    # a direction spread over everything sees about the norm of all parameters
+    full = (1000 * 0.01 + 10 * 9.0) ** 0.5
+    assert hvp_module.direction_scale(space, theta, spread) == pytest.approx(full, rel=1e-6)
