@@ -6,8 +6,10 @@ import copy
 import itertools
 import math
 import pickle
+import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -199,7 +201,7 @@ def test_plain_loop_equals_quadratic_greedy_and_edge_steps(factory: Any, sigma: 
     torch.manual_seed(0)
     model = nn.Linear(5, 1).double()
     opt = factory(model.parameters())
-    sched = CurvatureDynamicsAwareLR(opt, sigma=sigma, ema_beta=0.0, eps=0.0)
+    sched = CurvatureDynamicsAwareLR(opt, sigma=sigma, ema_beta=0.0, eps=0.0, lr_max=None)
     losses = []
     for step in range(15):
         opt.zero_grad()
@@ -230,7 +232,7 @@ def test_edge_step_returns_to_current_loss_on_quadratic() -> None:
     x, y = least_squares(noise=0.3)
     model = nn.Linear(5, 1).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = CurvatureDynamicsAwareLR(opt, sigma=2.0, ema_beta=0.0, eps=0.0)
+    sched = CurvatureDynamicsAwareLR(opt, sigma=2.0, ema_beta=0.0, eps=0.0, lr_max=None)
     loss = mse_loss(model, (x, y))
     loss.backward()
     u = torch.cat([t.reshape(-1) for t in update_direction(opt)])
@@ -272,7 +274,7 @@ class LeastSquares(pl.LightningModule):
             opt: torch.optim.Optimizer = torch.optim.Adam(self.parameters(), lr=0.1)
         else:
             opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9 if self.opt == "momentum" else 0.0)
-        sched = CurvatureDynamicsAwareLR(opt, sigma=self.sigma, ema_beta=0.0, eps=0.0)
+        sched = CurvatureDynamicsAwareLR(opt, sigma=self.sigma, ema_beta=0.0, eps=0.0, lr_max=None)  # the paper's rule
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -393,3 +395,138 @@ def test_lightning_non_finite_measurement_keeps_lr_and_warns_once(tmp_path: Any)
     assert rec.lrs == [0.1, 0.1, 0.1]  # the optimizer's lr, untouched
     sched = trainer.lr_scheduler_configs[0].scheduler
     assert sched.num_skipped == 3 and sched.num_accepted == 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bounded by default, runaway detected (issue 10): the quadratic model's step grows without bound when the
+# curvature along the update vanishes (d -> 0) while the loss rises
+
+
+def test_default_bound_is_ten_times_the_initial_lr() -> None:
+    opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))]}, {"params": [nn.Parameter(torch.zeros(1))],
+                           "lr": 0.02}], lr=0.1)  # fmt: skip
+    sched = CurvatureDynamicsAwareLR(opt, ema_beta=0.0)
+    assert sched.lr_max == pytest.approx(1.0)
+    sched.observe_direction(1.0, 1e-9)  # 2 n / d = 2e9: bounded by 10 x 0.1 (group 1 keeps its ratio 0.2)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1.0, 0.2])
+    fresh = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    assert CurvatureDynamicsAwareLR(fresh, lr_max=None).lr_max is None  # the paper's unbounded rule on request
+    assert CurvatureDynamicsAwareLR(fresh, max_lr_factor=3.0).lr_max == pytest.approx(0.3)
+
+
+def _vanishing_curvature_feed(sched: CurvatureDynamicsAwareLR, steps: int, with_loss: bool) -> list[float]:
+    """n stays 1, d halves every 10 steps from 20, the loss falls for 20 steps and then grows 5% per step."""
+    lrs = []
+    for t in range(steps):
+        loss = 2.0 - 0.05 * t if t < 20 else 1.0 * 1.05 ** (t - 20)
+        sched.observe_direction(1.0, 20.0 * 0.5 ** (t / 10), t, loss=loss if with_loss else None)
+        lrs.append(sched.optimizer.param_groups[0]["lr"])
+    return lrs
+
+
+def test_vanishing_curvature_bounded_and_runaway_detected() -> None:
+    unbounded = CurvatureDynamicsAwareLR(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), lr_max=None)
+    lrs = _vanishing_curvature_feed(unbounded, 200, with_loss=False)
+    assert lrs[-1] > 1e4  # the runaway of the unbounded rule: 2 n/d = 0.1 * 2^(t/10) (lagged by the EMA)
+
+    bounded = CurvatureDynamicsAwareLR(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1))
+    lrs = _vanishing_curvature_feed(bounded, 200, with_loss=False)
+    assert max(lrs) == pytest.approx(1.0) and bounded.num_runaways == 0  # bounded, but nothing to detect with
+
+    watched = CurvatureDynamicsAwareLR(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1))
+    with pytest.warns(RuntimeWarning, match="runaway detected") as record:
+        lrs = _vanishing_curvature_feed(watched, 200, with_loss=True)
+    assert len(record) == 1 and watched.num_runaways >= 1
+    first = watched.runaway_steps[0]
+    # the smoothed loss (EMA 0.9, bias-corrected) of 1.05^(t-20) after its minimum passes twice the minimum
+    beta, avg, best, expected = 0.9, 0.0, math.inf, None
+    for t in range(200):
+        loss = 2.0 - 0.05 * t if t < 20 else 1.05 ** (t - 20)
+        avg = beta * avg + (1 - beta) * loss
+        smooth = avg / (1 - beta ** (t + 1))
+        best = min(best, smooth)
+        if t >= 9 and smooth > 2.0 * best:
+            expected = t
+            break
+    assert first == expected
+    # from then on the lr is bounded by the lr in force at the best smoothed loss (an early, small one)
+    assert max(lrs[first:]) <= lrs[first - 1] and max(lrs[first:]) < 0.5
+
+
+def test_non_finite_loss_is_a_runaway() -> None:
+    sched = CurvatureDynamicsAwareLR(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), ema_beta=0.0)
+    sched.observe_direction(1.0, 40.0, 0, loss=2.0)  # lr 0.05
+    sched.observe_direction(1.0, 20.0, 1, loss=1.5)  # lr 0.1; the loss after an update at lr 0.05 is the best
+    with pytest.warns(RuntimeWarning, match="runaway"):
+        sched.observe_direction(1.0, 1.0, 2, loss=math.inf)  # would be 2.0
+    assert sched.optimizer.param_groups[0]["lr"] == pytest.approx(0.05) and sched.lr_max == pytest.approx(0.05)
+
+
+class _SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(),
+            nn.Linear(16 * 64, 10),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.view(-1, 1, 8, 8))
+
+
+def _cdat_cnn_on_digits(
+    steps: int, feed_loss: bool, **kwargs: Any
+) -> tuple[list[float], list[float], CurvatureDynamicsAwareLR]:
+    """SGD momentum 0.9, cross-entropy, batches of 32 digits, CDAT fed as the DirectionalCurvatureMonitor does."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from _digits import cross_entropy_loss, load_digits_data
+
+    data = load_digits_data(1000, seed=0)
+
+    def minibatch_loader(seed: int) -> torch.utils.data.DataLoader:
+        gen = torch.Generator().manual_seed(seed)
+        dataset = torch.utils.data.TensorDataset(data.x_train, data.y_train, data.labels_train)
+        return torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=True, generator=gen, drop_last=True)
+
+    model = _SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = CurvatureDynamicsAwareLR(opt, **kwargs)
+    params = list(model.parameters())
+    losses, lrs = [], []
+    while len(losses) < steps:
+        for batch in minibatch_loader(seed=len(losses)):
+            opt.zero_grad()
+            loss = cross_entropy_loss(model, batch)
+            loss.backward()
+            u = torch.cat([t.reshape(-1) for t in update_direction(opt, params, group_scales=sched.group_scales())])
+            g = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
+            with HessianOperator(model, cross_entropy_loss, batch, params=params, seed=None) as H:
+                n, d = directional_terms(g, u, H.matvec(u))
+            sched.observe_direction(n, d, len(losses), loss=loss.detach() if feed_loss else None)
+            losses.append(float(loss))
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+            if len(losses) == steps or not math.isfinite(losses[-1]):
+                break
+    return losses, lrs, sched
+
+
+@pytest.mark.slow
+def test_cnn_minibatch_runaway_is_bounded_by_default() -> None:
+    """Issue 10: with ``lr_max=None`` (the earlier default) the lr climbs past 1e4 and the loss past 1e3."""
+    pytest.importorskip("sklearn")
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        losses, lrs, _ = _cdat_cnn_on_digits(400, feed_loss=False, lr_max=None)
+    assert max(lrs) > 1e4 and max(losses) > 1e3  # the earlier default: no bound, no detection
+    losses, lrs, _ = _cdat_cnn_on_digits(400, feed_loss=False)
+    assert max(lrs) <= 1.0 + 1e-12  # bounded by default: 10 x the optimizer's lr
+    assert all(math.isfinite(v) for v in losses) and max(losses) < 10.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        losses, lrs, sched = _cdat_cnn_on_digits(400, feed_loss=True, lr_max=None)
+    assert sched.num_runaways >= 1  # unbounded but fed the loss: detected and bounded from then on
+    assert max(losses) < 10.0

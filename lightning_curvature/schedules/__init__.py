@@ -1,13 +1,27 @@
 """Curvature-aware learning-rate schedulers: a pure function plus a thin ``LRScheduler`` each.
 
-* :class:`SharpnessAwareLR` (rule :func:`sharpness_aware_lr`): cap a base schedule at ``safety`` times the largest
-  stable learning rate of the measured sharpness; fed by ``HessianEigenvalueMonitor`` or ``observe_sharpness``.
+* :class:`SharpnessAwareLR`: keep a base schedule within reach of the edge of stability of the measured sharpness;
+  fed by ``HessianEigenvalueMonitor`` or ``observe_sharpness``. Default rule :func:`edge_following_lr` (start just
+  below the edge, rise at most :func:`default_growth` per step, never lowered by a sharpness that rose to meet the
+  lr, reset below the edge after a measured runaway); ``rule="cap"``: :func:`sharpness_aware_lr`.
 * :class:`CurvatureDynamicsAwareLR` (rule :func:`cdat_learning_rate`): CDAT (Roulet et al. 2024), the lr from the
-  curvature along the optimizer's update direction; fed by ``DirectionalCurvatureMonitor`` or
-  ``observe_direction``.
+  curvature along the optimizer's update direction, bounded and watched for runaways; fed by
+  ``DirectionalCurvatureMonitor`` or ``observe_direction``.
 """
 
 from lightning_curvature.schedules.cdat import CurvatureDynamicsAwareLR, cdat_learning_rate
-from lightning_curvature.schedules.sharpness_aware import SharpnessAwareLR, sharpness_aware_lr
+from lightning_curvature.schedules.sharpness_aware import (
+    SharpnessAwareLR,
+    default_growth,
+    edge_following_lr,
+    sharpness_aware_lr,
+)
 
-__all__ = ["CurvatureDynamicsAwareLR", "SharpnessAwareLR", "cdat_learning_rate", "sharpness_aware_lr"]
+__all__ = [
+    "CurvatureDynamicsAwareLR",
+    "SharpnessAwareLR",
+    "cdat_learning_rate",
+    "default_growth",
+    "edge_following_lr",
+    "sharpness_aware_lr",
+]

@@ -28,7 +28,8 @@ Reference:
 from __future__ import annotations
 
 import math
-from typing import Any
+import warnings
+from typing import Any, Literal
 
 import torch
 
@@ -45,6 +46,8 @@ _MISSING_FEED = (
 )
 
 _TRANSIENT = ("optimizer", "_monitor_attached")
+_LOSS_BETA = 0.9  # EMA of the fed losses for runaway detection
+_LOSS_MIN_COUNT = 10  # losses seen before a rise can count as a runaway
 
 
 def cdat_learning_rate(numerator: float, denominator: float, *, sigma: float = 2.0, eps: float = 0.0) -> float:
@@ -116,7 +119,29 @@ class CurvatureDynamicsAwareLR(FedScheduler):
     the default for mini-batches. Both averages are bias-corrected like Adam's moments, which cancels in the ratio
     (up to ``eps``), so the first step is the raw rule. ``eps=1e-12``: the paper's :math:`\varepsilon` only keeps
     the denominator away from zero; it sits far below the denominator of any float32 measurement, and ``lr_max`` is
-    the guard to use against a vanishing curvature. No warm-up parameter: the rule sets the lr from the first step.
+    the guard against a vanishing curvature. No warm-up parameter: the rule sets the lr from the first step.
+
+    **Bounded, and a runaway detected.** The rule trusts a quadratic model of the loss along :math:`u_t`; where
+    the curvature along the update vanishes (saturated softmax, dead ReLUs, a flat direction) :math:`\bar d_t \to 0`
+    and the model's step grows without bound, the loss with it, and the lr with the flatter region it reaches: in
+    mini-batch training of a small ReLU CNN on digits (SGD momentum 0.9, cross-entropy, batch 32) the unbounded rule
+    took the lr from 1.7 to 7.6e5 and the loss to 4e5 in 400 steps. Two guards, on by default:
+
+    * ``lr_max="auto"``: :math:`\eta_t \le` ``max_lr_factor`` (10) times the optimizer's initial lr (group 0's),
+      a scale the user chose; ``lr_max=None`` is the paper's unbounded rule.
+    * Runaway detection, armed when the monitor passes the step's ``loss`` to :meth:`observe_direction`: on the
+      edge (σ = 2) the model predicts the loss to come back to its current value, not to grow, so a smoothed loss
+      (EMA 0.9, bias-corrected) above ``runaway_factor`` (2) times its minimum, or a non-finite loss, falsifies it.
+      Then the lr is bounded from that step on by the lr in force when the smoothed loss was lowest, and a
+      ``RuntimeWarning`` says so (once).
+
+    **Where CDAT helps and where it does not.** Full-batch (or large-batch) gradient descent, momentum and Adam
+    without decoupled weight decay: the regime of the paper, where σ = 2 beats tuned constant lrs with a
+    warm-up-like rise. Small mini-batches: the best σ shrinks with the batch size and the tuned lr is noisy (it
+    lost to a tuned constant lr on digits at batch 128). AdamW: the decoupled decay enters the direction and, as
+    :func:`~lightning_curvature.core.update_direction.directional_terms` counts it, the numerator, which turns
+    negative once the weights grow, so the lr collapses (see the README's GPT study). Cost: one Hessian-vector
+    product per step on the training batch.
 
     **Feeding it.** In Lightning, :class:`~lightning_curvature.callbacks.DirectionalCurvatureMonitor` computes
     :math:`n_t, d_t` in ``on_before_optimizer_step`` (one Hessian-vector product on the current batch) and calls
@@ -131,13 +156,17 @@ class CurvatureDynamicsAwareLR(FedScheduler):
         ema_beta: EMA factor :math:`\beta \in [0, 1)` for :math:`\bar n, \bar d` (0: no averaging).
         eps: :math:`\varepsilon \ge 0` added to the averaged denominator.
         lr_min: floor on :math:`\eta_t` (group 0's lr).
-        lr_max: cap on :math:`\eta_t`, or ``None`` for none.
+        lr_max: cap on :math:`\eta_t`: ``"auto"`` (``max_lr_factor`` times the optimizer's initial lr of group 0),
+            a float, or ``None`` for none. A detected runaway lowers it.
+        max_lr_factor: the multiple of the initial lr ``lr_max="auto"`` allows.
+        runaway_factor: a smoothed fed loss above this multiple of its minimum is a runaway (> 1).
         warn_missing: raise at the first :meth:`step` if no monitor is attached and nothing was observed.
         last_epoch: as in ``LRScheduler``.
 
     Raises:
-        ValueError: for ``sigma``, ``ema_beta``, ``eps``, ``lr_min`` or ``lr_max`` out of range, or a parameter
-            group with a zero initial lr (its relative scale would be undefined).
+        ValueError: for ``sigma``, ``ema_beta``, ``eps``, ``lr_min``, ``lr_max``, ``max_lr_factor`` or
+            ``runaway_factor`` out of range, or a parameter group with a zero initial lr (its relative scale would
+            be undefined).
         RuntimeError: from :meth:`step`, see ``warn_missing``.
 
     Example::
@@ -157,7 +186,9 @@ class CurvatureDynamicsAwareLR(FedScheduler):
         ema_beta: float = 0.9,
         eps: float = 1e-12,
         lr_min: float = 0.0,
-        lr_max: float | None = None,
+        lr_max: float | Literal["auto"] | None = "auto",
+        max_lr_factor: float = 10.0,
+        runaway_factor: float = 2.0,
         warn_missing: bool = True,
         last_epoch: int = -1,
     ) -> None:
@@ -171,19 +202,35 @@ class CurvatureDynamicsAwareLR(FedScheduler):
             raise ValueError(f"Expected finite eps >= 0, got eps={eps!r}.")
         if not (float(lr_min) >= 0 and math.isfinite(lr_min)):
             raise ValueError(f"Expected finite lr_min >= 0, got lr_min={lr_min!r}.")
-        if lr_max is not None and not (float(lr_max) > 0 and float(lr_max) >= float(lr_min)):
-            raise ValueError(f"Expected lr_max > 0 and lr_max >= lr_min={lr_min}, got lr_max={lr_max!r}.")
+        if not (float(max_lr_factor) > 0 and math.isfinite(max_lr_factor)):
+            raise ValueError(f"Expected a finite max_lr_factor > 0, got max_lr_factor={max_lr_factor!r}.")
+        if not (float(runaway_factor) > 1 and math.isfinite(runaway_factor)):
+            raise ValueError(f"Expected a finite runaway_factor > 1, got runaway_factor={runaway_factor!r}.")
         lrs = [float(g["lr"]) for g in optimizer.param_groups]
         if any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
             raise ValueError(
                 f"Every parameter group needs a positive initial lr (it fixes the groups' relative lrs), got {lrs}."
             )
+        if lr_max == "auto":
+            lr_max = float(max_lr_factor) * lrs[0]
+        elif isinstance(lr_max, str):
+            raise ValueError(f"`lr_max` must be a float, 'auto' or None, got {lr_max!r}.")
+        if lr_max is not None and not (float(lr_max) > 0 and float(lr_max) >= float(lr_min)):
+            raise ValueError(f"Expected lr_max > 0 and lr_max >= lr_min={lr_min}, got lr_max={lr_max!r}.")
         self.sigma = float(sigma)
         self.ema_beta = float(ema_beta)
         self.eps = float(eps)
         self.lr_min = float(lr_min)
         self.lr_max = None if lr_max is None else float(lr_max)
+        self.max_lr_factor = float(max_lr_factor)
+        self.runaway_factor = float(runaway_factor)
         self.warn_missing = bool(warn_missing)
+        self.loss_avg = 0.0  # biased EMA of the fed losses (β = 0.9 whatever ema_beta), for runaway detection
+        self.num_losses = 0
+        self.best_loss: float | None = None  # smallest bias-corrected loss average so far ...
+        self.lr_at_best_loss: float | None = None  # ... and the lr in force then
+        self.num_runaways = 0
+        self.runaway_steps: list[int | None] = []
         self.numerator_avg = 0.0  # biased EMAs (Adam-style); see `numerator`/`denominator` for corrected ones
         self.denominator_avg = 0.0
         self.num_accepted = 0
@@ -224,7 +271,12 @@ class CurvatureDynamicsAwareLR(FedScheduler):
         return cdat_learning_rate(n, d, sigma=2.0, eps=self.eps)
 
     def observe_direction(
-        self, numerator: float | torch.Tensor, denominator: float | torch.Tensor, step: int | None = None
+        self,
+        numerator: float | torch.Tensor,
+        denominator: float | torch.Tensor,
+        step: int | None = None,
+        *,
+        loss: float | torch.Tensor | None = None,
     ) -> None:
         r"""Feed :math:`n_t = \max(-g_t^\top u_t, 0)` and :math:`d_t = |u_t^\top H_t u_t|`; sets this step's lr.
 
@@ -236,11 +288,15 @@ class CurvatureDynamicsAwareLR(FedScheduler):
             numerator: :math:`n_t` (or :math:`-g_t^\top u_t`).
             denominator: :math:`d_t` (or :math:`u_t^\top H_t u_t`).
             step: training step of the measurement (kept for inspection).
+            loss: the training loss at the parameters this update starts from (the batch's loss), optional: it
+                arms the runaway detection (see the class docstring). A non-finite loss is a runaway.
         """
         n = float(numerator.item()) if isinstance(numerator, torch.Tensor) else float(numerator)
         d = float(denominator.item()) if isinstance(denominator, torch.Tensor) else float(denominator)
         self.num_observations += 1
         self.last_step = None if step is None else int(step)
+        if loss is not None:
+            self._watch_loss(float(loss.item()) if isinstance(loss, torch.Tensor) else float(loss))
         if not (math.isfinite(n) and math.isfinite(d)):
             self.num_skipped += 1
             self._warn_bad_once(
@@ -265,6 +321,40 @@ class CurvatureDynamicsAwareLR(FedScheduler):
             return
         self.eta = eta
         self._apply([eta * r for r in self.group_scales()])
+
+    def _watch_loss(self, loss: float) -> None:
+        """Runaway detection: the smoothed loss above ``runaway_factor`` times its minimum (or not finite)."""
+        if math.isfinite(loss):
+            self.loss_avg = ema_update(self.loss_avg, loss, _LOSS_BETA)
+            self.num_losses += 1
+            smoothed = self.loss_avg / (1.0 - _LOSS_BETA**self.num_losses)
+            if self.best_loss is None or smoothed < self.best_loss:
+                self.best_loss, self.lr_at_best_loss = smoothed, self.eta
+                return
+            rise = smoothed - self.best_loss
+            if self.num_losses < _LOSS_MIN_COUNT or rise <= (self.runaway_factor - 1.0) * abs(self.best_loss):
+                return
+        self._runaway(loss)
+
+    def _runaway(self, loss: float) -> None:
+        """Bound the lr by the one in force at the best smoothed loss, and warn (once per scheduler)."""
+        safe = self.lr_at_best_loss if self.lr_at_best_loss is not None else float(self.base_lrs[0])
+        bound = max(self.lr_min, safe) if self.lr_max is None else max(self.lr_min, min(self.lr_max, safe))
+        self.num_runaways += 1
+        self.runaway_steps.append(self.last_step)
+        if self.num_runaways == 1:
+            warnings.warn(
+                f"CurvatureDynamicsAwareLR: runaway detected at step {self.last_step} (loss {loss:.4g}, smoothed "
+                f"loss above {self.runaway_factor:g}x its minimum {self.best_loss!r}, lr {self.eta!r}): the "
+                f"quadratic model along the update no longer describes the loss. The lr is now bounded by "
+                f"{bound:.4g}, the lr in force at the best loss. CDAT is for full-batch or large-batch training; "
+                "see the README.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self.lr_max = bound
+        self.best_loss, self.lr_at_best_loss = None, None  # watch again from here
+        self.loss_avg, self.num_losses = 0.0, 0
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         """The lrs set by the last :meth:`observe_direction` (the initial lrs before any)."""
