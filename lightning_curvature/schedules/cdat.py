@@ -105,27 +105,16 @@ class CurvatureDynamicsAwareLR(FedScheduler):
     measurements, and parameter group ``i`` getting :math:`\eta_t\cdot r_i`, :math:`r_i` = its initial lr over
     group 0's (one scalar tuner, the relative group lrs of the optimizer kept). See :func:`cdat_learning_rate`.
 
-    **Defaults and why.** ``sigma=2.0``: the paper's "on edge" setting, which beats greedy ``σ = 1`` and tuned
-    constant learning rates in full batch (its section 3 and figure 5); in mini-batch the paper finds the best σ
-    shrinking with the batch size. ``ema_beta=0.9``: the paper smooths the numerator and the denominator
-    *separately* with exponential moving averages (a ratio of averages, not an average of ratios) and reports that
-    the averaging makes CDAT robust to the batch size in the stochastic regime (its batch-size/σ heat maps with and
-    without averaging). The stored copies of the paper we could read gave the method and that finding but not the
-    appendix's exact constant, so 0.9 is our choice, measured on digits (tanh MLP, MSE on one-hot): with
-    mini-batches of 128 (1500 steps), σ = 2 reached a full-batch loss of 0.061 with ``ema_beta=0.9`` against 0.072
-    without; in full batch (3000 steps, read-out initialised 10x) the raw rule was better (0.131 with
-    ``ema_beta=0``, 0.136 with 0.5, and markedly lower learning rates with 0.9, because at the edge the loss
-    oscillates and the large-gradient steps dominate the averages). **Use ``ema_beta=0`` for full-batch training**,
-    the default for mini-batches. Both averages are bias-corrected like Adam's moments, which cancels in the ratio
-    (up to ``eps``), so the first step is the raw rule. ``eps=1e-12``: the paper's :math:`\varepsilon` only keeps
-    the denominator away from zero; it sits far below the denominator of any float32 measurement, and ``lr_max`` is
-    the guard against a vanishing curvature. No warm-up parameter: the rule sets the lr from the first step.
+    **Defaults.** ``sigma=2.0``: the paper's "on edge" setting (its section 3 and figure 5); in mini-batch the best
+    σ shrinks with the batch size. ``ema_beta=0.9``: numerator and denominator are averaged *separately* (a ratio
+    of averages), which the paper reports makes CDAT robust to the batch size; both averages are bias-corrected, so
+    the first step is the raw rule. **Use** ``ema_beta=0`` **in full-batch training**, where the raw rule did
+    better. ``eps``: only keeps the denominator away from zero; ``lr_max`` guards against vanishing curvature. The
+    measurements behind these choices are in ``benchmarks/README.md``.
 
     **Bounded, and a runaway detected.** The rule trusts a quadratic model of the loss along :math:`u_t`; where
     the curvature along the update vanishes (saturated softmax, dead ReLUs, a flat direction) :math:`\bar d_t \to 0`
-    and the model's step grows without bound, the loss with it, and the lr with the flatter region it reaches: in
-    mini-batch training of a small ReLU CNN on digits (SGD momentum 0.9, cross-entropy, batch 32) the unbounded rule
-    took the lr from 1.7 to 7.6e5 and the loss to 4e5 in 400 steps. Two guards, on by default:
+    and the model's step, the loss and the lr grow without bound together. Two guards, on by default:
 
     * ``lr_max="auto"``: :math:`\eta_t \le` ``max_lr_factor`` (10) times the optimizer's initial lr (group 0's),
       a scale the user chose; ``lr_max=None`` is the paper's unbounded rule.
@@ -137,8 +126,7 @@ class CurvatureDynamicsAwareLR(FedScheduler):
 
     **Where CDAT helps and where it does not.** Full-batch (or large-batch) gradient descent, momentum and Adam
     without decoupled weight decay: the regime of the paper, where σ = 2 beats tuned constant lrs with a
-    warm-up-like rise. Small mini-batches: the best σ shrinks with the batch size and the tuned lr is noisy (it
-    lost to a tuned constant lr on digits at batch 128). AdamW: the decoupled decay enters the direction and, as
+    warm-up-like rise. Small mini-batches: the best σ shrinks with the batch size and the tuned lr is noisy. AdamW: the decoupled decay enters the direction and, as
     :func:`~lightning_curvature.core.update_direction.directional_terms` counts it, the numerator, which turns
     negative once the weights grow, so the lr collapses (see the README's GPT study). Cost: one Hessian-vector
     product per step on the training batch.
