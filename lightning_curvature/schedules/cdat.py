@@ -126,7 +126,8 @@ class CurvatureDynamicsAwareLR(FedScheduler):
 
     **Where CDAT helps and where it does not.** Full-batch (or large-batch) gradient descent, momentum and Adam
     without decoupled weight decay: the regime of the paper, where σ = 2 beats tuned constant lrs with a
-    warm-up-like rise. Small mini-batches: the best σ shrinks with the batch size and the tuned lr is noisy. AdamW: the decoupled decay enters the direction and, as
+    warm-up-like rise. Small mini-batches: the best σ shrinks with the batch size and the tuned lr is noisy. AdamW:
+    the decoupled decay enters the direction and, as
     :func:`~lightning_curvature.core.update_direction.directional_terms` counts it, the numerator, which turns
     negative once the weights grow, so the lr collapses (see the README's GPT study). Cost: one Hessian-vector
     product per step on the training batch.
