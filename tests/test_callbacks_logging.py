@@ -219,7 +219,9 @@ def test_end_to_end_with_sharpness_aware_lr(tmp_path: Path) -> None:
     hess = HessianEigenvalueMonitor(every_n_steps=2, k=1, num_examples=16)
     trainer = make_trainer(tmp_path, max_steps=4, callbacks=[hess])
     trainer.fit(model, classification_loader(x, y, batch_size=16))
-    assert model.sched.monitor_attached and model.sched.num_observations == 2
+    steps = [s for s, _ in hess.history]
+    assert {0, 2} <= set(steps)  # the cadence; the scheduler may ask for more (held below its base lr)
+    assert model.sched.monitor_attached and model.sched.num_observations == len(steps)
     assert model.sched.sharpness == pytest.approx(hess.last_sharpness)
     lr = trainer.optimizers[0].param_groups[0]["lr"]
     assert lr < 5.0 and lr * hess.last_sharpness <= 2.0

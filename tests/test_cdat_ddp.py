@@ -47,10 +47,10 @@ class RecordingMonitor(DirectionalCurvatureMonitor):
         super().__init__()
         self.local: list[tuple[float, float]] = []
 
-    def _measure(self, *args: Any) -> tuple[float, float]:
-        n, d = super()._measure(*args)
+    def _measure(self, *args: Any) -> tuple[float, float, float]:
+        n, d, loss = super()._measure(*args)
         self.local.append((n, d))
-        return n, d
+        return n, d, loss
 
 
 class RankCheck(pl.Callback):

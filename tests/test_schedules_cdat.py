@@ -380,7 +380,7 @@ def test_monitor_warns_without_cdat_scheduler(tmp_path: Any) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    with pytest.warns(UserWarning, match="no CurvatureDynamicsAwareLR"):
+    with pytest.warns(UserWarning, match="no scheduler fed by the update direction"):
         trainer.fit(Plain())
 
 

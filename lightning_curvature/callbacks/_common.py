@@ -536,6 +536,11 @@ class CurvatureMonitorBase(CurvatureCallback):
         self._source.prepare(trainer, pl_module)
         self._fit_measure_s = 0.0
         self.planner.start_fit()
+        if self._source.kind != "current":
+            # a measurement due before the first update that needs no training batch is made now, so the schedulers
+            # it feeds set that update's lrs before any callback reads them (LearningRateMonitor reads them in
+            # on_train_batch_start, whatever the callback order); the progress bar gets the next one
+            self._measure_if_due(trainer, pl_module, None, step_axis(trainer), prog_bar=False)
 
     @override
     def on_train_batch_start(
@@ -544,12 +549,26 @@ class CurvatureMonitorBase(CurvatureCallback):
         if self._source.kind == "current":
             self._last_batch = batch
         step = step_axis(trainer)
-        planner = self.planner
-        planner.min_gap, planner.max_gap = self.min_gap, self.max_gap  # an instance may override the class bounds
-        planner.time_step(step, _now(), _MeasuringClock.total_s)  # hot path: one clock read, no device sync
-        if not self.planner.due(step, self.last_step, self._broadcast(trainer)):
+        self.planner.time_step(step, _now(), _MeasuringClock.total_s)  # hot path: one clock read, no device sync
+        self._measure_if_due(trainer, pl_module, batch, step, prog_bar=self.prog_bar)
+
+    def _measure_if_due(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int, prog_bar: bool
+    ) -> None:
+        """Measure before the update ``step`` if the cadence or a subscriber asks for it, then plan the next one."""
+        self.planner.min_gap, self.planner.max_gap = self.min_gap, self.max_gap  # an instance may override them
+        due = self.planner.due(step, self.last_step, self._broadcast(trainer))
+        # a request is honoured at most every `min_gap` steps (its cost counts in the cadence's budget)
+        requested = (
+            not due and (self.last_step < 0 or step - self.last_step >= self.min_gap) and self._requested(trainer, step)
+        )
+        if not (due or requested):
             return
-        self.measure(trainer, pl_module, batch, step, prog_bar=self.prog_bar)
+        self._requested_only = requested
+        try:
+            self.measure(trainer, pl_module, batch, step, prog_bar=prog_bar)
+        finally:
+            self._requested_only = False
         self.planner.plan(step, self._last_measure_s, self._broadcast(trainer))
 
     @override
@@ -647,6 +666,16 @@ class CurvatureMonitorBase(CurvatureCallback):
             return self._failed_metrics(trainer)
         except Exception:  # the NaN record must not fail either
             return {self._headline_key: math.nan} if self._headline_key else {}
+
+    #: set while a measurement runs only because a subscriber asked for it (:meth:`_requested`)
+    _requested_only = False
+
+    def _requested(self, trainer: pl.Trainer, step: int) -> bool:
+        """Whether a subscriber asks for a measurement before the update ``step`` besides the cadence (none here).
+
+        The answer must agree across processes: it may depend only on state every process holds alike (schedulers
+        fed the same all-reduced measurements)."""
+        return False
 
     def _eager_measurement(self) -> bool:
         """Whether to run Lightning-compiled methods eagerly during a measurement (double backward and vmap need it)."""

@@ -10,8 +10,11 @@ state (:func:`~lightning_curvature.core.update_direction.update_direction`), the
 
 with one Hessian-vector product on the current batch (float32, model state preserved), where
 :math:`\tilde g, \tilde H` include the optimizer's weight decay (the objective it minimises). It calls
-``observe_direction`` on every :class:`~lightning_curvature.schedules.CurvatureDynamicsAwareLR` of the Trainer
-built on that optimizer, which sets the learning rate of *this* step.
+``observe_direction`` (with the step's loss on the batch, which arms CDAT's runaway detection) on every
+scheduler of the Trainer built on that optimizer that subscribes to the update direction
+(:class:`~lightning_curvature.schedules.protocols.DirectionSubscriber`, such as
+:class:`~lightning_curvature.schedules.CurvatureDynamicsAwareLR`), which sets the learning rate of *this* step: the
+rule needs the current update direction, so unlike the sharpness-fed schedulers it cannot wait for ``step()``.
 
 It follows the conventions of the other monitors (:class:`~lightning_curvature.callbacks._common.CurvatureCallback`):
 the same loss resolution and batch layout, sharded strategies refused at setup, a checkpointed state, tags from
@@ -37,6 +40,7 @@ from typing_extensions import override
 from lightning_curvature.callbacks._batch_source import LayoutCache, expected_batch_size
 from lightning_curvature.callbacks._common import (
     CurvatureCallback,
+    _loss_evaluation,
     check_bool,
     check_choice,
     check_optional_int,
@@ -45,6 +49,7 @@ from lightning_curvature.callbacks._common import (
 )
 from lightning_curvature.callbacks._compiled import lightning_compiled, lightning_eager
 from lightning_curvature.callbacks._loss import LossFn, forked_host_rng
+from lightning_curvature.callbacks._subscriptions import attach
 from lightning_curvature.core._batch import BatchDim
 from lightning_curvature.core.hvp import HessianOperator, HVPMethod
 from lightning_curvature.core.update_direction import (
@@ -53,7 +58,7 @@ from lightning_curvature.core.update_direction import (
     update_direction,
     weight_decay_terms,
 )
-from lightning_curvature.schedules.cdat import CurvatureDynamicsAwareLR
+from lightning_curvature.schedules.protocols import DirectionSubscriber
 from lightning_curvature.tags import CDAT_DENOMINATOR, CDAT_EDGE_LR, CDAT_LR, CDAT_NUMERATOR
 
 __all__ = ["DirectionalCurvatureMonitor"]
@@ -142,7 +147,7 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
         self._batch: Any = None
         self._layouts = LayoutCache(self.batch_dim)
         self._expected: int | None = None
-        self._schedulers: list[CurvatureDynamicsAwareLR] = []
+        self._schedulers: list[DirectionSubscriber] = []
 
     @property
     @override
@@ -152,12 +157,12 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
     # -- wiring ---------------------------------------------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._schedulers = [
-            cfg.scheduler for cfg in trainer.lr_scheduler_configs if isinstance(cfg.scheduler, CurvatureDynamicsAwareLR)
-        ]
+        found = attach(trainer, DirectionSubscriber, self, lr_set_in_step=False)
+        self._schedulers = [sched for index in sorted(found) for sched in found[index]]
         if not self._schedulers:
             rank_zero_warn(
-                "DirectionalCurvatureMonitor found no CurvatureDynamicsAwareLR among the Trainer's schedulers and "
+                "DirectionalCurvatureMonitor found no scheduler fed by the update direction (such as "
+                "CurvatureDynamicsAwareLR) among the Trainer's schedulers and "
                 "will do nothing. Return one from `configure_optimizers`: "
                 '{"optimizer": opt, "lr_scheduler": {"scheduler": CurvatureDynamicsAwareLR(opt), '
                 '"interval": "step"}}.'
@@ -166,10 +171,9 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
         for sched in self._schedulers:
             if not supports_update_direction(sched.optimizer):
                 raise MisconfigurationException(
-                    f"CurvatureDynamicsAwareLR needs the update direction of {type(sched.optimizer).__name__}, "
+                    f"{type(sched).__name__} needs the update direction of {type(sched.optimizer).__name__}, "
                     "which is unknown; supported: SGD, Adam, AdamW, RMSprop."
                 )
-            sched.attach_monitor(self)
         if self._resolved_loss is None:
             self._resolve_loss(pl_module)
 
@@ -193,9 +197,9 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         optimizer: torch.optim.Optimizer,
-        sched: CurvatureDynamicsAwareLR,
-    ) -> tuple[float, float]:
-        """:math:`(n_t, d_t)` on this process's batch (raises on failure; no collective call inside)."""
+        sched: DirectionSubscriber,
+    ) -> tuple[float, float, float]:
+        """:math:`(n_t, d_t)` and the loss on this process's batch (raises on failure; no collective call inside)."""
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad and p.grad is not None]
         if not params:
             raise ValueError("no parameter of the optimizer has a gradient at this step")
@@ -203,7 +207,9 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
         loss_fn = self._loss_for_engine(pl_module)
         self._preflight(trainer, pl_module, loss_fn, batch, collective=False)
         dtype = torch.float32 if params[0].dtype in (torch.float16, torch.bfloat16) else params[0].dtype
-        u = update_direction(optimizer, params, group_scales=sched.group_scales(), dtype=dtype)
+        group_scales = getattr(sched, "group_scales", None)  # optional: the relative lrs of the groups
+        scales = group_scales() if callable(group_scales) else None
+        u = update_direction(optimizer, params, group_scales=scales, dtype=dtype)
         u_flat = torch.cat([t.reshape(-1) for t in u])
         g_flat = torch.cat([p.grad.detach().to(dtype).reshape(-1) for p in params])  # type: ignore[union-attr]
         theta = torch.cat([p.detach().to(dtype).reshape(-1) for p in params])
@@ -229,7 +235,10 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
             seed=self.seed, compiled=True if compiled and self.method == "auto" else None,
         ) as H:  # fmt: skip
             hu = H.matvec(u_flat)
-        return directional_terms(g_flat, u_flat.to(hu.dtype), hu, params=theta, weight_decay=wd_flat, maximize=mask)
+        n, d = directional_terms(g_flat, u_flat.to(hu.dtype), hu, params=theta, weight_decay=wd_flat, maximize=mask)
+        with _loss_evaluation(pl_module, self.mode) as call:  # the loss at the parameters of the update (no graph)
+            loss = float(torch.as_tensor(call(loss_fn, batch, False)).detach())
+        return n, d, loss
 
     @override
     def on_before_optimizer_step(
@@ -245,19 +254,21 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
             error: BaseException | str | None = None
             try:
                 with forked_host_rng():  # whatever the loss draws from Python's or NumPy's RNG does not reach training
-                    n, d = self._measure(trainer, pl_module, opt, sched)
+                    n, d, loss = self._measure(trainer, pl_module, opt, sched)
             except Exception as exc:  # contained: a measurement never stops training
-                n, d, error = math.nan, math.nan, exc
+                n, d, loss, error = math.nan, math.nan, math.nan, exc
             if trainer.world_size > 1:  # a NaN on any process reaches every process: they all skip together
                 both = trainer.strategy.reduce(
-                    torch.tensor([n, d], dtype=torch.float64, device=pl_module.device), reduce_op="mean"
+                    torch.tensor([n, d, loss], dtype=torch.float64, device=pl_module.device), reduce_op="mean"
                 )
                 assert isinstance(both, Tensor)
-                n, d = float(both[0].item()), float(both[1].item())
+                n, d, loss = (float(x) for x in both.tolist())
             ok = math.isfinite(n) and math.isfinite(d)
             if not ok:
                 self._report_failure(step, error if error is not None else "n_t or d_t is NaN or infinite")
-            sched.observe_direction(numerator=n, denominator=d, step=step)  # the scheduler ignores NaN
+            # the scheduler ignores NaN terms; a loss only from a measurement that was made (a non-finite one then
+            # says the run diverged)
+            sched.observe_direction(numerator=n, denominator=d, step=step, loss=loss if ok else None)
             metrics = self._metrics(sched, n, d, "" if len(self._schedulers) == 1 else f"/{index}")
             self.num_measurements += 1
             self.last_metrics = metrics
@@ -266,13 +277,14 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
             if self.log and (trainer._logger_connector.should_update_logs or getattr(trainer, "fast_dev_run", False)):
                 log_scalars(trainer, metrics, step)
 
-    def _metrics(self, sched: CurvatureDynamicsAwareLR, n: float, d: float, suffix: str) -> dict[str, float]:
+    def _metrics(self, sched: DirectionSubscriber, n: float, d: float, suffix: str) -> dict[str, float]:
         metrics = {
             f"{CDAT_NUMERATOR}{suffix}": n,
             f"{CDAT_DENOMINATOR}{suffix}": d,
             f"{CDAT_LR}{suffix}": float(sched.optimizer.param_groups[0]["lr"]),
         }
-        edge = sched.edge_lr()
+        edge_lr = getattr(sched, "edge_lr", None)  # optional: the edge step 2n/d
+        edge = edge_lr() if callable(edge_lr) else None
         if edge is not None:
             metrics[f"{CDAT_EDGE_LR}{suffix}"] = edge
         return metrics

@@ -33,6 +33,7 @@ from lightning_curvature.callbacks._common import (
 )
 from lightning_curvature.callbacks._compiled import lightning_compiled
 from lightning_curvature.callbacks._loss import LossFn
+from lightning_curvature.callbacks._subscriptions import attach
 from lightning_curvature.core import (
     HessianOperator,
     LanczosResult,
@@ -51,6 +52,7 @@ from lightning_curvature.core.operators import ScaledOperator
 from lightning_curvature.core.preconditioner import preconditioner_parts, predicted_first_step_preconditioner
 from lightning_curvature.core.sharded import reshard
 from lightning_curvature.core.vectors import Vector
+from lightning_curvature.schedules.protocols import MeasurementRequester, SharpnessSubscriber
 from lightning_curvature.tensorboard import (
     EDGE_RATIO,
     HESSIAN_TRACE,
@@ -75,6 +77,9 @@ __all__ = [
 ]
 
 _METHODS = ("auto", "double_backward", "finite_difference", "forward_over_reverse")
+#: Relative tolerance (at least) of a measurement made because a scheduler asked for it: the edge-following rule
+#: compares edge ratios with factors of 0.9 and 2, so 1% is ample.
+FEED_TOL = 1e-2
 
 from lightning_curvature.tags import (  # noqa: E402 - re-exported under their 0.1 names
     DENSITY_FIGURE,
@@ -167,9 +172,15 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     (``ModelParallelStrategy`` with ``fully_shard``, ``FSDPStrategy``) products are finite differences through the
     sharded module (:mod:`lightning_curvature.core.sharded`) and the vectors stay sharded. DeepSpeed raises at setup.
 
-    **Schedulers.** After each successful measurement every scheduler of ``trainer.lr_scheduler_configs`` with an
-    ``observe_sharpness(sharpness, step)`` method receives the sharpness of its own optimizer's parameters (at fit
-    start, those with ``attach_monitor(monitor)`` receive this callback).
+    **Schedulers.** Every scheduler of ``trainer.lr_scheduler_configs`` that subscribes
+    (:class:`~lightning_curvature.schedules.protocols.SharpnessSubscriber`: ``optimizer``, ``attach_monitor``,
+    ``observe_sharpness``) receives, after each successful measurement, the sharpness of its own optimizer's
+    parameters; :class:`~lightning_curvature.schedules.SharpnessAwareLR` applies it at its next ``step()``. A
+    subscriber that asks for a measurement (``wants_measurement(step)``,
+    :class:`~lightning_curvature.schedules.protocols.MeasurementRequester`) gets one before that step in addition
+    to the cadence, at most every ``min_gap`` (10) steps: the top eigenvalue only (``k=1``, to ``max(tol, 1e-2)``,
+    from the last top vector; no other eigenvalue, trace, density or overlap is logged at that step). The adaptive
+    cadence counts its time, so the planned measurements move further apart.
 
     **Failures.** A NaN or infinite measurement is logged as NaN/inf with a warning and never stops training.
 
@@ -309,8 +320,10 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         self.tracking_products = tracking_products
         # previous top k + 1 Ritz vectors per measured optimizer (warm start); checkpointed when small
         self._warm_start: dict[int, list[Vector]] = {}
+        self._feed_start: dict[int, Vector] = {}  # the top vector of the last requested measurement, per optimizer
         self._warned: set[str] = set()
         self._fed: dict[int, float] = {}  # optimizer index -> sharpness fed to its schedulers
+        self._subscribers: dict[int, list[SharpnessSubscriber]] = {}  # optimizer index -> schedulers (fit start)
         self.last_method: str | None = None  # how the latest products were computed
 
     # -- public view of the latest measurement --------------------------------------------------------------------
@@ -335,13 +348,11 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         if stage == "fit":
             # a fit starts cold (the vectors may belong to another model or batch) unless a checkpoint restores them
             self._warm_start = {}
+            self._feed_start = {}
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for config in trainer.lr_scheduler_configs:
-            attach = getattr(config.scheduler, "attach_monitor", None)
-            if callable(attach):
-                attach(self)
+        self._subscribers = attach(trainer, SharpnessSubscriber, self)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -378,6 +389,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             metrics[STABILITY_THRESHOLD] = threshold
             metrics[EDGE_RATIO] = nan
         self._warm_start = {}
+        self._feed_start = {}
         self._fed = {}
         return metrics
 
@@ -400,15 +412,19 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         return vec, predicted
 
     def _optimizers_to_measure(self, trainer: pl.Trainer) -> list[int]:
-        """Optimizer 0 (the logged tags) and every other optimizer a scheduler wants fed."""
+        """Optimizer 0 (the logged tags) and every other optimizer a subscribed scheduler is built on."""
         indices = [0] if trainer.optimizers else []
-        for config in trainer.lr_scheduler_configs:
-            if not callable(getattr(config.scheduler, "observe_sharpness", None)):
-                continue
-            for i, opt in enumerate(trainer.optimizers):
-                if getattr(config.scheduler, "optimizer", None) is opt and i not in indices:
-                    indices.append(i)
-        return indices
+        return indices + sorted(i for i in self._subscribers if i not in indices)
+
+    @override
+    def _requested(self, trainer: pl.Trainer, step: int) -> bool:
+        """Whether a subscribed scheduler asks for a measurement before the update ``step``."""
+        return any(
+            sched.wants_measurement(step)
+            for scheds in self._subscribers.values()
+            for sched in scheds
+            if isinstance(sched, MeasurementRequester)
+        )
 
     @override
     def _measure(
@@ -435,7 +451,8 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
                 precond, _ = self._preconditioner(optimizer, params, H)
                 feedable = (not adaptive) or precond is not None
                 op = preconditioned_operator(H, precond)
-                res = self._eigenpairs(op, H, index or 0)
+                feed = self._requested_only
+                res = self._feed_eigenpair(op, H, index or 0) if feed else self._eigenpairs(op, H, index or 0)
                 sharpness = float(res.eigenvalues[0])
                 if feedable and math.isfinite(sharpness):
                     self._fed[index or 0] = sharpness
@@ -448,12 +465,17 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
                     continue
                 res_main, threshold_main, adaptive_main = res, threshold, adaptive
                 metrics[SHARPNESS] = sharpness
-                metrics.update({eig_tag(i + 1): float(v) for i, v in enumerate(res.eigenvalues)})
+                metrics.update({eig_tag(i + 1): float(v) for i, v in enumerate(res.eigenvalues[: 1 if feed else None])})
                 metrics[ERROR_BOUND] = float(res.error_bounds[0])
                 if threshold is not None:
                     metrics[STABILITY_THRESHOLD] = threshold
                     if feedable:
                         metrics[EDGE_RATIO] = sharpness / threshold
+                if feed:  # the scheduler's value only: no other eigenvalue, trace, density or overlap
+                    metrics[NUM_HVP] = metrics.get(NUM_HVP, 0.0) + float(H.num_hvp)
+                    self.last_method = H.method
+                    res_main = None
+                    continue
                 if self.compute_trace:
                     tr = hutchpp_trace(H, num_matvecs=self.trace_samples)
                     metrics[HESSIAN_TRACE] = tr.estimate
@@ -476,6 +498,27 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         if self.log_histogram and res_main is not None:
             log_spectrum_histogram(writer, SPECTRUM_HISTOGRAM, res_main.eigenvalues, step)
         return metrics
+
+    def _feed_eigenpair(self, op: Any, H: HessianOperator, index: int) -> LanczosResult:
+        """The top eigenvalue only, for a measurement a scheduler asked for: from the last top vector, to
+        ``max(tol, FEED_TOL)`` (the stored top-k block is kept for the next full measurement)."""
+        start = self._feed_start.get(index)
+        block = self._warm_start.get(index)
+        if start is None and self.warm_start and block and all(t.shape == s for t, s in zip(block[0], H.space.shapes)):
+            start = block[0]
+        if start is not None and len(start) == len(H.space.shapes):
+            v0: Any = Handoff([[t.clone() for t in start]])
+        else:
+            scale = op.scale if isinstance(op, ScaledOperator) else None
+            cold = cold_start_vector(H, 1, scale=scale)
+            v0 = None if cold is None else Handoff([cold])
+        res = lanczos(
+            op, k=1, tol=max(self.tol, FEED_TOL), max_iter=self.max_iter, v0=v0, return_warm_start=True,
+            max_vectors=self.max_vectors,
+        )  # fmt: skip
+        if res.warm_start is not None:
+            self._feed_start[index] = [t.clone() for t in res.warm_start[0]]
+        return res
 
     def _eigenpairs(self, op: Any, H: HessianOperator, index: int) -> LanczosResult:
         """Top-k eigenpairs of ``op`` (``H`` or ``P^{-1/2} H P^{-1/2}``), warm-started from the last Ritz vectors."""
@@ -514,6 +557,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         )  # fmt: skip
         if self.warm_start and res.warm_start is not None:
             self._warm_start[index] = [[t.clone() for t in v] for v in res.warm_start]
+        self._feed_start.pop(index, None)  # requested measurements start again from this block's top vector
         return res
 
     @override
@@ -522,15 +566,11 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     ) -> None:
         if not ok:
             return
-        for config in trainer.lr_scheduler_configs:
-            observe = getattr(config.scheduler, "observe_sharpness", None)
-            if not callable(observe):
-                continue
-            opt = getattr(config.scheduler, "optimizer", None)
-            index = next((i for i, o in enumerate(trainer.optimizers) if o is opt), 0)
+        for index, scheds in self._subscribers.items():
             value = self._fed.get(index)
             if value is not None:
-                observe(value, step)
+                for sched in scheds:
+                    sched.observe_sharpness(value, step)
 
     # -- checkpointing --------------------------------------------------------------------------------------------
     @override

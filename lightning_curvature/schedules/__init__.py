@@ -7,6 +7,8 @@
 * :class:`CurvatureDynamicsAwareLR` (rule :func:`cdat_learning_rate`): CDAT (Roulet et al. 2024), the lr from the
   curvature along the optimizer's update direction, bounded and watched for runaways; fed by
   ``DirectionalCurvatureMonitor`` or ``observe_direction``.
+
+How monitors find the schedulers they feed: :mod:`lightning_curvature.schedules.protocols`.
 """
 
 from lightning_curvature.schedules.cdat import CurvatureDynamicsAwareLR, cdat_learning_rate
