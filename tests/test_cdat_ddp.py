@@ -36,7 +36,7 @@ class Regression(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.5)
-        sched = CurvatureDynamicsAwareLR(opt, sigma=2.0, ema_beta=0.0, eps=0.0)
+        sched = CurvatureDynamicsAwareLR(opt, sigma=2.0, ema_beta=0.0, eps=0.0, lr_max=None)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

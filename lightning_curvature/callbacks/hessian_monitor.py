@@ -208,9 +208,12 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             checkpoints).
         tracking_products: tracking mode (with ``every_n_steps=1``): a warm measurement takes at most this many
             products from the previous Ritz vectors (for ``k=1``, Lanczos from the last top vector: 2 products give
-            the Rayleigh–Ritz value of the plane it spans with its residual) instead of running to ``tol``; its error
-            estimate is logged as ``curvature/error_bound``, and every ``cold_start_every`` measurements a cold,
-            certified one runs (Ramasinghe et al. 2026 track the preconditioned sharpness at every step this way).
+            the Rayleigh–Ritz value of the plane it spans with its residual) instead of running to ``tol``, and every
+            ``cold_start_every`` measurements a cold, certified one runs (Ramasinghe et al. 2026 track the
+            preconditioned sharpness at every step this way). A tracked value is a Ritz value, so (with exact
+            products) it never exceeds the top eigenvalue; for a measurement that stopped before meeting ``tol``,
+            ``curvature/error_bound`` is its residual norm :math:`\|Av - \theta v\|`: *an* eigenvalue lies within it,
+            but not necessarily the top one (a gap estimated from two Ritz values would claim more than it knows).
         cold_start_every: with ``warm_start``, every this many warm measurements one starts cold from a random
             vector instead: a direction that became dominant outside the previous top ``k + 1`` eigenspace is then
             found at the latest that many measurements later.
@@ -466,7 +469,9 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
                 res_main, threshold_main, adaptive_main = res, threshold, adaptive
                 metrics[SHARPNESS] = sharpness
                 metrics.update({eig_tag(i + 1): float(v) for i, v in enumerate(res.eigenvalues[: 1 if feed else None])})
-                metrics[ERROR_BOUND] = float(res.error_bounds[0])
+                # converged: min(r, r²/gap) with the gap from the Ritz values; stopped early (tracking): only the
+                # residual is a statement the subspace supports
+                metrics[ERROR_BOUND] = float(res.error_bounds[0] if res.converged else res.residuals[0])
                 if threshold is not None:
                     metrics[STABILITY_THRESHOLD] = threshold
                     if feedable:
