@@ -174,7 +174,8 @@ def davidson_warm_start(
         resid[:kk] = both[:kk]
         if not (math.isfinite(float(theta.abs().max())) and bool(torch.isfinite(both).all())):
             raise NonFiniteCurvatureError("The warm start met a non-finite Rayleigh–Ritz value.")
-        rule.floor = precision_floor(sp.dtype, float(pair.T.abs().max()), sp.dim)
+        t_norm = float(pair.T.abs().max())
+        rule.floor = max(precision_floor(sp.dtype, t_norm, sp.dim), op.product_error * t_norm)
         bounds = error_bounds(theta, resid, which, both[kk:]).clamp_min(rule.floor)
         if (m >= k and rule(theta, resid, bounds, pair.num_products)) or m >= sp.dim:
             if m >= sp.dim:

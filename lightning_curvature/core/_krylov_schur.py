@@ -258,7 +258,7 @@ def krylov_schur(
         resid = torch.linalg.vector_norm(C @ S, dim=0) + lost
         refine = min(k + GUARD, m)
         refined = refined_residuals(T, C, theta[:refine]) if refine else None
-        rule.floor = precision_floor(space.dtype, anorm, space.dim)
+        rule.floor = max(precision_floor(space.dtype, anorm, space.dim), op.product_error * anorm)
         bounds = error_bounds(theta, resid, which, refined).clamp_min(rule.floor)
         if rule(theta, resid, bounds, nprod):
             break

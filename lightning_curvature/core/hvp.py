@@ -11,10 +11,16 @@ Four ways to compute :math:`Hv` (``method=``):
 * ``"finite_difference"``: differences of first-order gradients,
   :math:`Hv \approx (8(g_{+1} - g_{-1}) - (g_{+2} - g_{-2}))/(12\varepsilon)`, :math:`g_{\pm j} = \nabla
   L(\theta \pm j\varepsilon v)` (the central difference extrapolated by Richardson, error :math:`O(\varepsilon^4)`;
-  ``fd_order=2`` for the plain central difference), with a step set from the dtype and the size of the parameters
-  ``v`` lives in (:func:`finite_difference_step`). The perturbed gradients are evaluated with the ReLU/max-pool
-  pattern of :math:`\theta` (:mod:`._frozen_kinks`): otherwise their jumps at the kinks bias the difference by
-  O(1). Works wherever training works; four (or two) gradients per product.
+  ``fd_order=2`` for the plain central difference), starting from a step set by the dtype and the size of the
+  parameters ``v`` lives in (:func:`finite_difference_step`). No fixed step suits every direction: along the top
+  eigenvector of a trained network the loss is far from quadratic and the first step's truncation error can reach
+  percents, while a preconditioned direction needs a larger step against rounding. So the two central differences
+  the extrapolation uses also estimate its error, and above :data:`FD_TARGET` the step is searched (halved while the
+  estimate falls, else doubled); the estimate is :attr:`HessianOperator.product_error`, and the eigenvalue solvers
+  never report a bound below it. The perturbed gradients are evaluated with the ReLU/max-pool pattern of
+  :math:`\theta` (:mod:`._frozen_kinks`): otherwise their jumps at the kinks bias the difference by O(1). Works
+  wherever training works; four gradients per product (two more per step tried; two for ``fd_order=2``, which
+  neither searches nor estimates).
 * ``"forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad``; no graph is kept between products. Fails
   through BatchNorm in train mode (in-place buffer updates).
 * ``"auto"`` (default): double backward where it exists and is valid, finite differences otherwise. At the first
@@ -41,7 +47,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -127,6 +133,13 @@ def select_parameters(model: nn.Module, params: Sequence[Tensor] | None = None) 
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
     """float32 for half-precision models, the parameters' own dtype otherwise."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+#: Finite-difference products whose estimated relative error (:meth:`HessianOperator._richardson`) is above this
+#: search for a better step; below it the first step is kept (four gradients per product).
+FD_TARGET = 1e-3
+#: Halvings (or doublings) of the step the search tries at most.
+FD_SEARCH = 4
 
 
 def finite_difference_step(dtype: torch.dtype, scale: float, v_norm: float, order: int = 4) -> float:
@@ -310,6 +323,9 @@ class HessianOperator(CurvatureOperator):
         if fd_order not in (2, 4):
             raise ValueError(f"`fd_order` must be 2 or 4, got {fd_order!r}.")
         self.fd_order = fd_order
+        #: largest estimated relative error of the finite-difference products so far (0 for exact methods)
+        self.product_error = 0.0
+        self._error_weight: Vector | None = None
         self.mode = check_mode(mode)
         reshard(model)  # FSDP2 modules left unsharded by a forward without backward: measure the shards
         self.compiled = is_compiled(model) if compiled is None else bool(compiled)
@@ -392,6 +408,7 @@ class HessianOperator(CurvatureOperator):
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._error_weight = None
         self._graphs = None
         self._gradient = None
         self._kinks = {}
@@ -557,17 +574,75 @@ class HessianOperator(CurvatureOperator):
             eps = self._fd_step(v)
             for i, b in enumerate(self._batches):
                 n = 1 if (self.sharded or alone) else batch_size(b)
-                d1 = self._central_difference(i, b, v, eps)  # g(+ε) − g(−ε)
                 if self.fd_order == 2:
-                    part = [t.mul_(1.0 / (2.0 * eps)) for t in d1]
-                else:  # (8(g(+ε) − g(−ε)) − (g(+2ε) − g(−2ε))) / 12ε: Richardson's extrapolation, error O(ε⁴)
-                    d2 = self._central_difference(i, b, v, 2.0 * eps)
-                    part = [a.mul_(8.0 / (12.0 * eps)).add_(c, alpha=-1.0 / (12.0 * eps)) for a, c in zip(d1, d2)]
-                    del d2
+                    part = [t.mul_(1.0 / (2.0 * eps)) for t in self._central_difference(i, b, v, eps)]
+                else:
+                    part, error = self._richardson(i, b, v, eps)
+                    self.product_error = max(self.product_error, error)
                 acc = _accumulate(acc, part, n)
                 count += n
         assert acc is not None
         return self._finish(acc, count, "Hessian-vector product")
+
+    def _richardson(self, i: int, batch: Any, v: Vector, eps: float) -> tuple[Vector, float]:
+        r"""Richardson's :math:`R(h) = (4D(h) - D(2h))/3` of central differences :math:`D(h) = (g_{+h} - g_{-h})/2h`,
+        with the step searched from ``eps`` (see :data:`FD_TARGET`); returns ``(R, t)``.
+
+        :math:`t = \|D(h) - D(2h)\| / \|R(h)\|` (in the norm of :meth:`error_weight`) estimates the error of the
+        product: where truncation dominates it falls 4-fold per halving of :math:`h` and overestimates the error of
+        :math:`R`; where rounding dominates it doubles per halving and about equals it. Above :data:`FD_TARGET`
+        the step is halved while :math:`t` falls, else doubled while it falls (at most :data:`FD_SEARCH` times
+        each, two more gradients per try); the smallest :math:`t` wins.
+        """
+
+        def slope(h: float) -> Vector:
+            return [t.mul_(0.5 / h) for t in self._central_difference(i, batch, v, h)]
+
+        def estimate(small: Vector, big: Vector) -> tuple[Vector, float]:
+            R = [a.mul(4.0 / 3.0).sub_(c, alpha=1.0 / 3.0) for a, c in zip(small, big)]
+            diff = self._weighted_norm([a - c for a, c in zip(small, big)])
+            return R, diff / max(self._weighted_norm(R), 1e-300)
+
+        lo, hi = slope(eps), slope(2.0 * eps)
+        best, t_best = estimate(lo, hi)
+        if not t_best > FD_TARGET:
+            return best, t_best
+        halved = False
+        h = eps
+        for _ in range(FD_SEARCH):  # truncation: smaller steps while t falls
+            lower = slope(h / 2.0)
+            R, t = estimate(lower, lo)
+            if not t < t_best:
+                break
+            best, t_best, lo, h, halved = R, t, lower, h / 2.0, True
+            if not t_best > FD_TARGET:
+                return best, t_best
+        if not halved:  # rounding: larger steps while t falls
+            below = hi  # D(2ε)
+            for _ in range(FD_SEARCH):
+                higher = slope(4.0 * h)
+                R, t = estimate(below, higher)
+                if not t < t_best:
+                    break
+                best, t_best, below, h = R, t, higher, 2.0 * h
+                if not t_best > FD_TARGET:
+                    break
+        return best, t_best
+
+    def _weighted_norm(self, v: Vector) -> float:
+        w = self._error_weight
+        return float(self.space.norm(v if w is None else [a * b for a, b in zip(w, v)]))
+
+    @contextmanager
+    def error_weight(self, weight: Vector) -> Iterator[None]:
+        r"""Judge the accuracy of finite-difference products in the norm :math:`\|Wx\|` for the block (a
+        :class:`~lightning_curvature.core.operators.ScaledOperator` passes its diagonal: the accuracy that matters is
+        that of :math:`DAD`)."""
+        saved, self._error_weight = self._error_weight, weight
+        try:
+            yield
+        finally:
+            self._error_weight = saved
 
     def _kink_pattern(self, i: int, batch: Any) -> list[Any]:
         """The on/off pattern of the piecewise-linear ops at θ for batch ``i`` (recorded once per stored batch)."""
@@ -674,6 +749,7 @@ class HessianOperator(CurvatureOperator):
             cache[self._auto_key()] = "finite_difference"
             return "finite_difference"
         approx = self._product(probe, "finite_difference")
+        self.product_error = 0.0  # the probe is not part of the measurement
         self.num_check_products = 2
         diff = self.space.norm([a - b for a, b in zip(exact, approx)])
         scale = torch.maximum(self.space.norm(exact), self.space.norm(approx)).clamp_min(1e-300)

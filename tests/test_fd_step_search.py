@@ -1,0 +1,93 @@
+"""Finite-difference products search their step and estimate their error (closed-form Hessians as references).
+
+The loss ``mean(cos(ω θ))/ω²`` has Hessian ``diag(-cos(ω θ_i))/n`` and fourth derivatives ``ω²`` times larger, so
+at the default step (a fraction of the parameters' size) truncation dominates: the search must shrink the step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_curvature.core.hvp as hvp_module
+from lightning_curvature.core.hvp import HessianOperator
+from lightning_curvature.core.operators import ScaledOperator
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+OMEGA = 100.0
+
+
+class Wavy(nn.Module):
+    def __init__(self, n: int = 200, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.theta = nn.Parameter(torch.rand(n, generator=g) + 0.5)
+
+
+def wavy_loss(model: Wavy, batch: torch.Tensor) -> torch.Tensor:
+    return torch.cos(OMEGA * model.theta).mean() / OMEGA**2 + 0.0 * batch.sum()
+
+
+def exact_hv(model: Wavy, v: torch.Tensor) -> torch.Tensor:
+    theta = model.theta.detach().double()
+    return -torch.cos(OMEGA * theta) * v.double() / theta.numel()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b).norm() / b.norm())
+
+
+def test_the_step_search_removes_the_truncation_error_and_the_estimate_covers_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, batch = Wavy(), torch.zeros(4, 1)
+    gen = torch.Generator().manual_seed(1)
+    vs = [torch.randn(200, generator=gen) for _ in range(4)] + [torch.eye(200)[0] * 3.0]
+    for v in vs:
+        with HessianOperator(model, wavy_loss, batch, method="finite_difference") as H:
+            hv = H.matvec(v)
+            estimate = H.product_error
+        err = _rel(hv, exact_hv(model, v))
+        assert err < hvp_module.FD_TARGET
+        assert estimate >= err
+    # without the search, the first step's product is far off (what the test guards against)
+    monkeypatch.setattr(hvp_module, "FD_TARGET", math.inf)
+    with HessianOperator(model, wavy_loss, batch, method="finite_difference") as H:
+        assert _rel(H.matvec(vs[0]), exact_hv(model, vs[0])) > 1e-2
+
+
+def test_a_scaled_operator_judges_the_products_in_its_own_norm() -> None:
+    """D A D with D spanning four orders of magnitude: the estimate is that of the scaled product and covers it."""
+    model, batch = Wavy(), torch.zeros(4, 1)
+    gen = torch.Generator().manual_seed(2)
+    d = torch.logspace(-2, 2, 200)[torch.randperm(200, generator=gen)]
+    for _ in range(3):
+        v = torch.randn(200, generator=gen)
+        with HessianOperator(model, wavy_loss, batch, method="finite_difference") as H:
+            op = ScaledOperator(H, [d])
+            (dhd,) = op.matvec([v])
+            estimate = op.product_error
+        reference = d.double() * exact_hv(model, d * v)
+        err = _rel(dhd, reference)
+        assert err < 1e-3 and estimate >= err
+
+
+def test_exact_products_report_no_error_and_the_auto_probe_does_not_count() -> None:
+    model, batch = Wavy(), torch.zeros(4, 1)
+    with HessianOperator(model, wavy_loss, batch, method="auto") as H:
+        H.matvec(torch.ones(200))
+        assert H.method == "double_backward" and H.product_error == 0.0
+
+
+def test_eigenvalue_bounds_include_the_product_error() -> None:
+    """A finite-difference eigenvalue solve never claims more accuracy than its products have."""
+    from lightning_curvature import hessian_eigenvalues
+
+    model, batch = Wavy(), torch.zeros(4, 1)
+    res = hessian_eigenvalues(model, wavy_loss, batch, k=1, tol=1e-10, method="finite_difference", max_iter=200)
+    exact = float((-torch.cos(OMEGA * model.theta.detach().double()) / 200).max())
+    assert abs(float(res.eigenvalues[0]) - exact) <= float(res.error_bounds[0])
