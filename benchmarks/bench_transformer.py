@@ -51,7 +51,6 @@ Every timing runs with nothing else on the CPU (take ``/work/cpu.lock``). Run::
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -78,6 +77,7 @@ from _transformer_common import (
     rss_bytes,
     text_windows,
     threads,
+    trim,
 )
 from bench_scale import GPT
 
@@ -94,7 +94,7 @@ def _measure_once(
     from lightning_curvature import hessian_eigenvalues
     from lightning_curvature.core.preconditioner import preconditioner_parts
 
-    gc.collect()
+    trim()
     base = rss_bytes()
     reset_peak()
     t0 = time.perf_counter()
@@ -174,10 +174,10 @@ def measure_size(size: str, variant: str, skip_top5: bool) -> dict[str, Any]:
     return out
 
 
-def part_measure(sizes: list[str], skip_85m_compiled_top5: bool) -> list[dict[str, Any]]:
+def part_measure(sizes: list[str], variants: list[str], skip_85m_compiled_top5: bool) -> list[dict[str, Any]]:
     results = []
     for size in sizes:
-        for variant in ("eager", "compiled"):
+        for variant in variants:
             skip = skip_85m_compiled_top5 and size == "85M" and variant == "compiled"
             cmd = [sys.executable, __file__, "--one", size, variant, "skip" if skip else "all"]
             t0 = time.perf_counter()
@@ -390,6 +390,8 @@ def main() -> None:
                         choices=["measure", "lightning", "fsdp"])  # fmt: skip
     parser.add_argument("--sizes", nargs="+", default=["3M", "25M", "85M"], choices=list(SIZES),
                         help="sizes of the measure part")  # fmt: skip
+    parser.add_argument("--variants", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
+                        help="variants of the measure part")  # fmt: skip
     parser.add_argument("--lightning-sizes", nargs="+", default=["3M"], choices=list(SIZES))
     parser.add_argument("--steps", type=int, default=200, help="steps of each Lightning fit")
     parser.add_argument("--fsdp-steps", type=int, default=100, help="steps of each FSDP2 fit")
@@ -417,7 +419,8 @@ def main() -> None:
     os.environ.setdefault("MKL_NUM_THREADS", "1")
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     report: dict[str, Any] = {}
-    if args.out.exists() and set(args.parts) != {"measure", "lightning", "fsdp"}:
+    partial = set(args.parts) != {"measure", "lightning", "fsdp"} or args.sizes != list(SIZES) or len(args.variants) < 2
+    if args.out.exists() and partial:
         report = json.loads(args.out.read_text())  # a partial re-run replaces only its parts
     report |= {
         "torch": torch.__version__,
@@ -435,7 +438,10 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=1))
 
     if "measure" in args.parts:
-        report["measure"] = part_measure(args.sizes, not args.with_85m_compiled_top5)
+        new = part_measure(args.sizes, args.variants, not args.with_85m_compiled_top5)
+        done = {(r["size"], r["variant"]) for r in new}
+        keep = [r for r in report.get("measure", []) if (r["size"], r["variant"]) not in done]  # a partial re-run
+        report["measure"] = sorted(keep + new, key=lambda r: (list(SIZES).index(r["size"]), r["variant"] != "eager"))
         save()
     if "lightning" in args.parts:
         report["lightning"] = part_lightning(args.lightning_sizes, args.steps, args.curvature_examples,
