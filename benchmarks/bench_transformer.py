@@ -227,7 +227,7 @@ def _fit(size: str, config: str, compiled: bool, steps: int, curv: int) -> dict[
         monitor = MemoryProbedMonitor(every_n_steps=1, tracking_products=2, k=1, cold_start_every=25, **common)
     if monitor is not None:
         recorder = Recorder(monitor, ref_every=10 if config == "tracking" else None)
-        callbacks = [monitor, recorder, clock]
+        callbacks = [clock, monitor, recorder]  # the clock first: it must start before a step-0 measurement
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks,
@@ -444,8 +444,10 @@ def main() -> None:
         report["measure"] = sorted(keep + new, key=lambda r: (list(SIZES).index(r["size"]), r["variant"] != "eager"))
         save()
     if "lightning" in args.parts:
-        report["lightning"] = part_lightning(args.lightning_sizes, args.steps, args.curvature_examples,
-                                             not args.no_compiled)  # fmt: skip
+        new = part_lightning(args.lightning_sizes, args.steps, args.curvature_examples, not args.no_compiled)
+        done = {(r["size"], r["compiled"]) for r in new}
+        keep = [r for r in report.get("lightning", []) if (r["size"], r["compiled"]) not in done]  # partial re-run
+        report["lightning"] = keep + new
         save()
     if "fsdp" in args.parts:
         report["fsdp"] = part_fsdp(args.fsdp_steps, args.curvature_examples)

@@ -30,9 +30,11 @@ monitors as specified for the Lightning callbacks (``HessianMonitorEmulation``, 
   included, as ``DirectionalCurvatureMonitor`` does) give ``n, d``; ``scheduler.observe_direction(n, d, t,
   loss=batch loss)`` sets the lr of update ``t`` (the loss arms CDAT's runaway detection).
 
-``--loop lightning`` runs the same grid through Lightning with the callbacks at their defaults
-(``HessianEigenvalueMonitor()`` + ``SharpnessAwareLR(opt)``, ``DirectionalCurvatureMonitor()`` +
-``CurvatureDynamicsAwareLR(opt)``), for rerunning once the monitors implement the contract above.
+``--loop lightning`` runs the same grid through Lightning, where the monitors implement this contract (a requested
+measurement is the top eigenvalue to 1%, warm-started, at most every 10 steps): with the callbacks at their
+defaults (``HessianEigenvalueMonitor()`` + ``SharpnessAwareLR(opt)``, ``DirectionalCurvatureMonitor()`` +
+``CurvatureDynamicsAwareLR(opt)``), or with ``--lightning-monitor study`` the Hessian monitor configured as the
+emulation (``k=1``, ``num_examples``, ``tol``, ``max_iter`` and ``every_n_steps`` from the settings).
 
 Run ``python examples/warmup_free_gpt.py [--fast] [--out DIR] [--loop plain|lightning]``. The full grid (5 peak
 lrs x 5 schedules x 3 seeds, 200 steps) takes about an hour on one CPU thread; ``--fast`` runs a tiny model for
@@ -116,6 +118,7 @@ class Settings:
     steps: int = 200
     batch_size: int = 32
     curvature_examples: int = 8
+    lightning_monitor: str = "defaults"
     every: int = 25
     tol: float = 0.1
     max_iter: int = 8
@@ -284,7 +287,9 @@ def run_lightning(schedule: str, lr: float, seed: int, cfg: GPTConfig, s: Settin
         make = lambda opt: LambdaLR(opt, linear_warmup(warm))  # noqa: E731
     elif schedule == "sharpness":
         make = SharpnessAwareLR
-        callbacks.append(HessianEigenvalueMonitor())
+        study = {"k": 1, "num_examples": s.curvature_examples, "tol": s.tol, "max_iter": s.max_iter}
+        kwargs: dict[str, Any] = study | {"every_n_steps": s.every} if s.lightning_monitor == "study" else {}
+        callbacks.append(HessianEigenvalueMonitor(**kwargs))
     elif schedule == "cdat":
         make = CurvatureDynamicsAwareLR
         callbacks.append(DirectionalCurvatureMonitor())
@@ -458,6 +463,12 @@ def main() -> None:
     parser.add_argument("--max-iter", type=int, default=None)
     parser.add_argument("--every", type=int, default=None)
     parser.add_argument("--curvature-examples", type=int, default=None)
+    parser.add_argument(
+        "--lightning-monitor",
+        choices=("defaults", "study"),
+        default="defaults",
+        help="--loop lightning: the Hessian monitor at its defaults or configured as the emulation",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -475,6 +486,7 @@ def main() -> None:
     s.max_iter = args.max_iter or s.max_iter
     s.every = args.every or s.every
     s.curvature_examples = args.curvature_examples or s.curvature_examples
+    s.lightning_monitor = args.lightning_monitor
     corpus = stdlib_corpus()
     run = run_plain if args.loop == "plain" else run_lightning
 
