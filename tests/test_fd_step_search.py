@@ -7,6 +7,7 @@ at the default step (a fraction of the parameters' size) truncation dominates: t
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -91,3 +92,34 @@ def test_eigenvalue_bounds_include_the_product_error() -> None:
     res = hessian_eigenvalues(model, wavy_loss, batch, k=1, tol=1e-10, method="finite_difference", max_iter=200)
     exact = float((-torch.cos(OMEGA * model.theta.detach().double()) / 200).max())
     assert abs(float(res.eigenvalues[0]) - exact) <= float(res.error_bounds[0])
+
+
+def test_a_monitor_skips_a_measurement_whose_products_are_too_inaccurate(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Products estimated 50% off: the measurement is logged as failed with one warning and nothing is fed."""
+    from conftest import TinyClassifier, classification_loader, make_trainer, random_tensors
+
+    from lightning_curvature import HessianEigenvalueMonitor, SharpnessAwareLR
+
+    original = HessianOperator._richardson
+
+    def inaccurate(self: HessianOperator, *args: Any) -> tuple[Any, float]:
+        R, _ = original(self, *args)
+        return R, 0.5
+
+    monkeypatch.setattr(HessianOperator, "_richardson", inaccurate)
+
+    class Fed(TinyClassifier):
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+            self.sched = SharpnessAwareLR(opt)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": self.sched, "interval": "step"}}
+
+    model = Fed()
+    x, y = random_tensors(n=32)
+    hess = HessianEigenvalueMonitor(every_n_steps=1, k=1, num_examples=16, method="finite_difference")
+    with pytest.warns(UserWarning, match="finite-difference products are 50.0% off"):
+        make_trainer(tmp_path, max_steps=2, callbacks=[hess]).fit(model, classification_loader(x, y, batch_size=16))
+    assert hess.num_failures == 2 and all(math.isnan(v) for _, v in hess.history)
+    assert model.sched.num_observations == 0 and model.optimizers().param_groups[0]["lr"] == model.lr

@@ -46,6 +46,7 @@ from lightning_curvature.core import (
 )
 from lightning_curvature.core._batch import BatchDim
 from lightning_curvature.core.eigen import cold_start_vector, preconditioned_operator
+from lightning_curvature.core.errors import InaccurateProductsError
 from lightning_curvature.core.hvp import HVPMethod
 from lightning_curvature.core.lanczos import Handoff
 from lightning_curvature.core.operators import ScaledOperator
@@ -77,6 +78,8 @@ __all__ = [
 ]
 
 _METHODS = ("auto", "double_backward", "finite_difference", "forward_over_reverse")
+#: Estimated relative error of the products above which a measurement is skipped as failed (finite differences)
+MAX_PRODUCT_ERROR = 0.05
 #: Relative tolerance (at least) of a measurement made because a scheduler asked for it: the edge-following rule
 #: compares edge ratios with factors of 0.9 and 2, so 1% is ample.
 FEED_TOL = 1e-2
@@ -456,6 +459,12 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
                 op = preconditioned_operator(H, precond)
                 feed = self._requested_only
                 res = self._feed_eigenpair(op, H, index or 0) if feed else self._eigenpairs(op, H, index or 0)
+                if op.product_error > MAX_PRODUCT_ERROR:  # a measurement that cannot be made: skipped, not fed
+                    raise InaccurateProductsError(
+                        f"finite-difference products are {op.product_error:.1%} off by their own estimate (no step "
+                        "of the search reached 0.1%); the model is too large or too far from quadratic for float32 "
+                        "differences. Measure with method='double_backward' (eager code) if it runs."
+                    )
                 sharpness = float(res.eigenvalues[0])
                 if feedable and math.isfinite(sharpness):
                     self._fed[index or 0] = sharpness

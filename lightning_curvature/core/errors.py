@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteCurvatureError"]
+__all__ = ["InaccurateProductsError", "NonFiniteCurvatureError"]
 
 
 class NonFiniteCurvatureError(FloatingPointError):
@@ -10,4 +10,13 @@ class NonFiniteCurvatureError(FloatingPointError):
 
     Raised instead of returning a silent ``nan`` so that callers (callbacks, schedulers) can catch it,
     report the measurement as failed and carry on training without feeding it into a learning rate.
+    """
+
+
+class InaccurateProductsError(ArithmeticError):
+    """Hessian-vector products are too inaccurate for the measurement asked of them.
+
+    Raised by the monitors when the finite-difference products' own error estimate
+    (:attr:`~lightning_curvature.core.hvp.HessianOperator.product_error`) is too large to report a value; the
+    measurement is logged as failed and nothing is fed to a scheduler.
     """

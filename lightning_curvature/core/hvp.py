@@ -70,7 +70,7 @@ from lightning_curvature.core._state import (
 from lightning_curvature.core.errors import NonFiniteCurvatureError
 from lightning_curvature.core.operators import CurvatureOperator
 from lightning_curvature.core.sharded import ShardedGradients, is_sharded, local_tensor, reshard, shard_space
-from lightning_curvature.core.vectors import Vector, VectorSpace, add_
+from lightning_curvature.core.vectors import Vector, VectorSpace, add_, dot64
 
 __all__ = [
     "VALIDITY_TOLERANCE",
@@ -599,9 +599,21 @@ class HessianOperator(CurvatureOperator):
             return [t.mul_(0.5 / h) for t in self._central_difference(i, batch, v, h)]
 
         def estimate(small: Vector, big: Vector) -> tuple[Vector, float]:
-            R = [a.mul(4.0 / 3.0).sub_(c, alpha=1.0 / 3.0) for a, c in zip(small, big)]
-            diff = self._weighted_norm([a - c for a, c in zip(small, big)])
-            return R, diff / max(self._weighted_norm(R), 1e-300)
+            # one tensor at a time: no parameter-sized temporaries beyond R
+            w = self._error_weight
+            sq = torch.zeros(2, dtype=torch.float64, device=self.space.device)
+            R: Vector = []
+            for j, (a, c) in enumerate(zip(small, big)):
+                d = a - c if w is None else (a - c).mul_(w[j])
+                r = a.mul(4.0 / 3.0).sub_(c, alpha=1.0 / 3.0)
+                rw = r if w is None else r * w[j]
+                sq += torch.stack([dot64(d, d), dot64(rw, rw)]).to(sq.device)
+                R.append(r)
+                del d, rw
+            if self.space.reduce_fn is not None:  # sharded vectors: sum over the shard group
+                sq = self.space.reduce_fn(sq)
+            diff, size = (float(x) for x in sq.clamp_min(0.0).sqrt().cpu())
+            return R, diff / max(size, 1e-300)
 
         lo, hi = slope(eps), slope(2.0 * eps)
         best, t_best = estimate(lo, hi)
@@ -615,6 +627,7 @@ class HessianOperator(CurvatureOperator):
             if not t < t_best:
                 break
             best, t_best, lo, h, halved = R, t, lower, h / 2.0, True
+            hi = []  # not needed once a halving helped (frees a vector)
             if not t_best > FD_TARGET:
                 return best, t_best
         if not halved:  # rounding: larger steps while t falls
@@ -628,10 +641,6 @@ class HessianOperator(CurvatureOperator):
                 if not t_best > FD_TARGET:
                     break
         return best, t_best
-
-    def _weighted_norm(self, v: Vector) -> float:
-        w = self._error_weight
-        return float(self.space.norm(v if w is None else [a * b for a, b in zip(w, v)]))
 
     @contextmanager
     def error_weight(self, weight: Vector) -> Iterator[None]:

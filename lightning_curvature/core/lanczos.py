@@ -269,7 +269,8 @@ def lanczos(
         residuals=out.residuals[:k].clone(),
         error_bounds=out.bounds[:k].clone(),
         num_matvecs=out.num_matvecs,
-        converged=out.converged,
+        # products less accurate than tol (finite differences that found no good step) cannot meet it
+        converged=out.converged and not op.product_error > tol,
         warm_start=_output(op, vecs) if return_warm_start else None,
         peak_vectors=out.peak_vectors,
     )
