@@ -479,8 +479,9 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
                 metrics[SHARPNESS] = sharpness
                 metrics.update({eig_tag(i + 1): float(v) for i, v in enumerate(res.eigenvalues[: 1 if feed else None])})
                 # converged: min(r, r²/gap) with the gap from the Ritz values; stopped early (tracking): only the
-                # residual is a statement the subspace supports
-                metrics[ERROR_BOUND] = float(res.error_bounds[0] if res.converged else res.residuals[0])
+                # residual is a statement the subspace supports (and never below the products' own accuracy)
+                bound = res.error_bounds[0] if res.converged else max(res.residuals[0], res.error_bounds[0])
+                metrics[ERROR_BOUND] = float(bound)
                 if threshold is not None:
                     metrics[STABILITY_THRESHOLD] = threshold
                     if feedable:
@@ -527,10 +528,10 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             cold = cold_start_vector(H, 1, scale=scale)
             v0 = None if cold is None else Handoff([cold])
         res = lanczos(
-            op, k=1, tol=max(self.tol, FEED_TOL), max_iter=self.max_iter, v0=v0, return_warm_start=True,
+            op, k=1, tol=max(self.tol, FEED_TOL), max_iter=self.max_iter, v0=v0, return_warm_start=self.warm_start,
             max_vectors=self.max_vectors,
         )  # fmt: skip
-        if res.warm_start is not None:
+        if self.warm_start and res.warm_start is not None:
             self._feed_start[index] = [t.clone() for t in res.warm_start[0]]
         return res
 
