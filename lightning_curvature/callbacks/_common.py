@@ -92,7 +92,7 @@ from lightning_curvature.callbacks._validation import (
 from lightning_curvature.callbacks.cadence import EMA_CLIP, EMA_WEIGHT, CadencePlanner, adaptive_gap
 from lightning_curvature.core import NonFiniteCurvatureError, math_attention, preserved_model_state
 from lightning_curvature.core._batch import BatchDim, LayoutLoss, iter_batches, to_compute
-from lightning_curvature.core.hvp import check_loss
+from lightning_curvature.core.hvp import _LossModule, check_loss, compute_dtype_for
 from lightning_curvature.core.sharded import is_sharded
 
 __all__ = [
@@ -143,22 +143,6 @@ def check_loss_value(loss: Any) -> Tensor:
     return loss
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-class _LossCall(nn.Module):
-    """``loss_fn(model, batch)`` as a module, so ``functional_call`` can swap the model's parameters."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> Tensor:
-        return self.loss_fn(self.model, batch)
-
-
 @contextmanager
 def _loss_evaluation(pl_module: nn.Module, mode: Any) -> Iterator[Callable[[LossFn, Any, bool], Any]]:
     """Evaluate losses of ``pl_module`` on copies of its parameters, leaving no trace on it.
@@ -168,7 +152,7 @@ def _loss_evaluation(pl_module: nn.Module, mode: Any) -> Iterator[Callable[[Loss
     the clones; RNG streams, buffers and flags are restored by :func:`preserved_model_state`.
     """
     named = list(pl_module.named_parameters())
-    dtype = _compute_dtype(named[0][1].dtype) if named else torch.float32
+    dtype = compute_dtype_for(named[0][1].dtype) if named else torch.float32
     device = named[0][1].device if named else torch.device("cpu")
 
     with ExitStack() as stack:
@@ -186,7 +170,7 @@ def _loss_evaluation(pl_module: nn.Module, mode: Any) -> Iterator[Callable[[Loss
                     if b.is_floating_point() and b.dtype != dtype and dtype != named[0][1].dtype:
                         mapping[f"model.{n}"] = b.detach().to(dtype)
                 batch = to_compute(batch, device, dtype)
-                return functional_call(_LossCall(pl_module, loss_fn), mapping, (batch,), strict=False)
+                return functional_call(_LossModule(pl_module, loss_fn), mapping, (batch,), strict=False)
 
         yield call
 
