@@ -330,6 +330,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         self._warned: set[str] = set()
         self._fed: dict[int, float] = {}  # optimizer index -> sharpness fed to its schedulers
         self._subscribers: dict[int, list[SharpnessSubscriber]] = {}  # optimizer index -> schedulers (fit start)
+        self._requesters: list[MeasurementRequester] = []  # those of them that may ask for a measurement
         self.last_method: str | None = None  # how the latest products were computed
 
     # -- public view of the latest measurement --------------------------------------------------------------------
@@ -359,6 +360,10 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._subscribers = attach(trainer, SharpnessSubscriber, self)
+        # checked once here, not per step (a runtime protocol check is slow for a hot path)
+        self._requesters = [
+            s for scheds in self._subscribers.values() for s in scheds if isinstance(s, MeasurementRequester)
+        ]
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -425,12 +430,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     @override
     def _requested(self, trainer: pl.Trainer, step: int) -> bool:
         """Whether a subscribed scheduler asks for a measurement before the update ``step``."""
-        return any(
-            sched.wants_measurement(step)
-            for scheds in self._subscribers.values()
-            for sched in scheds
-            if isinstance(sched, MeasurementRequester)
-        )
+        return any(sched.wants_measurement(step) for sched in self._requesters)
 
     @override
     def _measure(
@@ -524,9 +524,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         if start is not None and len(start) == len(H.space.shapes):
             v0: Any = Handoff([[t.clone() for t in start]])
         else:
-            scale = op.scale if isinstance(op, ScaledOperator) else None
-            cold = cold_start_vector(H, 1, scale=scale)
-            v0 = None if cold is None else Handoff([cold])
+            v0 = _cold_start(op, H, 1)
         res = lanczos(
             op, k=1, tol=max(self.tol, FEED_TOL), max_iter=self.max_iter, v0=v0, return_warm_start=self.warm_start,
             max_vectors=self.max_vectors,
@@ -556,9 +554,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         self._warm_start.pop(index, None)  # its memory counts in max_vectors: drop it before the solve
         max_iter = max(self.max_iter, k)
         if v0 is None:
-            scale = op.scale if isinstance(op, ScaledOperator) else None
-            cold = cold_start_vector(H, k, scale=scale)  # the gradient start for k = 1, as in `hessian_eigenvalues`
-            v0 = None if cold is None else Handoff([cold])
+            v0 = _cold_start(op, H, k)
         elif self.tracking_products is not None:
             # tracking: a few products from the previous top-k vectors (for k = 1 Lanczos from the last top vector),
             # not run to tol; the error estimate is logged and a certified cold solve comes every cold_start_every
@@ -607,6 +603,12 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         if isinstance(restored, dict):
             self._warm_start = {int(i): [list(v) for v in vectors] for i, vectors in restored.items()}
         self._warm_in_a_row = int(state_dict.get("warm_in_a_row", self._warm_in_a_row))
+
+
+def _cold_start(op: Any, H: HessianOperator, k: int) -> Handoff | None:
+    """The start of a cold solve, as in ``hessian_eigenvalues`` (the gradient mixed in for ``k = 1``), or ``None``."""
+    cold = cold_start_vector(H, k, scale=op.scale if isinstance(op, ScaledOperator) else None)
+    return None if cold is None else Handoff([cold])
 
 
 def _overlap(space: Any, gradient: Vector, eigenvectors: list[Vector]) -> float:
