@@ -3,6 +3,7 @@ must tolerate (unused parameters, in-place forwards, bad losses, iterables of ba
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -220,6 +221,21 @@ def test_a_dataloader_is_one_curvature_batch_averaged_by_size() -> None:
     torch.testing.assert_close(fd.eigenvalues[0], torch.linalg.eigvalsh(H)[-1], rtol=1e-6, atol=0)
     with pytest.warns(RuntimeWarning, match="shuffle"):
         hessian_eigenvalues(model, ce_loss, DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True), k=1)
+
+
+def test_the_operators_loss_is_the_mean_loss_of_the_curvature_batch() -> None:
+    """Read from the double-backward graphs (one per physical batch, no forward of its own) or by a forward pass
+    (finite differences): the size-weighted mean over the batches, against the float64 loss of all examples."""
+    model = mlp(hidden=4)
+    x, y = digits(90)
+    reference = float(ce_loss(copy.deepcopy(model).double(), (x.double(), y)))
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)  # 32 + 32 + 26
+    for method in ("double_backward", "finite_difference"):
+        with HessianOperator(model, ce_loss, loader, method=method, reuse_graph=True) as H:
+            forwards = H.num_grad
+            assert H.loss() == pytest.approx(reference, rel=1e-6)
+            if method == "double_backward":
+                assert H.num_grad == forwards == 3  # the three graphs, built at entry, carry the loss
 
 
 def test_a_generator_of_batches_is_read_once() -> None:

@@ -40,7 +40,6 @@ from typing_extensions import override
 from lightning_curvature.callbacks._batch_source import LayoutCache, expected_batch_size
 from lightning_curvature.callbacks._common import (
     CurvatureCallback,
-    _loss_evaluation,
     check_bool,
     check_choice,
     check_optional_int,
@@ -235,9 +234,8 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
             seed=self.seed, compiled=True if compiled and self.method == "auto" else None,
         ) as H:  # fmt: skip
             hu = H.matvec(u_flat)
+            loss = H.loss()  # at the parameters of the update (double backward: from the product's own graph)
         n, d = directional_terms(g_flat, u_flat.to(hu.dtype), hu, params=theta, weight_decay=wd_flat, maximize=mask)
-        with _loss_evaluation(pl_module, self.mode) as call:  # the loss at the parameters of the update (no graph)
-            loss = float(torch.as_tensor(call(loss_fn, batch, False)).detach())
         return n, d, loss
 
     @override

@@ -373,6 +373,7 @@ class HessianOperator(CurvatureOperator):
         self._devices = model_devices(model)
         self._stack: ExitStack | None = None
         self._graphs: list[tuple[list[Tensor], list[Tensor], int]] | None = None
+        self._graph_losses: list[Tensor] = []  # the loss of each stored graph's batch
         self.num_check_products = 0
         self._gradient: Vector | None = None
         self._kinks: dict[int, list[Any]] = {}
@@ -410,6 +411,7 @@ class HessianOperator(CurvatureOperator):
     def __exit__(self, *exc: object) -> None:
         self._error_weight = None
         self._graphs = None
+        self._graph_losses = []
         self._gradient = None
         self._kinks = {}
         if self._stack is not None:
@@ -462,12 +464,17 @@ class HessianOperator(CurvatureOperator):
                 rest[key] = t.detach().to(self.space.dtype)
         return rest
 
-    def _grad_with_graph(self, batch: Any) -> tuple[list[Tensor], list[Tensor], int]:
+    def _grad_with_graph(
+        self, batch: Any, losses: list[Tensor] | None = None
+    ) -> tuple[list[Tensor], list[Tensor], int]:
+        """Parameter copies, the gradient with its graph, and the batch size; ``losses`` collects the loss."""
         params = self.parameter_copies()
         lean = LeanDoubleBackward() if self.lean_double_backward else nullcontext()
         with lean:  # conv and ReLU double backward without PyTorch's avoidable work
             loss = self._loss(params, batch)
         self._check_finite_loss(loss)
+        if losses is not None:
+            losses.append(loss.detach())
         raw = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(raw, params)]
         self.num_grad += 1
@@ -498,8 +505,10 @@ class HessianOperator(CurvatureOperator):
         return [g.detach() if g is not None else torch.zeros_like(p) for g, p in zip(raw, params)]
 
     def _build_graphs(self) -> None:
+        losses: list[Tensor] = []
         with self._exact_context():
-            self._graphs = [self._grad_with_graph(b) for b in self._batches]
+            self._graphs = [self._grad_with_graph(b, losses) for b in self._batches]
+        self._graph_losses = losses
 
     def _prepare(self) -> None:
         if self.sharded:
@@ -806,6 +815,25 @@ class HessianOperator(CurvatureOperator):
         assert acc is not None
         self._gradient = self._finish(acc, count, "gradient")
         return self._gradient
+
+    def loss(self) -> float:
+        """The mean loss of this process's curvature batch at :math:`\theta` (weighted by batch size, not reduced
+        across processes): read from the double-backward graphs when they are kept, else one forward pass per
+        physical batch on copies of the parameters (in the operator's mode, with its dropout seed)."""
+        self._require_open()
+        if self._graphs is not None and len(self._graph_losses) == len(self._graphs):
+            parts = [(value, n) for value, (_, _, n) in zip(self._graph_losses, self._graphs)]
+        else:
+            parts = []  # with autograd on: the loss is checked to depend on the parameters; its graph is dropped
+            for b in self._batches:
+                if self.sharded:  # through FSDP's own forward (it all-gathers the shards)
+                    value = self._seeded_loss(self.model, to_compute(b, self.space.device, self.dtype_in))
+                    reshard(self.model)
+                else:
+                    value = self._loss(self.parameter_copies(), b)
+                parts.append((value.detach(), batch_size(b)))
+        total = sum(float(n) for _, n in parts)
+        return sum(float(value) * float(n) for value, n in parts) / total
 
     def parameters_flat(self) -> Tensor:
         """The current parameter values as one flat vector in the compute dtype."""
