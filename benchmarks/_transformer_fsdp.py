@@ -121,4 +121,10 @@ if __name__ == "__main__":
     if sys.argv[1] == "--unsharded":
         unsharded(int(sys.argv[2]))
     else:
-        sharded(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+        try:
+            sharded(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+        finally:
+            # Lightning leaves the gloo process group alive; without this the interpreter sometimes aborts at exit
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+                torch.distributed.destroy_process_group()
