@@ -15,7 +15,7 @@ from torch import nn
 
 import lightning_curvature.core.hvp as hvp_module
 from lightning_curvature.core.hvp import HessianOperator
-from lightning_curvature.core.operators import ScaledOperator
+from lightning_curvature.core.operators import RELIABLE_PRODUCT_ERROR, ScaledOperator
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -104,9 +104,9 @@ def test_a_monitor_skips_a_measurement_whose_products_are_too_inaccurate(
 
     original = HessianOperator._richardson
 
-    def inaccurate(self: HessianOperator, *args: Any) -> tuple[Any, float]:
-        R, _ = original(self, *args)
-        return R, 0.5
+    def inaccurate(self: HessianOperator, *args: Any) -> tuple[Any, float, float]:
+        R, _, f = original(self, *args)
+        return R, 0.5 / hvp_module.FD_SAFETY, f  # reported: 50%
 
     monkeypatch.setattr(HessianOperator, "_richardson", inaccurate)
 
@@ -123,3 +123,60 @@ def test_a_monitor_skips_a_measurement_whose_products_are_too_inaccurate(
         make_trainer(tmp_path, max_steps=2, callbacks=[hess]).fit(model, classification_loader(x, y, batch_size=16))
     assert hess.num_failures == 2 and all(math.isnan(v) for _, v in hess.history)
     assert model.sched.num_observations == 0 and model.optimizers().param_groups[0]["lr"] == model.lr
+
+
+def _wavy_loss_at(omega: float) -> Any:
+    def loss(model: Wavy, batch: torch.Tensor) -> torch.Tensor:
+        return torch.cos(omega * model.theta).mean() / omega**2 + 0.0 * batch.sum()
+
+    return loss
+
+
+def test_a_step_at_a_period_of_the_loss_is_not_trusted() -> None:
+    """ω·ε = 2π along a coordinate: D(ε) ≈ D(2ε) by aliasing, far from Hv. The search must not take their agreement
+    for accuracy (it did: estimate 2e-3, error 100%)."""
+    model, batch = Wavy(), torch.zeros(4, 1)
+    v = torch.eye(200)[0]
+    with HessianOperator(model, wavy_loss, batch, method="finite_difference") as H:
+        eps = H._fd_step(H.space.coerce(v))
+    omega = 2.0 * math.pi / eps
+    theta = model.theta.detach().double()
+    exact = -torch.cos(omega * theta) * v.double() / theta.numel()
+    with HessianOperator(model, _wavy_loss_at(omega), batch, method="finite_difference") as H:
+        hv = H.matvec(v)
+        estimate = H.product_error
+    # either an estimate that covers the error or one beyond RELIABLE_PRODUCT_ERROR (then no bound is reported)
+    assert _rel(hv, exact) > 0.5
+    assert estimate >= _rel(hv, exact) or estimate > RELIABLE_PRODUCT_ERROR
+
+
+def test_beyond_a_reliable_estimate_no_bound_is_reported() -> None:
+    """Products the search cannot make accurate (a loss varying faster than any step tried): eigenvalue bounds and
+    the trace's standard error are inf, not a number that does not cover the error."""
+    from lightning_curvature import hessian_eigenvalues, hessian_trace
+
+    model, batch, loss = Wavy(), torch.zeros(4, 1), _wavy_loss_at(3000.0)
+    with HessianOperator(model, loss, batch, method="finite_difference") as H:
+        H.matvec(torch.randn(200, generator=torch.Generator().manual_seed(0)))
+        assert H.product_error > RELIABLE_PRODUCT_ERROR
+    with pytest.warns(RuntimeWarning, match="no error bound is reported"):
+        res = hessian_eigenvalues(model, loss, batch, k=2, tol=1e-3, method="finite_difference", max_iter=60)
+    assert not res.converged and bool(torch.isinf(res.error_bounds).all())
+    with pytest.warns(RuntimeWarning, match="std_error is inf"):
+        tr = hessian_trace(model, loss, batch, num_samples=9, method="finite_difference")
+    assert math.isinf(tr.std_error)
+
+
+def test_the_trace_standard_error_covers_the_bias_of_finite_differences() -> None:
+    """A diagonal Hessian: every Rademacher sample of Hutchinson's estimator is exact, so the estimate's only error
+    is the products' bias. With exact products the standard error is 0 and the error float32 rounding; with finite
+    differences the standard error must cover the bias (it was 0 too)."""
+    from lightning_curvature import hessian_trace
+
+    model, batch = Wavy(), torch.zeros(4, 1)
+    exact = float((-torch.cos(OMEGA * model.theta.detach().double()) / 200).sum())
+    db = hessian_trace(model, wavy_loss, batch, num_samples=12, estimator="hutchinson", method="double_backward")
+    assert abs(db.estimate - exact) < 1e-5 * abs(exact) and db.std_error < 1e-5 * abs(exact)
+    fd = hessian_trace(model, wavy_loss, batch, num_samples=12, estimator="hutchinson", method="finite_difference")
+    assert abs(fd.estimate - exact) > 1e-5 * abs(exact)  # the products are inexact: there is a bias to cover
+    assert abs(fd.estimate - exact) <= fd.std_error < 1e-2 * abs(exact)

@@ -11,6 +11,7 @@ vectors), :func:`~lightning_curvature.core.hessian_trace`,
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -49,7 +50,7 @@ from lightning_curvature.core.eigen import cold_start_vector, preconditioned_ope
 from lightning_curvature.core.errors import InaccurateProductsError
 from lightning_curvature.core.hvp import HVPMethod
 from lightning_curvature.core.lanczos import Handoff
-from lightning_curvature.core.operators import ScaledOperator
+from lightning_curvature.core.operators import RELIABLE_PRODUCT_ERROR, ScaledOperator
 from lightning_curvature.core.preconditioner import preconditioner_parts, predicted_first_step_preconditioner
 from lightning_curvature.core.sharded import reshard
 from lightning_curvature.core.vectors import Vector
@@ -78,8 +79,9 @@ __all__ = [
 ]
 
 _METHODS = ("auto", "double_backward", "finite_difference", "forward_over_reverse")
-#: Estimated relative error of the products above which a measurement is skipped as failed (finite differences)
-MAX_PRODUCT_ERROR = 0.05
+#: Estimated relative error of the products above which a measurement is skipped as failed (finite differences
+#: whose error estimate is no longer reliable: the solvers report no bound there either)
+MAX_PRODUCT_ERROR = RELIABLE_PRODUCT_ERROR
 #: Relative tolerance (at least) of a measurement made because a scheduler asked for it: the edge-following rule
 #: compares edge ratios with factors of 0.9 and 2, so 1% is ample.
 FEED_TOL = 1e-2
@@ -458,7 +460,11 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
                 feedable = (not adaptive) or precond is not None
                 op = preconditioned_operator(H, precond)
                 feed = self._requested_only
-                res = self._feed_eigenpair(op, H, index or 0) if feed else self._eigenpairs(op, H, index or 0)
+                with warnings.catch_warnings():  # an unreliable estimate is reported below as a skipped measurement
+                    warnings.filterwarnings(
+                        "ignore", message="The finite-difference products are", category=RuntimeWarning
+                    )
+                    res = self._feed_eigenpair(op, H, index or 0) if feed else self._eigenpairs(op, H, index or 0)
                 if op.product_error > MAX_PRODUCT_ERROR:  # a measurement that cannot be made: skipped, not fed
                     raise InaccurateProductsError(
                         f"finite-difference products are {op.product_error:.1%} off by their own estimate (no step "

@@ -16,11 +16,12 @@ Four ways to compute :math:`Hv` (``method=``):
   eigenvector of a trained network the loss is far from quadratic and the first step's truncation error can reach
   percents, while a preconditioned direction needs a larger step against rounding. So the two central differences
   the extrapolation uses also estimate its error, and above :data:`FD_TARGET` the step is searched (halved while the
-  estimate falls, else doubled); the estimate is :attr:`HessianOperator.product_error`, and the eigenvalue solvers
-  never report a bound below it. The perturbed gradients are evaluated with the ReLU/max-pool pattern of
-  :math:`\theta` (:mod:`._frozen_kinks`): otherwise their jumps at the kinks bias the difference by O(1). Works
-  wherever training works; four gradients per product (two more per step tried; two for ``fd_order=2``, which
-  neither searches nor estimates).
+  estimate falls, else doubled); :data:`FD_SAFETY` times the estimate is :attr:`HessianOperator.product_error`, and
+  the eigenvalue solvers never report a bound below it (nor any above
+  :data:`~.operators.RELIABLE_PRODUCT_ERROR`: ``inf``, not converged). The perturbed gradients are evaluated with the
+  ReLU/max-pool pattern of :math:`\theta` (:mod:`._frozen_kinks`): otherwise their jumps at the kinks bias the
+  difference by O(1). Works wherever training works; four gradients per product (two more per step tried; two for
+  ``fd_order=2``, which neither searches nor estimates).
 * ``"forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad``; no graph is kept between products. Fails
   through BatchNorm in train mode (in-place buffer updates).
 * ``"auto"`` (default): double backward where it exists and is valid, finite differences otherwise. At the first
@@ -140,6 +141,13 @@ def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
 FD_TARGET = 1e-3
 #: Halvings (or doublings) of the step the search tries at most.
 FD_SEARCH = 4
+#: The reported error is this many times the estimate :math:`t`: where rounding dominates, the extrapolated
+#: difference's error is about 1.2 t (its noise is :math:`\sqrt{16.25}/3` of one difference's, :math:`t`'s
+#: :math:`\sqrt{1.25}`); where truncation dominates, :math:`t` already overestimates it.
+FD_SAFETY = 2.0
+#: A halving of the step that raises the error estimate more than this many times discards the larger step's
+#: estimate (rounding alone raises it about 2x; more means the larger steps did not resolve the loss).
+FD_JUMP = 4.0
 
 
 def finite_difference_step(dtype: torch.dtype, scale: float, v_norm: float, order: int = 4) -> float:
@@ -325,6 +333,8 @@ class HessianOperator(CurvatureOperator):
         self.fd_order = fd_order
         #: largest estimated relative error of the finite-difference products so far (0 for exact methods)
         self.product_error = 0.0
+        #: estimated absolute error of :math:`v^\top Hv` for the last product (0 for exact methods)
+        self.form_error = 0.0
         self._error_weight: Vector | None = None
         self.mode = check_mode(mode)
         reshard(model)  # FSDP2 modules left unsharded by a forward without backward: measure the shards
@@ -581,75 +591,91 @@ class HessianOperator(CurvatureOperator):
                     count += n
         else:
             eps = self._fd_step(v)
+            form = 0.0
             for i, b in enumerate(self._batches):
                 n = 1 if (self.sharded or alone) else batch_size(b)
                 if self.fd_order == 2:
                     part = [t.mul_(1.0 / (2.0 * eps)) for t in self._central_difference(i, b, v, eps)]
                 else:
-                    part, error = self._richardson(i, b, v, eps)
-                    self.product_error = max(self.product_error, error)
+                    part, error, form_b = self._richardson(i, b, v, eps)
+                    self.product_error = max(self.product_error, FD_SAFETY * error)
+                    form += n * FD_SAFETY * form_b
                 acc = _accumulate(acc, part, n)
                 count += n
+            self.form_error = form / count if count else 0.0
         assert acc is not None
         return self._finish(acc, count, "Hessian-vector product")
 
-    def _richardson(self, i: int, batch: Any, v: Vector, eps: float) -> tuple[Vector, float]:
+    def _richardson(self, i: int, batch: Any, v: Vector, eps: float) -> tuple[Vector, float, float]:
         r"""Richardson's :math:`R(h) = (4D(h) - D(2h))/3` of central differences :math:`D(h) = (g_{+h} - g_{-h})/2h`,
-        with the step searched from ``eps`` (see :data:`FD_TARGET`); returns ``(R, t)``.
+        with the step searched from ``eps`` (see :data:`FD_TARGET`); returns ``(R, t, f)``, ``f`` =
+        :math:`|v^\top(D(h) - D(2h))|` the same estimate for the quadratic form :math:`v^\top Hv`.
 
         :math:`t = \|D(h) - D(2h)\| / \|R(h)\|` (in the norm of :meth:`error_weight`) estimates the error of the
         product: where truncation dominates it falls 4-fold per halving of :math:`h` and overestimates the error of
         :math:`R`; where rounding dominates it doubles per halving and about equals it. Above :data:`FD_TARGET`
         the step is halved while :math:`t` falls, else doubled while it falls (at most :data:`FD_SEARCH` times
-        each, two more gradients per try); the smallest :math:`t` wins.
+        each, two more gradients per try); the smallest :math:`t` wins. A halving that raises :math:`t` more than
+        :data:`FD_JUMP` times (aliasing: a step near a period of the loss along ``v`` gives :math:`D(h) \approx
+        D(2h)` far from :math:`Hv`) discards the larger step and goes on halving. The estimate assumes the step
+        resolves the loss along ``v``; a loss that varies on a scale below every step tried can still fool it.
         """
 
         def slope(h: float) -> Vector:
             return [t.mul_(0.5 / h) for t in self._central_difference(i, batch, v, h)]
 
-        def estimate(small: Vector, big: Vector) -> tuple[Vector, float]:
+        def estimate(small: Vector, big: Vector) -> tuple[Vector, float, float]:
             # one tensor at a time: no parameter-sized temporaries beyond R
             w = self._error_weight
-            sq = torch.zeros(2, dtype=torch.float64, device=self.space.device)
+            sums = torch.zeros(3, dtype=torch.float64, device=self.space.device)
             R: Vector = []
             for j, (a, c) in enumerate(zip(small, big)):
-                d = a - c if w is None else (a - c).mul_(w[j])
+                d = a - c
+                form = dot64(d, v[j])
+                if w is not None:
+                    d.mul_(w[j])
                 r = a.mul(4.0 / 3.0).sub_(c, alpha=1.0 / 3.0)
                 rw = r if w is None else r * w[j]
-                sq += torch.stack([dot64(d, d), dot64(rw, rw)]).to(sq.device)
+                sums += torch.stack([dot64(d, d), dot64(rw, rw), form]).to(sums.device)
                 R.append(r)
                 del d, rw
             if self.space.reduce_fn is not None:  # sharded vectors: sum over the shard group
-                sq = self.space.reduce_fn(sq)
-            diff, size = (float(x) for x in sq.clamp_min(0.0).sqrt().cpu())
-            return R, diff / max(size, 1e-300)
+                sums = self.space.reduce_fn(sums)
+            diff, size, form_diff = (float(x) for x in sums.cpu())
+            return R, math.sqrt(max(diff, 0.0)) / max(math.sqrt(max(size, 0.0)), 1e-300), abs(form_diff)
 
         lo, hi = slope(eps), slope(2.0 * eps)
-        best, t_best = estimate(lo, hi)
+        best, t_best, f_best = estimate(lo, hi)
         if not t_best > FD_TARGET:
-            return best, t_best
+            return best, t_best, f_best
         halved = False
         h = eps
         for _ in range(FD_SEARCH):  # truncation: smaller steps while t falls
             lower = slope(h / 2.0)
-            R, t = estimate(lower, lo)
+            R, t, f = estimate(lower, lo)
+            if t > FD_JUMP * t_best:
+                # rounding raises t about 2x per halving; a larger jump means the larger steps were not resolving
+                # the loss (a step near a period of it: D(h) ≈ D(2h) by aliasing), so their t proves nothing
+                best, t_best, f_best, lo, h, halved = R, t, f, lower, h / 2.0, True
+                hi = []
+                continue
             if not t < t_best:
                 break
-            best, t_best, lo, h, halved = R, t, lower, h / 2.0, True
+            best, t_best, f_best, lo, h, halved = R, t, f, lower, h / 2.0, True
             hi = []  # not needed once a halving helped (frees a vector)
             if not t_best > FD_TARGET:
-                return best, t_best
+                return best, t_best, f_best
         if not halved:  # rounding: larger steps while t falls
             below = hi  # D(2ε)
             for _ in range(FD_SEARCH):
                 higher = slope(4.0 * h)
-                R, t = estimate(below, higher)
+                R, t, f = estimate(below, higher)
                 if not t < t_best:
                     break
-                best, t_best, below, h = R, t, higher, 2.0 * h
+                best, t_best, f_best, below, h = R, t, f, higher, 2.0 * h
                 if not t_best > FD_TARGET:
                     break
-        return best, t_best
+        return best, t_best, f_best
 
     @contextmanager
     def error_weight(self, weight: Vector) -> Iterator[None]:

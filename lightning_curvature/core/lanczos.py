@@ -41,7 +41,13 @@ from lightning_curvature.core._davidson import davidson_min_vectors, davidson_wa
 from lightning_curvature.core._krylov_schur import krylov_schur
 from lightning_curvature.core._ritz import GUARD, WHICH, StoppingRule, Which
 from lightning_curvature.core.errors import NonFiniteCurvatureError
-from lightning_curvature.core.operators import CallableOperator, CurvatureOperator, DenseOperator, as_operator
+from lightning_curvature.core.operators import (
+    RELIABLE_PRODUCT_ERROR,
+    CallableOperator,
+    CurvatureOperator,
+    DenseOperator,
+    as_operator,
+)
 from lightning_curvature.core.vectors import Vector, add_, scale_
 
 __all__ = ["Handoff", "LanczosResult", "Operator", "Which", "lanczos", "lanczos_tridiagonal"]
@@ -263,11 +269,21 @@ def lanczos(
     if out.theta.numel() < k:
         raise ValueError(f"The search space has dimension {out.theta.numel()} < k={k}.")
     vecs = out.vectors
+    bounds = out.bounds[:k].clone()
+    if op.product_error > RELIABLE_PRODUCT_ERROR:
+        bounds.fill_(math.inf)
+        warnings.warn(
+            f"The finite-difference products are {op.product_error:.1%} off by their own estimate, beyond which the "
+            "estimate is not reliable: no error bound is reported (inf) and the eigenvalues are not certified. "
+            "Use method='double_backward' (eager code) where it runs, or float64.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return LanczosResult(
         eigenvalues=out.theta[:k].clone(),
         eigenvectors=_output(op, vecs[:k]) if return_eigenvectors else None,
         residuals=out.residuals[:k].clone(),
-        error_bounds=out.bounds[:k].clone(),
+        error_bounds=bounds,
         num_matvecs=out.num_matvecs,
         # products less accurate than tol (finite differences that found no good step) cannot meet it
         converged=out.converged and not op.product_error > tol,

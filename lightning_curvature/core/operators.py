@@ -22,7 +22,20 @@ from torch import Tensor
 
 from lightning_curvature.core.vectors import Vector, VectorSpace
 
-__all__ = ["CallableOperator", "CurvatureOperator", "DenseOperator", "ScaledOperator", "as_operator"]
+__all__ = [
+    "RELIABLE_PRODUCT_ERROR",
+    "CallableOperator",
+    "CurvatureOperator",
+    "DenseOperator",
+    "ScaledOperator",
+    "as_operator",
+]
+
+#: Above this relative :attr:`CurvatureOperator.product_error` the estimate itself is not trusted: the error estimate
+#: of finite-difference products (:meth:`~lightning_curvature.core.hvp.HessianOperator._richardson`) holds only where
+#: the differences are in their asymptotic regime, and a step search that ends at percents of error has not found
+#: it. The solvers then report no bound (``inf``) and ``converged=False``, and the monitors skip the measurement.
+RELIABLE_PRODUCT_ERROR = 0.05
 
 
 class CurvatureOperator:
@@ -34,8 +47,12 @@ class CurvatureOperator:
     space: VectorSpace
     num_matvecs: int = 0
     #: relative accuracy of the products (0 for exact ones; finite differences estimate theirs): the eigenvalue
-    #: solvers never report a bound below ``product_error`` times the operator's scale
+    #: solvers never report a bound below ``product_error`` times the operator's scale, nor any finite bound above
+    #: :data:`RELIABLE_PRODUCT_ERROR`
     product_error: float = 0.0
+    #: estimated absolute error of the quadratic form :math:`v^\top Av` of the last product (0 for exact ones): what
+    #: the trace estimators add to their standard error
+    form_error: float = 0.0
 
     @property
     def dim(self) -> int:
@@ -134,6 +151,11 @@ class ScaledOperator(CurvatureOperator):
     def product_error(self) -> float:  # type: ignore[override]
         """The inner operator's, measured in this operator's output (see :meth:`_matvec`)."""
         return float(getattr(self.A, "product_error", 0.0))
+
+    @property
+    def form_error(self) -> float:  # type: ignore[override]
+        """The inner operator's: :math:`v^\top DADv = (Dv)^\top A(Dv)`, the form ``A`` estimated for ``Dv``."""
+        return float(getattr(self.A, "form_error", 0.0))
 
     def _matvec(self, v: Vector) -> Vector:
         scaled = [d * t for d, t in zip(self.scale, v)]

@@ -16,6 +16,7 @@ This removes the outliers' variance, which dominates for network Hessians.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -27,7 +28,7 @@ from lightning_curvature.core._basis import Basis
 from lightning_curvature.core._batch import as_batch_first
 from lightning_curvature.core.hvp import HessianOperator, HVPMethod, LossFn, ReduceFn
 from lightning_curvature.core.lanczos import Operator
-from lightning_curvature.core.operators import CurvatureOperator, as_operator
+from lightning_curvature.core.operators import RELIABLE_PRODUCT_ERROR, CurvatureOperator, as_operator
 
 __all__ = ["TraceResult", "hessian_trace", "hutchinson_trace", "hutchpp_trace"]
 
@@ -38,7 +39,8 @@ class TraceResult:
 
     Attributes:
         estimate: the estimated trace.
-        std_error: standard error of ``estimate`` (0 when exact).
+        std_error: standard error of ``estimate`` (0 when exact); with finite-difference products, plus the bias
+            their estimated error allows (``inf`` when that estimate is not reliable).
         num_hvp: products used (for :func:`hessian_trace`; ``num_matvecs`` for the generic estimators).
     """
 
@@ -54,6 +56,24 @@ def _mean_and_se(samples: list[float]) -> tuple[float, float]:
         return mean, math.inf
     var = math.fsum((s - mean) ** 2 for s in samples) / (m - 1)
     return mean, math.sqrt(var / m)
+
+
+def _with_product_bias(op: CurvatureOperator, se: float, bias: float) -> float:
+    r"""``se`` plus the bias inexact products add to the estimate: ``bias`` sums the estimated errors of its
+    quadratic forms :math:`z^\top Az` (:attr:`~lightning_curvature.core.operators.CurvatureOperator.form_error`,
+    averaged where the samples are). Above :data:`~lightning_curvature.core.operators.RELIABLE_PRODUCT_ERROR` the
+    estimates are not trusted and no bound is given (``inf``), with a warning.
+    """
+    error = float(op.product_error)
+    if error > RELIABLE_PRODUCT_ERROR:
+        warnings.warn(
+            f"The finite-difference products are {error:.1%} off by their own estimate, beyond which the estimate is "
+            "not reliable: the trace's std_error is inf. Use method='double_backward' (eager code) where it runs.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return math.inf
+    return se + bias
 
 
 def _operator_and_probes(
@@ -120,13 +140,15 @@ def hutchinson_trace(
     if deflate is not None and deflate_eigenvalues is not None:
         V = _deflation_basis(op, deflate)
         exact = float(deflate_eigenvalues.sum())
-    samples = []
+    samples, form_errors = [], []
     for _ in range(num_matvecs):
         z = space.rademacher(gen)
         if V is not None:
             V.subtract(z, V.dots(z))
         samples.append(float(space.dot(z, op.matvec(z))))
+        form_errors.append(float(op.form_error))
     mean, se = _mean_and_se(samples)
+    se = _with_product_bias(op, se, math.fsum(form_errors) / num_matvecs)
     return TraceResult(estimate=exact + mean, std_error=se, num_hvp=num_matvecs)
 
 
@@ -167,15 +189,23 @@ def hutchpp_trace(
         nrm = float(space.norm(y))
         if nrm > 1e-10 * max(before, 1e-300):
             Q.append([t / nrm for t in y])
-    exact = math.fsum(float(space.dot(Q.vector(i), op.matvec(list(Q.vector(i))))) for i in range(len(Q)))
-    samples = []
+    exact_parts, exact_errors = [], []
+    for i in range(len(Q)):
+        q = Q.vector(i)
+        exact_parts.append(float(space.dot(q, op.matvec(list(q)))))
+        exact_errors.append(float(op.form_error))
+    exact = math.fsum(exact_parts)
+    samples, form_errors = [], []
     for _ in range(h):
         z = space.rademacher(gen)
         Q.subtract(z, Q.dots(z))
         Az = op.matvec(z)
+        form_errors.append(float(op.form_error))  # of z'Az; the projection below changes Az, not z'Az (Qᵀz = 0)
         Q.subtract(Az, Q.dots(Az))
         samples.append(float(space.dot(z, Az)))
     mean, se = _mean_and_se(samples) if samples else (0.0, math.inf)
+    bias = math.fsum(exact_errors) + (math.fsum(form_errors) / len(form_errors) if form_errors else 0.0)
+    se = _with_product_bias(op, se, bias)
     return TraceResult(estimate=exact + mean, std_error=se, num_hvp=s + len(Q) + h)
 
 
