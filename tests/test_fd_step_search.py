@@ -180,3 +180,17 @@ def test_the_trace_standard_error_covers_the_bias_of_finite_differences() -> Non
     fd = hessian_trace(model, wavy_loss, batch, num_samples=12, estimator="hutchinson", method="finite_difference")
     assert abs(fd.estimate - exact) > 1e-5 * abs(exact)  # the products are inexact: there is a bias to cover
     assert abs(fd.estimate - exact) <= fd.std_error < 1e-2 * abs(exact)
+
+
+def test_power_iteration_bounds_include_the_product_error() -> None:
+    from lightning_curvature import power_iteration
+
+    model, batch = Wavy(), torch.zeros(4, 1)
+    exact = float((-torch.cos(OMEGA * model.theta.detach().double()) / 200).abs().max())
+    with HessianOperator(model, wavy_loss, batch, method="finite_difference") as H:
+        res = power_iteration(H, max_iter=300, tol=1e-9)
+        assert H.product_error > 0.0 and float(res.error_bounds[0]) >= H.product_error * abs(float(res.eigenvalues[0]))
+    assert abs(abs(float(res.eigenvalues[0])) - exact) <= float(res.error_bounds[0])
+    with HessianOperator(model, _wavy_loss_at(3000.0), batch, method="finite_difference") as H:
+        res = power_iteration(H, max_iter=20)
+    assert math.isinf(float(res.error_bounds[0])) and not res.converged
