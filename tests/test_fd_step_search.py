@@ -194,3 +194,24 @@ def test_power_iteration_bounds_include_the_product_error() -> None:
     with HessianOperator(model, _wavy_loss_at(3000.0), batch, method="finite_difference") as H:
         res = power_iteration(H, max_iter=20)
     assert math.isinf(float(res.error_bounds[0])) and not res.converged
+
+
+def test_float64_products_of_a_float32_model_where_float32_differences_fail() -> None:
+    """``dtype=torch.float64``: the float32 model's products in float64 (copies), accurate where float32 rounding
+    defeats every step; the model keeps its float32 parameters, untouched."""
+    from lightning_curvature import hessian_eigenvalues
+
+    model, batch, loss = Wavy(), torch.zeros(4, 1), _wavy_loss_at(3000.0)
+    before = model.theta.detach().clone()
+    theta = before.double()
+    v = torch.randn(200, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = -torch.cos(3000.0 * theta) * v / 200
+    with HessianOperator(model, loss, batch, method="finite_difference", dtype=torch.float64) as H:
+        hv = H.matvec(v)
+        assert hv.dtype == torch.float64 and _rel(hv, exact) < 1e-6 and H.product_error < 1e-2
+    res = hessian_eigenvalues(model, loss, batch, k=1, tol=1e-2, method="finite_difference", dtype=torch.float64)
+    top = float((-torch.cos(3000.0 * theta) / 200).max())
+    assert res.converged and abs(float(res.eigenvalues[0]) - top) <= float(res.error_bounds[0]) < 1e-2 * top
+    assert model.theta.dtype == torch.float32 and torch.equal(model.theta.detach(), before)
+    with pytest.raises(ValueError, match="dtype"):
+        HessianOperator(model, loss, batch, dtype=torch.int64)  # type: ignore[arg-type]

@@ -219,6 +219,7 @@ def hessian_eigenvalues(
     block_size: int = 1,
     reuse_graph: bool | None = None,
     batch_dim: Any = None,
+    dtype: torch.dtype | None = None,
 ) -> EigenResult:
     r"""The ``k`` largest (or smallest) eigenvalues of the Hessian of ``loss_fn(model, batch)``.
 
@@ -260,6 +261,8 @@ def hessian_eigenvalues(
         batch_dim: where the examples are in each tensor of the batch (an int, or one entry per element, ``None``
             for tensors not split into examples; see :func:`~lightning_curvature.core._batch.infer_batch_layout`);
             ``None``: the leading dimension, checked for consistency.
+        dtype: the dtype of the products (see :class:`HessianOperator`); ``torch.float64`` for finite differences
+            on large float32 models whose float32 products are too inaccurate.
 
     Returns:
         :class:`EigenResult`.
@@ -289,7 +292,7 @@ def hessian_eigenvalues(
         batch, loss_fn = as_batch_first(batch, loss_fn, batch_dim)
     with HessianOperator(
         model, loss_fn, batch, params=params, method=method, mode=mode, reduce_fn=reduce_fn, seed=seed,
-        reuse_graph=reuse_graph,
+        reuse_graph=reuse_graph, dtype=dtype,
     ) as H:  # fmt: skip
         if preconditioner is not None:
             P = H.space.coerce(preconditioner)

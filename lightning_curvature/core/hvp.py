@@ -294,6 +294,11 @@ class HessianOperator(CurvatureOperator):
         fd_order: finite-difference stencil: 4 (default; gradients at ±ε and ±2ε combined by Richardson's
             extrapolation, error :math:`O(\varepsilon^4)`, four gradients per product) or 2 (central difference,
             two gradients, about 4x less accurate).
+        dtype: the dtype the products are computed in (copies of the parameters, the floating buffers and the
+            batch; the model is untouched). Default: the parameters' (float32 for half precision).
+            ``torch.float64`` makes finite differences accurate where float32 rounding defeats every step (tens of
+            millions of parameters), at the cost of float64 arithmetic; a compiled model recompiles for it. Not for
+            sharded parameters.
 
     Raises:
         ValueError: for an unknown ``method``/``mode``/``fd_order`` or an empty batch.
@@ -325,9 +330,12 @@ class HessianOperator(CurvatureOperator):
         fd_order: int = 4,
         compiled: bool | None = None,
         lean_double_backward: bool | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if method not in _METHODS:
             raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"`dtype` must be a floating-point torch.dtype or None, got {dtype!r}.")
         if fd_order not in (2, 4):
             raise ValueError(f"`fd_order` must be 2 or 4, got {fd_order!r}.")
         self.fd_order = fd_order
@@ -361,7 +369,8 @@ class HessianOperator(CurvatureOperator):
         self.reuse_graph = self._batches.single if reuse_graph is None else bool(reuse_graph)
         first = self._named[0][1]
         self.dtype_in = first.dtype
-        dtype = compute_dtype_for(first.dtype)
+        requested_dtype = dtype
+        dtype = compute_dtype_for(first.dtype) if dtype is None else dtype
         params_list = [p for _, p in self._named]
         #: the parameters are FSDP shards: products by finite differences through the module's own forward/backward
         self.sharded = is_sharded(params_list)
@@ -370,6 +379,11 @@ class HessianOperator(CurvatureOperator):
                 raise ValueError(
                     f"method={method!r} needs a double backward or forward-mode AD, which do not exist through FSDP's "
                     "sharded parameters; use method='finite_difference' or 'auto'."
+                )
+            if requested_dtype is not None and requested_dtype != first.dtype:
+                raise ValueError(
+                    f"dtype={requested_dtype} is not supported for sharded parameters (their products run through "
+                    f"FSDP's own forward and backward in {first.dtype})."
                 )
             self.method = "finite_difference"
             self.space = shard_space(params_list, first.dtype)

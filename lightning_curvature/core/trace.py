@@ -224,6 +224,7 @@ def hessian_trace(
     seed: int = 0,
     reuse_graph: bool | None = None,
     batch_dim: Any = None,
+    dtype: torch.dtype | None = None,
 ) -> TraceResult:
     """Trace of the Hessian of ``loss_fn(model, batch)`` with a standard error.
 
@@ -242,6 +243,7 @@ def hessian_trace(
         seed: seed of the probes.
         reuse_graph: see :class:`~lightning_curvature.core.hvp.HessianOperator`.
         batch_dim: where the examples are in the batch's tensors (see :func:`~.eigen.hessian_eigenvalues`).
+        dtype: the dtype of the products (see :class:`~lightning_curvature.core.hvp.HessianOperator`).
 
     Returns:
         :class:`TraceResult` with ``num_hvp``.
@@ -258,7 +260,7 @@ def hessian_trace(
         raise ValueError("`deflate` must be an EigenResult computed with return_eigenvectors=True.")
     with HessianOperator(
         model, loss_fn, batch, params=params, method=method, mode=mode, reduce_fn=reduce_fn, seed=seed,
-        reuse_graph=reuse_graph,
+        reuse_graph=reuse_graph, dtype=dtype,
     ) as H:  # fmt: skip
         if deflate is not None:
             vectors = getattr(deflate, "eigenvector_list", None)
