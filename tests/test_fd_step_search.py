@@ -215,3 +215,27 @@ def test_float64_products_of_a_float32_model_where_float32_differences_fail() ->
     assert model.theta.dtype == torch.float32 and torch.equal(model.theta.detach(), before)
     with pytest.raises(ValueError, match="dtype"):
         HessianOperator(model, loss, batch, dtype=torch.int64)  # type: ignore[arg-type]
+
+
+def test_a_monitor_measures_in_the_product_dtype(tmp_path: Any) -> None:
+    """``product_dtype=torch.float64`` with finite differences logs what exact float32 products log (two seeded,
+    identical runs), and a bad dtype fails at construction."""
+    from conftest import TinyClassifier, classification_loader, make_trainer, random_tensors
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from lightning_curvature import HessianEigenvalueMonitor
+
+    with pytest.raises(MisconfigurationException, match="product_dtype"):
+        HessianEigenvalueMonitor(product_dtype=torch.int32)  # type: ignore[arg-type]
+    x, y = random_tensors(n=32)
+    kw: dict[str, Any] = {"every_n_steps": 2, "k": 1, "tol": 1e-6, "num_examples": 16, "log_histogram": False}
+    exact = HessianEigenvalueMonitor(method="double_backward", **kw)
+    fd64 = HessianEigenvalueMonitor(method="finite_difference", product_dtype=torch.float64, **kw)
+    for monitor in (exact, fd64):
+        torch.manual_seed(0)
+        model = TinyClassifier()
+        make_trainer(tmp_path, max_steps=4, callbacks=[monitor]).fit(model, classification_loader(x, y, batch_size=16))
+    assert fd64.last_method == "finite_difference" and len(exact.history) == len(fd64.history) >= 2
+    assert fd64._warm_start[0][0][0].dtype == torch.float64  # the Ritz vectors live in the products' dtype
+    for (s1, a), (s2, b) in zip(exact.history, fd64.history):
+        assert s1 == s2 and abs(a - b) <= 1e-4 * abs(a)

@@ -28,6 +28,7 @@ from lightning_curvature.callbacks._common import (
     check_choice,
     check_positive_float,
     check_positive_int,
+    check_strategy,
     first_optimizer,
     make_reduce_fn,
     measured_parameters,
@@ -232,13 +233,17 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             measurement (fastest: each Hessian-vector product is one double-backward pass per batch; memory as for
             one batch of ``num_examples``); ``False`` rebuilds it per product (memory of one physical batch, about
             twice the compute).
+        product_dtype: compute the products in this dtype (``torch.float64``: finite differences of a large float32
+            model whose float32 products are too inaccurate and skipped, at the cost of float64 arithmetic);
+            default: the parameters' dtype. Not under sharded strategies.
 
     Raises:
         MisconfigurationException: for ``every_n_steps`` (unless ``None``), ``k``, ``max_iter`` below 1, a
             ``max_overhead`` outside ``(0, 1]``, ``trace_samples`` below 3,
             ``density_num_probes`` or ``density_num_iters`` below 1, a non-positive ``tol``, an unknown ``batch``
-            or ``mode``, a bad ``num_examples``, a non-callable ``loss_fn``; at setup, for a sharded strategy or a
-            module with manual optimization and no ``curvature_loss``.
+            or ``mode``, a bad ``num_examples``, a non-callable ``loss_fn``, a non-floating ``product_dtype``; at
+            setup, for an unsupported strategy, ``product_dtype`` under a sharded one, or a module with manual
+            optimization and no ``curvature_loss``.
 
     Example::
 
@@ -286,6 +291,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         checkpoint_warm_start_max_entries: int = 1_000_000,
         tracking_products: int | None = None,
         batch_dim: BatchDim = None,
+        product_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -313,6 +319,13 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         self.log_histogram = check_bool("log_histogram", log_histogram)
         self.reuse_graph = None if reuse_graph is None else check_bool("reuse_graph", reuse_graph)
         self.method: HVPMethod = check_choice("method", method, _METHODS)  # type: ignore[assignment]
+        if product_dtype is not None and not (
+            isinstance(product_dtype, torch.dtype) and product_dtype.is_floating_point
+        ):
+            raise MisconfigurationException(
+                f"`product_dtype` must be a floating-point torch.dtype or None, got {product_dtype!r}."
+            )
+        self.product_dtype = product_dtype
         if max_vectors is not None:
             check_positive_int("max_vectors", max_vectors, minimum=self.k + 4)
         self.max_vectors = max_vectors
@@ -354,6 +367,14 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if self.product_dtype is not None:
+            try:
+                check_strategy(trainer.strategy, type(self).__name__, sharded_ok=False)
+            except MisconfigurationException as err:
+                raise MisconfigurationException(
+                    f"`product_dtype={self.product_dtype}` is not supported under sharded strategies (products run "
+                    "through FSDP's own forward and backward in the parameters' dtype)."
+                ) from err
         if stage == "fit":
             # a fit starts cold (the vectors may belong to another model or batch) unless a checkpoint restores them
             self._warm_start = {}
@@ -453,7 +474,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             threshold = self._threshold(optimizer)
             with HessianOperator(
                 pl_module, loss_fn, batch, params=params, mode=self.mode, reduce_fn=make_reduce_fn(trainer),
-                reuse_graph=self.reuse_graph, method=self.method,
+                reuse_graph=self.reuse_graph, method=self.method, dtype=self.product_dtype,
                 compiled=True if lightning_compiled(pl_module) and self.method == "auto" else None,
             ) as H:  # fmt: skip
                 precond, _ = self._preconditioner(optimizer, params, H)
@@ -469,7 +490,8 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
                     raise InaccurateProductsError(
                         f"finite-difference products are {op.product_error:.1%} off by their own estimate (no step "
                         "of the search reached 0.1%); the model is too large or too far from quadratic for float32 "
-                        "differences. Measure with method='double_backward' (eager code) if it runs."
+                        "differences. Measure with method='double_backward' (eager code) if it runs, or with "
+                        "product_dtype=torch.float64."
                     )
                 sharpness = float(res.eigenvalues[0])
                 if feedable and math.isfinite(sharpness):
