@@ -21,10 +21,12 @@ Parts (``--parts``):
   compiles the ``functional_call`` path, is reported apart from the steady state). Reported: products, seconds,
   seconds per product, seconds in training steps (median of steps 10-19), the peak resident set the measurement
   adds (``VmHWM`` reset right before it, as in ``bench_scale``) plus the parameters, in parameters' bytes, and
-  ``res.method``. Top-5 uses ``max_vectors=12`` at 25M and 85M (unbounded it would hold ~40 parameter-sized
-  vectors); at 3M both. The eager first-use check of ``method="auto"`` (one double-backward and one
-  finite-difference product, cached per model) is timed apart. ``--skip-85m-compiled-top5`` (default on in the
-  default run) leaves out the slowest cell; the per-product time of the compiled 85M top-1 says what it costs.
+  ``res.method``. ``--variants compiled-f64`` (not in the default run): compiled, with the products in float64
+  (``dtype=torch.float64``), where float32 differences are too inaccurate. Top-5 uses ``max_vectors=12`` at 25M
+  and 85M (unbounded it would hold ~40 parameter-sized vectors); at 3M both. The eager first-use check of
+  ``method="auto"`` (one double-backward and one finite-difference product, cached per model) is timed apart.
+  ``--skip-85m-compiled-top5`` (default on in the default run) leaves out the slowest cell; the per-product time of
+  the compiled 85M top-1 says what it costs.
 * ``lightning``: a 200-step ``trainer.fit`` of the 3M GPT (``--lightning-sizes`` for more), batch 16, with no
   monitor, with ``HessianEigenvalueMonitor()`` at its defaults (adaptive cadence, 5% budget, k=5, tol 1e-3)
   and in tracking mode (``every_n_steps=1, tracking_products=2, k=1, cold_start_every=25``), both monitors on a
@@ -88,7 +90,13 @@ CURVATURE_START = 300_000  # byte offset of the held-out curvature batch (traini
 
 # --- part 1: one measurement -------------------------------------------------------------------------------------
 def _measure_once(
-    net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Any, k: int, mv: int | None
+    net: torch.nn.Module,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: Any,
+    k: int,
+    mv: int | None,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """One preconditioned top-k measurement as the monitor makes it; time and the resident set it adds."""
     from lightning_curvature import hessian_eigenvalues
@@ -101,7 +109,7 @@ def _measure_once(
     params = [p for p in model.parameters() if p.requires_grad]
     P = preconditioner_parts(opt, params)
     res = hessian_eigenvalues(
-        net, gpt_loss, batch, k=k, tol=1e-3, max_iter=300, preconditioner=P, max_vectors=mv,
+        net, gpt_loss, batch, k=k, tol=1e-3, max_iter=300, preconditioner=P, max_vectors=mv, dtype=dtype,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     added = peak_bytes() - base
@@ -129,7 +137,8 @@ def measure_size(size: str, variant: str, skip_top5: bool) -> dict[str, Any]:
     d, layers, bsz = SIZES[size]
     torch.manual_seed(0)
     model = GPT(d, layers, context=CONTEXT)
-    net: torch.nn.Module = torch.compile(model) if variant == "compiled" else model
+    net: torch.nn.Module = torch.compile(model) if variant.startswith("compiled") else model
+    dtype = torch.float64 if variant == "compiled-f64" else None  # float64 products of the float32 model
     opt = adamw(model.parameters())
     step_s = []
     for i in range(TRAIN_STEPS):
@@ -165,7 +174,7 @@ def measure_size(size: str, variant: str, skip_top5: bool) -> dict[str, Any]:
     if not skip_top5:
         plan += [(5, 12, "")] if size != "3M" else [(5, None, ""), (5, 12, "")]
     for k, mv, note in plan:
-        row = _measure_once(net, model, opt, cbatch, k, mv)
+        row = _measure_once(net, model, opt, cbatch, k, mv, dtype)
         row["note"] = note
         row["seconds_over_step"] = row["seconds"] / step
         out["rows"].append(row)
@@ -390,8 +399,9 @@ def main() -> None:
                         choices=["measure", "lightning", "fsdp"])  # fmt: skip
     parser.add_argument("--sizes", nargs="+", default=["3M", "25M", "85M"], choices=list(SIZES),
                         help="sizes of the measure part")  # fmt: skip
-    parser.add_argument("--variants", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
-                        help="variants of the measure part")  # fmt: skip
+    parser.add_argument("--variants", nargs="+", default=["eager", "compiled"],
+                        choices=["eager", "compiled", "compiled-f64"],
+                        help="variants of the measure part (compiled-f64: products in float64)")  # fmt: skip
     parser.add_argument("--lightning-sizes", nargs="+", default=["3M"], choices=list(SIZES))
     parser.add_argument("--steps", type=int, default=200, help="steps of each Lightning fit")
     parser.add_argument("--fsdp-steps", type=int, default=100, help="steps of each FSDP2 fit")
@@ -441,7 +451,8 @@ def main() -> None:
         new = part_measure(args.sizes, args.variants, not args.with_85m_compiled_top5)
         done = {(r["size"], r["variant"]) for r in new}
         keep = [r for r in report.get("measure", []) if (r["size"], r["variant"]) not in done]  # a partial re-run
-        report["measure"] = sorted(keep + new, key=lambda r: (list(SIZES).index(r["size"]), r["variant"] != "eager"))
+        order = ["eager", "compiled", "compiled-f64"]
+        report["measure"] = sorted(keep + new, key=lambda r: (list(SIZES).index(r["size"]), order.index(r["variant"])))
         save()
     if "lightning" in args.parts:
         new = part_lightning(args.lightning_sizes, args.steps, args.curvature_examples, not args.no_compiled)
