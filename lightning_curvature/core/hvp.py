@@ -581,6 +581,7 @@ class HessianOperator(CurvatureOperator):
     def _product(self, v: Vector, method: str) -> Vector:
         acc: Vector | None = None  # weighted sum of the batches' products, built in place (no extra vector)
         count = 0.0
+        self.form_error = 0.0  # exact products; finite differences set their estimate below
         # one batch in one process: its product is the answer (no weighting, no division)
         alone = self._batches.single and self.reduce_fn is None and not self.sharded
         if method == "double_backward":
@@ -807,7 +808,7 @@ class HessianOperator(CurvatureOperator):
             cache[self._auto_key()] = "finite_difference"
             return "finite_difference"
         approx = self._product(probe, "finite_difference")
-        self.product_error = 0.0  # the probe is not part of the measurement
+        self.product_error = self.form_error = 0.0  # the probe is not part of the measurement
         self.num_check_products = 2
         diff = self.space.norm([a - b for a, b in zip(exact, approx)])
         scale = torch.maximum(self.space.norm(exact), self.space.norm(approx)).clamp_min(1e-300)

@@ -275,7 +275,7 @@ def lanczos(
         warnings.warn(
             f"The finite-difference products are {op.product_error:.1%} off by their own estimate, beyond which the "
             "estimate is not reliable: no error bound is reported (inf) and the eigenvalues are not certified. "
-            "Use method='double_backward' (eager code) where it runs, or float64.",
+            "Use method='double_backward' (eager code) where it runs, or dtype=torch.float64.",
             RuntimeWarning,
             stacklevel=2,
         )

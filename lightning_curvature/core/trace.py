@@ -68,7 +68,8 @@ def _with_product_bias(op: CurvatureOperator, se: float, bias: float) -> float:
     if error > RELIABLE_PRODUCT_ERROR:
         warnings.warn(
             f"The finite-difference products are {error:.1%} off by their own estimate, beyond which the estimate is "
-            "not reliable: the trace's std_error is inf. Use method='double_backward' (eager code) where it runs.",
+            "not reliable: the trace's std_error is inf. Use method='double_backward' (eager code) where it runs, or "
+            "dtype=torch.float64.",
             RuntimeWarning,
             stacklevel=3,
         )
