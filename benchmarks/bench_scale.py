@@ -17,6 +17,8 @@ would not fit in memory (top-5 at 100M: about 50 vectors of 400 MB) are skipped 
 
     OMP_NUM_THREADS=2 python benchmarks/bench_scale.py                 # results/scale.json (tens of minutes)
     python benchmarks/bench_scale.py --sizes 1M --families mlp         # a quick subset
+    OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --sizes 1M --method double_backward \
+        --out benchmarks/results/scale_1m_double_backward.json        # without auto's first-use probe
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def peak_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def one(family: str, size: str, k: int, max_vectors: int | None) -> dict:
+def one(family: str, size: str, k: int, max_vectors: int | None, method: str = "auto") -> dict:
     """Run one measurement in this process and return its figures."""
     from lightning_curvature import hessian_eigenvalues
 
@@ -143,13 +145,15 @@ def one(family: str, size: str, k: int, max_vectors: int | None) -> dict:
     num_params = sum(p.numel() for p in model.parameters())
     # load every code path first (library pages count in the resident set): one measurement of a tiny model
     tiny = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)) if family == "mlp" else GPT(32, 1)
-    hessian_eigenvalues(tiny, loss_fn, batch, k=k, tol=1e-3, max_iter=60, max_vectors=max_vectors)
+    hessian_eigenvalues(tiny, loss_fn, batch, k=k, tol=1e-3, max_iter=60, max_vectors=max_vectors, method=method)
     del tiny
     gc.collect()
     base = rss_bytes()
     reset_peak()
     t0 = time.perf_counter()
-    res = hessian_eigenvalues(model, loss_fn, batch, k=k, tol=1e-3, max_iter=200, max_vectors=max_vectors)
+    res = hessian_eigenvalues(
+        model, loss_fn, batch, k=k, tol=1e-3, max_iter=200, max_vectors=max_vectors, method=method
+    )
     seconds = time.perf_counter() - t0
     peak = peak_bytes()
     return {
@@ -174,12 +178,13 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=["mlp", "gpt"])
     parser.add_argument("--sizes", nargs="+", default=["1M", "20M", "100M"])
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
+    parser.add_argument("--method", default="auto", help="product method (auto includes its first-use probe)")
     parser.add_argument("--one", nargs=4, metavar=("FAMILY", "SIZE", "K", "MAX_VECTORS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     if args.one:
         family, size, k, mv = args.one
-        print(json.dumps(one(family, size, int(k), None if mv == "none" else int(mv))))
+        print(json.dumps(one(family, size, int(k), None if mv == "none" else int(mv), args.method)))
         return
     rows = []
     for family in args.families:
@@ -190,7 +195,8 @@ def main() -> None:
                         rows.append({"family": family, "size": size, "k": k, "max_vectors": None, "skipped":
                                      "projected ~50 vectors x 400 MB"})  # fmt: skip
                         continue
-                    cmd = [sys.executable, __file__, "--one", family, size, str(k), "none" if mv is None else str(mv)]
+                    cmd = [sys.executable, __file__, "--one", family, size, str(k), "none" if mv is None else str(mv),
+                           "--method", args.method]  # fmt: skip
                     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
                     if out.returncode != 0:
                         rows.append({"family": family, "size": size, "k": k, "max_vectors": mv,
