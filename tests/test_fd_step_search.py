@@ -239,3 +239,37 @@ def test_a_monitor_measures_in_the_product_dtype(tmp_path: Any) -> None:
     assert fd64._warm_start[0][0][0].dtype == torch.float64  # the Ritz vectors live in the products' dtype
     for (s1, a), (s2, b) in zip(exact.history, fd64.history):
         assert s1 == s2 and abs(a - b) <= 1e-4 * abs(a)
+
+
+@pytest.mark.slow
+def test_float32_certificates_of_a_17m_parameter_model_cover_the_float64_value() -> None:
+    """The issue's wide tanh MLP (17.1M parameters) on 512 digits, float32: the error bounds of double-backward and
+    finite-difference measurements cover their distance to the float64 model's top eigenvalue (an independent
+    float64 computation), and the finite-difference bound includes the products' error (not the solver's alone)."""
+    import copy
+
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    from lightning_curvature import hessian_eigenvalues
+
+    digits = load_digits()
+    x = torch.tensor(digits.data[:512] / 16.0, dtype=torch.float32)
+    y = torch.tensor(digits.target[:512])
+    torch.manual_seed(0)
+    width = 4096
+    model = nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 10))
+
+    def ce(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(m(b[0]), b[1])
+
+    ref = hessian_eigenvalues(copy.deepcopy(model).double(), ce, (x.double(), y), k=1, tol=1e-7)
+    top = float(ref.eigenvalues[0])
+    assert ref.converged and float(ref.error_bounds[0]) < 1e-6 * top
+    for method in ("double_backward", "finite_difference"):
+        res = hessian_eigenvalues(model, ce, (x, y), k=1, tol=1e-3, method=method)
+        error, bound = abs(float(res.eigenvalues[0]) - top), float(res.error_bounds[0])
+        assert error <= bound < 1e-2 * top, (method, error, bound)
+        assert error < 1e-4 * top  # the value itself is right; the bound is honest about what is known
+        if method == "finite_difference":
+            assert res.method == "finite_difference" and bound >= 1e-4 * top
