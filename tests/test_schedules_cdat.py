@@ -397,6 +397,31 @@ def test_lightning_non_finite_measurement_keeps_lr_and_warns_once(tmp_path: Any)
     assert sched.num_skipped == 3 and sched.num_accepted == 0
 
 
+def test_lightning_inaccurate_finite_difference_products_are_not_fed(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A product along the update whose finite-difference error estimate is past RELIABLE_PRODUCT_ERROR: d_t would
+    be noise, so the measurement is skipped with a warning and the lr keeps its value."""
+    import lightning_curvature.core.hvp as hvp_module
+
+    original = HessianOperator._richardson
+
+    def inaccurate(self: HessianOperator, *args: Any) -> tuple[Any, float, float]:
+        R, _, f = original(self, *args)
+        return R, 0.5 / hvp_module.FD_SAFETY, f  # reported: 50%
+
+    monkeypatch.setattr(HessianOperator, "_richardson", inaccurate)
+    rec = LrRecorder()
+    monitor = DirectionalCurvatureMonitor(method="finite_difference")
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=3, callbacks=[monitor, rec], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.warns(UserWarning, match="InaccurateProductsError.*50.0% off"):
+        trainer.fit(LeastSquares())
+    assert rec.lrs == [0.1, 0.1, 0.1] and monitor.num_failures == 3
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert sched.num_skipped == 3 and sched.num_accepted == 0
+
+
 # --------------------------------------------------------------------------------------------------------------
 # bounded by default, runaway detected (issue 10): the quadratic model's step grows without bound when the
 # curvature along the update vanishes (d -> 0) while the loss rises

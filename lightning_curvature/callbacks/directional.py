@@ -50,7 +50,9 @@ from lightning_curvature.callbacks._compiled import lightning_compiled, lightnin
 from lightning_curvature.callbacks._loss import LossFn, forked_host_rng
 from lightning_curvature.callbacks._subscriptions import attach
 from lightning_curvature.core._batch import BatchDim
+from lightning_curvature.core.errors import InaccurateProductsError
 from lightning_curvature.core.hvp import HessianOperator, HVPMethod
+from lightning_curvature.core.operators import RELIABLE_PRODUCT_ERROR
 from lightning_curvature.core.update_direction import (
     directional_terms,
     supports_update_direction,
@@ -234,6 +236,11 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
             seed=self.seed, compiled=True if compiled and self.method == "auto" else None,
         ) as H:  # fmt: skip
             hu = H.matvec(u_flat)
+            if H.product_error > RELIABLE_PRODUCT_ERROR:  # d_t would be noise: skipped, never fed to the lr
+                raise InaccurateProductsError(
+                    f"the finite-difference product along the update is {H.product_error:.1%} off by its own "
+                    "estimate; measure with method='double_backward' (eager code) if it runs."
+                )
             loss = H.loss()  # at the parameters of the update (double backward: from the product's own graph)
         n, d = directional_terms(g_flat, u_flat.to(hu.dtype), hu, params=theta, weight_decay=wd_flat, maximize=mask)
         return n, d, loss
