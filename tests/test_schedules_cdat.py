@@ -422,6 +422,41 @@ def test_lightning_inaccurate_finite_difference_products_are_not_fed(
     assert sched.num_skipped == 3 and sched.num_accepted == 0
 
 
+def test_lightning_float64_products_give_the_exact_learning_rates(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``product_dtype=torch.float64`` on a float32 model: finite differences in float64 give the lrs that exact
+    float32 products give (two seeded runs), and the products are made in float64."""
+
+    class LeastSquares32(LeastSquares):
+        def __init__(self) -> None:
+            super().__init__(hidden=8)
+            self.net.float()
+            self.x, self.y = self.x.float(), self.y.float()
+
+    with pytest.raises(MisconfigurationException, match="product_dtype"):
+        DirectionalCurvatureMonitor(product_dtype="float64")  # type: ignore[arg-type]
+    dtypes: list[Any] = []
+    original = HessianOperator.__init__
+
+    def spy(self: HessianOperator, *args: Any, **kwargs: Any) -> None:
+        dtypes.append(kwargs.get("dtype"))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(HessianOperator, "__init__", spy)
+    lrs = []
+    for kw in ({"method": "double_backward"}, {"method": "finite_difference", "product_dtype": torch.float64}):
+        rec = LrRecorder()
+        trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=5, callbacks=[DirectionalCurvatureMonitor(**kw), rec],
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False)  # fmt: skip
+        trainer.fit(LeastSquares32())
+        lrs.append(rec.lrs)
+    assert dtypes[-1] is torch.float64 and dtypes[0] is None
+    assert len(set(lrs[0])) > 1  # the lr moved
+    assert lrs[1] == pytest.approx(lrs[0], rel=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # bounded by default, runaway detected (issue 10): the quadratic model's step grows without bound when the
 # curvature along the update vanishes (d -> 0) while the loss rises

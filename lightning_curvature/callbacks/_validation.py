@@ -7,6 +7,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lightning_curvature.core._batch import BatchDim, check_batch_dim
@@ -16,6 +17,7 @@ __all__ = [
     "check_batch_dim_arg",
     "check_bool",
     "check_choice",
+    "check_floating_dtype",
     "check_optional_int",
     "check_overhead",
     "check_positive_float",
@@ -107,6 +109,17 @@ def check_positive_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
         raise MisconfigurationException(f"`{name}` must be a positive finite number, got {value!r}.")
     return float(value)
+
+
+def check_floating_dtype(name: str, value: Any) -> Any:
+    """``value`` if it is ``None`` or a floating-point ``torch.dtype``.
+
+    Raises:
+        MisconfigurationException: naming ``name`` and the bad value.
+    """
+    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise MisconfigurationException(f"`{name}` must be a floating-point torch.dtype or None, got {value!r}.")
+    return value
 
 
 def check_overhead(value: Any) -> float:

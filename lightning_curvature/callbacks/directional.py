@@ -49,6 +49,7 @@ from lightning_curvature.callbacks._common import (
 from lightning_curvature.callbacks._compiled import lightning_compiled, lightning_eager
 from lightning_curvature.callbacks._loss import LossFn, forked_host_rng
 from lightning_curvature.callbacks._subscriptions import attach
+from lightning_curvature.callbacks._validation import check_floating_dtype
 from lightning_curvature.core._batch import BatchDim
 from lightning_curvature.core.errors import InaccurateProductsError
 from lightning_curvature.core.hvp import HessianOperator, HVPMethod
@@ -116,9 +117,12 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
             other monitors; ``None`` draws it from a fork of the global RNG, like a fresh training mask (and saves
             re-seeding every device generator, about a millisecond per step).
         batch_dim: the batch dimension (see :class:`~lightning_curvature.callbacks.GradientCovarianceMonitor`).
+        product_dtype: compute the product in this dtype (``torch.float64``: finite differences of a large float32
+            model whose float32 product is too inaccurate and skipped); default: the parameters' dtype.
 
     Raises:
-        MisconfigurationException: for a bad ``mode``/``method``/``loss_fn``/``log``/``seed``/``batch_dim``, at
+        MisconfigurationException: for a bad ``mode``/``method``/``loss_fn``/``log``/``seed``/``batch_dim``/
+            ``product_dtype``, at
             setup for a sharded strategy, or (at fit start) a CDAT scheduler on an optimizer whose update
             direction is unknown.
 
@@ -139,8 +143,10 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
         log: bool = True,
         seed: int | None = 0,
         batch_dim: BatchDim = None,
+        product_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(loss_fn=loss_fn, batch_dim=batch_dim)
+        self.product_dtype: torch.dtype | None = check_floating_dtype("product_dtype", product_dtype)
         self.mode = check_choice("mode", mode, ("train", "eval"))
         self.method: HVPMethod = check_choice("method", method, _METHODS)  # type: ignore[assignment]
         self.log = check_bool("log", log)
@@ -233,13 +239,14 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
         eager = lightning_eager(pl_module) if compiled and self.method != "auto" else nullcontext()
         with eager, HessianOperator(
             pl_module, loss_fn, batch, params=params, method=self.method, mode=self.mode,  # type: ignore[arg-type]
-            seed=self.seed, compiled=True if compiled and self.method == "auto" else None,
+            seed=self.seed, compiled=True if compiled and self.method == "auto" else None, dtype=self.product_dtype,
         ) as H:  # fmt: skip
             hu = H.matvec(u_flat)
             if H.product_error > RELIABLE_PRODUCT_ERROR:  # d_t would be noise: skipped, never fed to the lr
                 raise InaccurateProductsError(
                     f"the finite-difference product along the update is {H.product_error:.1%} off by its own "
-                    "estimate; measure with method='double_backward' (eager code) if it runs."
+                    "estimate; measure with method='double_backward' (eager code) if it runs, or with "
+                    "product_dtype=torch.float64."
                 )
             loss = H.loss()  # at the parameters of the update (double backward: from the product's own graph)
         n, d = directional_terms(g_flat, u_flat.to(hu.dtype), hu, params=theta, weight_decay=wd_flat, maximize=mask)

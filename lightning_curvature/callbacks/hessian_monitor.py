@@ -36,6 +36,7 @@ from lightning_curvature.callbacks._common import (
 from lightning_curvature.callbacks._compiled import lightning_compiled
 from lightning_curvature.callbacks._loss import LossFn
 from lightning_curvature.callbacks._subscriptions import attach
+from lightning_curvature.callbacks._validation import check_floating_dtype
 from lightning_curvature.core import (
     HessianOperator,
     LanczosResult,
@@ -319,13 +320,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         self.log_histogram = check_bool("log_histogram", log_histogram)
         self.reuse_graph = None if reuse_graph is None else check_bool("reuse_graph", reuse_graph)
         self.method: HVPMethod = check_choice("method", method, _METHODS)  # type: ignore[assignment]
-        if product_dtype is not None and not (
-            isinstance(product_dtype, torch.dtype) and product_dtype.is_floating_point
-        ):
-            raise MisconfigurationException(
-                f"`product_dtype` must be a floating-point torch.dtype or None, got {product_dtype!r}."
-            )
-        self.product_dtype = product_dtype
+        self.product_dtype: torch.dtype | None = check_floating_dtype("product_dtype", product_dtype)
         if max_vectors is not None:
             check_positive_int("max_vectors", max_vectors, minimum=self.k + 4)
         self.max_vectors = max_vectors
