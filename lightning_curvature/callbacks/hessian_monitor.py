@@ -49,7 +49,7 @@ from lightning_curvature.core import (
 )
 from lightning_curvature.core._batch import BatchDim
 from lightning_curvature.core.eigen import cold_start_vector, preconditioned_operator
-from lightning_curvature.core.errors import InaccurateProductsError
+from lightning_curvature.core.errors import InaccurateProductsError, InaccurateProductsWarning
 from lightning_curvature.core.hvp import HVPMethod
 from lightning_curvature.core.lanczos import Handoff
 from lightning_curvature.core.operators import RELIABLE_PRODUCT_ERROR, ScaledOperator
@@ -81,9 +81,6 @@ __all__ = [
 ]
 
 _METHODS = ("auto", "double_backward", "finite_difference", "forward_over_reverse")
-#: Estimated relative error of the products above which a measurement is skipped as failed (finite differences
-#: whose error estimate is no longer reliable: the solvers report no bound there either)
-MAX_PRODUCT_ERROR = RELIABLE_PRODUCT_ERROR
 #: Relative tolerance (at least) of a measurement made because a scheduler asked for it: the edge-following rule
 #: compares edge ratios with factors of 0.9 and 2, so 1% is ample.
 FEED_TOL = 1e-2
@@ -477,16 +474,14 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
                 op = preconditioned_operator(H, precond)
                 feed = self._requested_only
                 with warnings.catch_warnings():  # an unreliable estimate is reported below as a skipped measurement
-                    warnings.filterwarnings(
-                        "ignore", message="The finite-difference products are", category=RuntimeWarning
-                    )
+                    warnings.simplefilter("ignore", InaccurateProductsWarning)
                     res = self._feed_eigenpair(op, H, index or 0) if feed else self._eigenpairs(op, H, index or 0)
-                if op.product_error > MAX_PRODUCT_ERROR:  # a measurement that cannot be made: skipped, not fed
+                if op.product_error > RELIABLE_PRODUCT_ERROR:  # a measurement that cannot be made: skipped
                     raise InaccurateProductsError(
                         f"finite-difference products are {op.product_error:.1%} off by their own estimate (no step "
-                        "of the search reached 0.1%); the model is too large or too far from quadratic for float32 "
-                        "differences. Measure with method='double_backward' (eager code) if it runs, or with "
-                        "product_dtype=torch.float64."
+                        "of the search reached 0.1%); the model is too large or too far from quadratic for "
+                        f"{H.space.dtype} differences. Measure with method='double_backward' (eager code) if it "
+                        "runs, or with product_dtype=torch.float64."
                     )
                 sharpness = float(res.eigenvalues[0])
                 if feedable and math.isfinite(sharpness):

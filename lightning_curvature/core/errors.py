@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["InaccurateProductsError", "NonFiniteCurvatureError"]
+__all__ = ["InaccurateProductsError", "InaccurateProductsWarning", "NonFiniteCurvatureError"]
 
 
 class NonFiniteCurvatureError(FloatingPointError):
@@ -20,3 +20,8 @@ class InaccurateProductsError(ArithmeticError):
     (:attr:`~lightning_curvature.core.hvp.HessianOperator.product_error`) is too large to report a value; the
     measurement is logged as failed and nothing is fed to a scheduler.
     """
+
+
+class InaccurateProductsWarning(RuntimeWarning):
+    """Finite-difference products whose error estimate is past the point where it can be trusted: the solvers return
+    values without a bound (``inf``). The monitors turn the same condition into :class:`InaccurateProductsError`."""

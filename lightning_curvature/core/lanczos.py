@@ -42,11 +42,11 @@ from lightning_curvature.core._krylov_schur import krylov_schur
 from lightning_curvature.core._ritz import GUARD, WHICH, StoppingRule, Which
 from lightning_curvature.core.errors import NonFiniteCurvatureError
 from lightning_curvature.core.operators import (
-    RELIABLE_PRODUCT_ERROR,
     CallableOperator,
     CurvatureOperator,
     DenseOperator,
     as_operator,
+    unreliable_products,
 )
 from lightning_curvature.core.vectors import Vector, add_, scale_
 
@@ -270,15 +270,8 @@ def lanczos(
         raise ValueError(f"The search space has dimension {out.theta.numel()} < k={k}.")
     vecs = out.vectors
     bounds = out.bounds[:k].clone()
-    if op.product_error > RELIABLE_PRODUCT_ERROR:
+    if unreliable_products(op, "no error bound is reported (inf) and the eigenvalues are not certified"):
         bounds.fill_(math.inf)
-        warnings.warn(
-            f"The finite-difference products are {op.product_error:.1%} off by their own estimate, beyond which the "
-            "estimate is not reliable: no error bound is reported (inf) and the eigenvalues are not certified. "
-            "Use method='double_backward' (eager code) where it runs, or dtype=torch.float64.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
     return LanczosResult(
         eigenvalues=out.theta[:k].clone(),
         eigenvectors=_output(op, vecs[:k]) if return_eigenvectors else None,

@@ -13,6 +13,7 @@ stochastic Lanczos quadrature, power iteration) take an operator, a dense symmet
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any, overload
@@ -20,6 +21,7 @@ from typing import Any, overload
 import torch
 from torch import Tensor
 
+from lightning_curvature.core.errors import InaccurateProductsWarning
 from lightning_curvature.core.vectors import Vector, VectorSpace
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "DenseOperator",
     "ScaledOperator",
     "as_operator",
+    "unreliable_products",
 ]
 
 #: Above this relative :attr:`CurvatureOperator.product_error` the estimate itself is not trusted: the error estimate
@@ -36,6 +39,21 @@ __all__ = [
 #: the differences are in their asymptotic regime, and a step search that ends at percents of error has not found
 #: it. The solvers then report no bound (``inf``) and ``converged=False``, and the monitors skip the measurement.
 RELIABLE_PRODUCT_ERROR = 0.05
+
+
+def unreliable_products(op: Any, consequence: str, stacklevel: int = 3) -> bool:
+    """Whether ``op``'s products are past :data:`RELIABLE_PRODUCT_ERROR`; if so, an
+    :class:`~lightning_curvature.core.errors.InaccurateProductsWarning` says so and names ``consequence``."""
+    error = float(getattr(op, "product_error", 0.0))
+    if not error > RELIABLE_PRODUCT_ERROR:
+        return False
+    warnings.warn(
+        f"The finite-difference products are {error:.1%} off by their own estimate, beyond which the estimate is not "
+        f"reliable: {consequence}. Use method='double_backward' (eager code) where it runs, or dtype=torch.float64.",
+        InaccurateProductsWarning,
+        stacklevel=stacklevel,
+    )
+    return True
 
 
 class CurvatureOperator:

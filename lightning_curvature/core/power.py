@@ -14,7 +14,7 @@ import torch
 
 from lightning_curvature.core.errors import NonFiniteCurvatureError
 from lightning_curvature.core.lanczos import LanczosResult, Operator
-from lightning_curvature.core.operators import RELIABLE_PRODUCT_ERROR, CallableOperator, DenseOperator, as_operator
+from lightning_curvature.core.operators import CallableOperator, DenseOperator, as_operator, unreliable_products
 from lightning_curvature.core.vectors import scale_
 
 __all__ = ["power_iteration"]
@@ -83,7 +83,7 @@ def power_iteration(
     vec = v[0].unsqueeze(0) if isinstance(op, (DenseOperator, CallableOperator)) else [v]
     # inexact products: never a bound below their error, none at all where its estimate is not reliable
     bound = max(resid, op.product_error * abs(lam))
-    if op.product_error > RELIABLE_PRODUCT_ERROR:
+    if unreliable_products(op, "no error bound is reported (inf)"):
         bound, converged = math.inf, False
     return LanczosResult(
         eigenvalues=torch.tensor([lam], dtype=f64),

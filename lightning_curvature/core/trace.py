@@ -16,7 +16,6 @@ This removes the outliers' variance, which dominates for network Hessians.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,7 +27,7 @@ from lightning_curvature.core._basis import Basis
 from lightning_curvature.core._batch import as_batch_first
 from lightning_curvature.core.hvp import HessianOperator, HVPMethod, LossFn, ReduceFn
 from lightning_curvature.core.lanczos import Operator
-from lightning_curvature.core.operators import RELIABLE_PRODUCT_ERROR, CurvatureOperator, as_operator
+from lightning_curvature.core.operators import CurvatureOperator, as_operator, unreliable_products
 
 __all__ = ["TraceResult", "hessian_trace", "hutchinson_trace", "hutchpp_trace"]
 
@@ -64,15 +63,7 @@ def _with_product_bias(op: CurvatureOperator, se: float, bias: float) -> float:
     averaged where the samples are). Above :data:`~lightning_curvature.core.operators.RELIABLE_PRODUCT_ERROR` the
     estimates are not trusted and no bound is given (``inf``), with a warning.
     """
-    error = float(op.product_error)
-    if error > RELIABLE_PRODUCT_ERROR:
-        warnings.warn(
-            f"The finite-difference products are {error:.1%} off by their own estimate, beyond which the estimate is "
-            "not reliable: the trace's std_error is inf. Use method='double_backward' (eager code) where it runs, or "
-            "dtype=torch.float64.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    if unreliable_products(op, "the trace's std_error is inf", stacklevel=4):
         return math.inf
     return se + bias
 
