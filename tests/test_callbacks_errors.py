@@ -94,6 +94,9 @@ def test_unsupported_strategies_are_refused_naming_the_supported_ones() -> None:
     for monitor in (GradientCovarianceMonitor(), DirectionalCurvatureMonitor()):  # per-example / local products
         with pytest.raises(MisconfigurationException, match=f"{type(monitor).__name__}.*FSDPStrategy"):
             monitor.setup(FSDPTrainer(), TinyClassifier(), "fit")  # type: ignore[arg-type]
+    # float64 products run on copies; sharded products run through FSDP's own passes in the parameters' dtype
+    with pytest.raises(MisconfigurationException, match="product_dtype=torch.float64.*sharded"):
+        HessianEigenvalueMonitor(product_dtype=torch.float64).setup(FSDPTrainer(), TinyClassifier(), "fit")  # type: ignore[arg-type]
 
 
 def test_manual_optimization_without_curvature_loss_fails_at_setup(tmp_path: Path) -> None:

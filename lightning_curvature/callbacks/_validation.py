@@ -23,6 +23,7 @@ __all__ = [
     "check_positive_float",
     "check_positive_int",
     "check_strategy",
+    "is_sharded_strategy",
 ]
 
 #: What the monitors support, quoted in the error raised for other strategies.
@@ -146,6 +147,15 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     return str(value)
 
 
+def _strategy_names(strategy: Any) -> set[str]:
+    return {cls.__name__ for cls in type(strategy).__mro__}
+
+
+def is_sharded_strategy(strategy: Any) -> bool:
+    """Whether ``strategy`` shards the parameters (FSDP: ``FSDPStrategy``, ``ModelParallelStrategy``)."""
+    return bool(_strategy_names(strategy).intersection(_SHARDED))
+
+
 def check_strategy(strategy: Any, owner: str, sharded_ok: bool = False) -> None:
     """Reject strategies the monitor cannot measure under.
 
@@ -156,8 +166,7 @@ def check_strategy(strategy: Any, owner: str, sharded_ok: bool = False) -> None:
         MisconfigurationException: for DeepSpeed, or a sharded strategy where ``sharded_ok`` is false, naming what
             is supported.
     """
-    names = {cls.__name__ for cls in type(strategy).__mro__}
-    if names.intersection(_UNSUPPORTED) or (names.intersection(_SHARDED) and not sharded_ok):
+    if _strategy_names(strategy).intersection(_UNSUPPORTED) or (is_sharded_strategy(strategy) and not sharded_ok):
         raise MisconfigurationException(
             f"{owner} does not support the strategy {type(strategy).__name__}; supported are {SUPPORTED_STRATEGIES}."
         )

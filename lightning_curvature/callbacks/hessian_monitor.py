@@ -28,7 +28,6 @@ from lightning_curvature.callbacks._common import (
     check_choice,
     check_positive_float,
     check_positive_int,
-    check_strategy,
     first_optimizer,
     make_reduce_fn,
     measured_parameters,
@@ -36,7 +35,7 @@ from lightning_curvature.callbacks._common import (
 from lightning_curvature.callbacks._compiled import lightning_compiled
 from lightning_curvature.callbacks._loss import LossFn
 from lightning_curvature.callbacks._subscriptions import attach
-from lightning_curvature.callbacks._validation import check_floating_dtype
+from lightning_curvature.callbacks._validation import check_floating_dtype, is_sharded_strategy
 from lightning_curvature.core import (
     HessianOperator,
     LanczosResult,
@@ -359,14 +358,11 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if self.product_dtype is not None:
-            try:
-                check_strategy(trainer.strategy, type(self).__name__, sharded_ok=False)
-            except MisconfigurationException as err:
-                raise MisconfigurationException(
-                    f"`product_dtype={self.product_dtype}` is not supported under sharded strategies (products run "
-                    "through FSDP's own forward and backward in the parameters' dtype)."
-                ) from err
+        if self.product_dtype is not None and is_sharded_strategy(trainer.strategy):
+            raise MisconfigurationException(
+                f"`product_dtype={self.product_dtype}` is not supported under sharded strategies (products run "
+                "through FSDP's own forward and backward in the parameters' dtype)."
+            )
         if stage == "fit":
             # a fit starts cold (the vectors may belong to another model or batch) unless a checkpoint restores them
             self._warm_start = {}
