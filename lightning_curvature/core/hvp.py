@@ -668,17 +668,13 @@ class HessianOperator(CurvatureOperator):
         for _ in range(FD_SEARCH):  # truncation: smaller steps while t falls
             lower = slope(h / 2.0)
             R, t, f = estimate(lower, lo)
-            if t > FD_JUMP * t_best:
-                # rounding raises t about 2x per halving; a larger jump means the larger steps were not resolving
-                # the loss (a step near a period of it: D(h) ≈ D(2h) by aliasing), so their t proves nothing
-                best, t_best, f_best, lo, h, halved = R, t, f, lower, h / 2.0, True
-                hi = []
-                continue
-            if not t < t_best:
+            # rounding raises t about 2x per halving; a larger jump means the larger steps were not resolving the
+            # loss (a step near a period of it: D(h) ≈ D(2h) by aliasing), so their t proves nothing: go on halving
+            if not (t < t_best or t > FD_JUMP * t_best):
                 break
             best, t_best, f_best, lo, h, halved = R, t, f, lower, h / 2.0, True
-            hi = []  # not needed once a halving helped (frees a vector)
-            if not t_best > FD_TARGET:
+            hi = []  # not needed once a halving was taken (frees a vector)
+            if not t_best > FD_TARGET:  # never after a jump: t is then above 4x a t that missed the target
                 return best, t_best, f_best
         if not halved:  # rounding: larger steps while t falls
             below = hi  # D(2ε)
