@@ -138,9 +138,10 @@ def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
 
 #: Finite-difference products whose estimated relative error (:meth:`HessianOperator._richardson`) is above this
 #: search for a better step; below it the first step is kept (four gradients per product).
-FD_TARGET = 1e-3
-#: Halvings (or doublings) of the step the search tries at most.
-FD_SEARCH = 4
+FD_TARGET = 5e-4
+#: Halvings (or doublings) of the step one product's search tries at most (the next product starts from the step
+#: this one settled on, so the search is paid about once per operator).
+FD_SEARCH = 10
 #: The reported error is this many times the estimate :math:`t`: where rounding dominates, the extrapolated
 #: difference's error is about 1.2 t (its noise is :math:`\sqrt{16.25}/3` of one difference's, :math:`t`'s
 #: :math:`\sqrt{1.25}`); where truncation dominates, :math:`t` already overestimates it.
@@ -148,6 +149,9 @@ FD_SAFETY = 2.0
 #: A halving of the step that raises the error estimate more than this many times discards the larger step's
 #: estimate (rounding alone raises it about 2x; more means the larger steps did not resolve the loss).
 FD_JUMP = 4.0
+#: The smallest step the search tries, relative to the initial one (:func:`finite_difference_step`): there the
+#: float32 rounding of the perturbed parameters is about a tenth of the perturbation (:math:`u^{2/3}/2` over it).
+FD_MIN_RATIO = 2.0**-14
 
 
 def finite_difference_step(dtype: torch.dtype, scale: float, v_norm: float, order: int = 4) -> float:
@@ -401,6 +405,7 @@ class HessianOperator(CurvatureOperator):
         self.num_check_products = 0
         self._gradient: Vector | None = None
         self._kinks: dict[int, list[Any]] = {}
+        self._fd_ratio = 1.0  # the step the last finite-difference product settled on, over its initial step
         #: finite differences replay the ReLU/max-pool pattern of θ (see :mod:`._frozen_kinks`)
         self.freeze_kinks = True
 
@@ -628,12 +633,16 @@ class HessianOperator(CurvatureOperator):
 
         :math:`t = \|D(h) - D(2h)\| / \|R(h)\|` (in the norm of :meth:`error_weight`) estimates the error of the
         product: where truncation dominates it falls 4-fold per halving of :math:`h` and overestimates the error of
-        :math:`R`; where rounding dominates it doubles per halving and about equals it. Above :data:`FD_TARGET`
-        the step is halved while :math:`t` falls, else doubled while it falls (at most :data:`FD_SEARCH` times
-        each, two more gradients per try); the smallest :math:`t` wins. A halving that raises :math:`t` more than
-        :data:`FD_JUMP` times (aliasing: a step near a period of the loss along ``v`` gives :math:`D(h) \approx
-        D(2h)` far from :math:`Hv`) discards the larger step and goes on halving. The estimate assumes the step
-        resolves the loss along ``v``; a loss that varies on a scale below every step tried can still fool it.
+        :math:`R`; where rounding dominates it doubles per halving and about equals it.
+
+        The search starts from ``eps`` times the ratio that the previous product of this operator settled on
+        (successive products of a solver need similar steps, so four gradients usually suffice after the first).
+        Above :data:`FD_TARGET` the step is halved while :math:`t` falls (not below :data:`FD_MIN_RATIO` of
+        ``eps``), else doubled while it falls (at most :data:`FD_SEARCH` times each, two more gradients per try);
+        the smallest :math:`t` wins. A halving that raises :math:`t` more than :data:`FD_JUMP` times (aliasing: a
+        step near a period of the loss along ``v`` gives :math:`D(h) \approx D(2h)` far from :math:`Hv`) discards
+        the larger step and goes on halving. The estimate assumes the step resolves the loss along ``v``; a loss
+        that varies on a scale below every step tried can still fool it.
         """
 
         def slope(h: float) -> Vector:
@@ -659,34 +668,85 @@ class HessianOperator(CurvatureOperator):
             diff, size, form_diff = (float(x) for x in sums.cpu())
             return R, math.sqrt(max(diff, 0.0)) / max(math.sqrt(max(size, 0.0)), 1e-300), abs(form_diff)
 
-        lo, hi = slope(eps), slope(2.0 * eps)
+        def disagreement(a: Vector, b: Vector) -> tuple[float, float]:
+            w = self._error_weight
+            sums = torch.zeros(3, dtype=torch.float64, device=self.space.device)
+            for j, (x, y) in enumerate(zip(a, b)):
+                d = x - y
+                form = dot64(d, v[j])
+                xw = x if w is None else x * w[j]
+                if w is not None:
+                    d.mul_(w[j])
+                sums += torch.stack([dot64(d, d), dot64(xw, xw), form]).to(sums.device)
+                del d, xw
+            if self.space.reduce_fn is not None:
+                sums = self.space.reduce_fn(sums)
+            diff, size, form_diff = (float(x) for x in sums.cpu())
+            return math.sqrt(max(diff, 0.0)) / max(math.sqrt(max(size, 0.0)), 1e-300), abs(form_diff)
+
+        h = eps * self._fd_ratio
+        lo, hi = slope(h), slope(2.0 * h)
         best, t_best, f_best = estimate(lo, hi)
-        if not t_best > FD_TARGET:
-            return best, t_best, f_best
+        if t_best > FD_TARGET:
+            best, t_best, f_best, h = self._search_step(
+                slope, estimate, disagreement, (best, t_best, f_best), h, eps, lo, hi
+            )
+        self._fd_ratio = h / eps
+        return best, t_best, f_best
+
+    def _search_step(
+        self,
+        slope: Callable[[float], Vector],
+        estimate: Callable[[Vector, Vector], tuple[Vector, float, float]],
+        disagreement: Callable[[Vector, Vector], tuple[float, float]],
+        first: tuple[Vector, float, float],
+        h: float,
+        eps: float,
+        lo: Vector,
+        hi: Vector,
+    ) -> tuple[Vector, float, float, float]:
+        r"""The search of :meth:`_richardson` from a step ``h`` whose estimate missed the target (``lo`` = D(h),
+        ``hi`` = D(2h)); returns the best ``(R, t, f)`` and its step.
+
+        The returned ``t`` (and ``f``) of a step the search moved to is at least the disagreement of the last two
+        extrapolations, :math:`\|R(h) - R(2h)\|/\|R(h)\|`: where truncation dominates it is far below ``t``, but
+        where rounding does, ``t`` alone can undercover when the differences are effectively one-dimensional (their
+        rounding and truncation parts cancel in :math:`D(h) - D(2h)`, not at once in :math:`R(h) - R(2h)`).
+        """
+        best, t_best, f_best = first
+        reported = (t_best, f_best)
         halved = False
-        h = eps
+
+        def take(R: Vector, t: float, f: float) -> tuple[float, float]:
+            spread, form_spread = disagreement(R, best)
+            return max(t, spread), max(f, form_spread)
+
         for _ in range(FD_SEARCH):  # truncation: smaller steps while t falls
+            if h / 2.0 < eps * FD_MIN_RATIO:  # below it the perturbation drowns in the parameters' rounding
+                break
             lower = slope(h / 2.0)
             R, t, f = estimate(lower, lo)
             # rounding raises t about 2x per halving; a larger jump means the larger steps were not resolving the
             # loss (a step near a period of it: D(h) ≈ D(2h) by aliasing), so their t proves nothing: go on halving
             if not (t < t_best or t > FD_JUMP * t_best):
                 break
+            reported = take(R, t, f)
             best, t_best, f_best, lo, h, halved = R, t, f, lower, h / 2.0, True
             hi = []  # not needed once a halving was taken (frees a vector)
             if not t_best > FD_TARGET:  # never after a jump: t is then above 4x a t that missed the target
-                return best, t_best, f_best
+                return best, *reported, h
         if not halved:  # rounding: larger steps while t falls
-            below = hi  # D(2ε)
+            below = hi  # D(2h)
             for _ in range(FD_SEARCH):
                 higher = slope(4.0 * h)
                 R, t, f = estimate(below, higher)
                 if not t < t_best:
                     break
+                reported = take(R, t, f)
                 best, t_best, f_best, below, h = R, t, f, higher, 2.0 * h
                 if not t_best > FD_TARGET:
                     break
-        return best, t_best, f_best
+        return best, *reported, h
 
     @contextmanager
     def error_weight(self, weight: Vector) -> Iterator[None]:
