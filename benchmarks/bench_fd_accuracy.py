@@ -92,9 +92,10 @@ def main() -> None:
         ("random, preconditioned", rnd, scale),
         ("top eigenvector, preconditioned", top["preconditioned"], scale),
     ]
+    searched_target = hvp_module.FD_TARGET
     for name, v, d in cases:
         out: dict[str, Any] = {"direction": name}
-        for label, target in (("first_step", math.inf), ("searched", hvp_module.FD_TARGET)):
+        for label, target in (("first_step", math.inf), ("searched", searched_target)):
             products = {}
             for method in ("double_backward", "finite_difference"):
                 hvp_module.FD_TARGET = target
@@ -108,7 +109,7 @@ def main() -> None:
             exact = products["double_backward"]
             diff = [a - b for a, b in zip(products["finite_difference"], exact)]
             out[f"{label}_error"] = _norm(diff) / _norm(exact)
-        hvp_module.FD_TARGET = 1e-3
+        hvp_module.FD_TARGET = searched_target
         rows.append(out)
     HessianOperator._gradient_at = original  # type: ignore[method-assign]
 

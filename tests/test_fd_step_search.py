@@ -16,7 +16,7 @@ from torch import nn
 import lightning_curvature.core.hvp as hvp_module
 from lightning_curvature.core.errors import InaccurateProductsWarning
 from lightning_curvature.core.hvp import HessianOperator
-from lightning_curvature.core.operators import RELIABLE_PRODUCT_ERROR, ScaledOperator
+from lightning_curvature.core.operators import RELIABLE_PRODUCT_ERROR, DenseOperator, ScaledOperator
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -299,3 +299,46 @@ def test_float32_certificates_of_a_17m_parameter_model_cover_the_float64_value()
         assert error < 1e-4 * top  # the value itself is right; the bound is honest about what is known
         if method == "finite_difference":
             assert res.method == "finite_difference" and bound >= 1e-4 * top
+
+
+class _NoisyDense(DenseOperator):
+    """Products with a known relative error: ``Av + e``, ``‖e‖ = rel·‖Av‖`` in a random direction, reported as
+    ``last_product_error = 2·rel`` (like finite differences' FD_SAFETY); ``rel`` large for the first products."""
+
+    def __init__(self, A: torch.Tensor, rels: list[float]) -> None:
+        super().__init__(A)
+        self.rels, self.gen = rels, torch.Generator().manual_seed(3)
+
+    def _matvec(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
+        rel = self.rels[min(self.num_matvecs, len(self.rels) - 1)]
+        out = self.A @ v[0]
+        noise = torch.randn(out.shape, generator=self.gen, dtype=out.dtype)
+        self.last_product_error = 2.0 * rel
+        self.product_error = max(self.product_error, self.last_product_error)
+        return [out + rel * out.norm() * noise / noise.norm()]
+
+
+def test_bounds_count_each_products_error_at_its_own_norm() -> None:
+    """Each product's error enters the bounds as its relative error times its own norm (a late Lanczos product
+    whose output is small adds little), and the bounds still cover the error against float64 ``eigh``."""
+    from lightning_curvature import lanczos
+
+    n = 300
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    spectrum = torch.cat([torch.tensor([10.0, 7.0, 5.0]), torch.rand(n - 3, generator=g, dtype=torch.float64)])
+    A = (Q * spectrum) @ Q.T
+    exact = torch.linalg.eigvalsh(A).flip(0)[:3]
+    v0 = torch.randn(n, generator=g, dtype=torch.float64)
+    for rels in ([1e-4] * 60, [3e-3, 1e-4] + [1e-4] * 60, [1e-5] * 6 + [2e-3] * 60):
+        op = _NoisyDense(A, rels)
+        res = lanczos(op, k=3, tol=1e-3, v0=v0)
+        err = (res.eigenvalues - exact).abs()
+        assert bool((err <= res.error_bounds).all()), (rels[:3], err, res.error_bounds)
+        assert float(res.error_bounds.max()) <= op.product_error * 10.0 + 1e-12  # never looser than the old floor
+    # the first product 30x less accurate than the rest: the bound follows the rest, not the first (A v0 is small
+    # against the top of the spectrum, the start vector being spread over ~300 directions)
+    op = _NoisyDense(A, [3e-3] + [1e-4] * 60)
+    res = lanczos(op, k=1, tol=1e-3, v0=v0)
+    assert float(res.error_bounds[0]) < 0.5 * op.product_error * 10.0
+    assert res.converged

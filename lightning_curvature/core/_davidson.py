@@ -223,4 +223,5 @@ def davidson_warm_start(
         converged=rule.converged,
         vectors=out_vectors,
         peak_vectors=2 * len(pair) + 2,
+        product_floor=op.product_error * float(pair.T.abs().max()),
     )

@@ -70,6 +70,8 @@ class KrylovOutcome:
     converged: bool
     vectors: list[Vector] = field(default_factory=list)
     peak_vectors: int = 0
+    #: the largest absolute error of one product (its relative error estimate times its norm); in every bound
+    product_floor: float = 0.0
 
 
 def _unit_roundoff(dtype: torch.dtype) -> float:
@@ -173,6 +175,7 @@ def krylov_schur(
     u = _unit_roundoff(space.dtype)
     anorm = 0.0
     lost = 0.0
+    product_floor = 0.0  # largest absolute error of a product so far (finite differences)
     nprod = 0
     peak = b
     theta = resid = bounds = torch.zeros(0, dtype=torch.float64)
@@ -188,7 +191,10 @@ def krylov_schur(
         T_new[m_old:, :m_old] = C
         T_new[:m_old, m_old:] = C.T
         T = T_new
-        W = [op.matvec(list(basis.vector(m_old + i))) for i in range(b)]
+        W, errors = [], []
+        for i in range(b):
+            W.append(op.matvec(list(basis.vector(m_old + i))))
+            errors.append(float(getattr(op, "last_product_error", 0.0)))
         W = [[t.to(dtype=d) if t.dtype != d else t for t, d in zip(w, space.dtypes)] for w in W]
         nprod += b
         peak = max(peak, m + b)
@@ -253,12 +259,15 @@ def krylov_schur(
         del W
         C = torch.zeros(b, m, dtype=torch.float64)
         C[:, m - b :] = R
+        if any(errors):  # the products' absolute errors: relative error times ‖A q‖ (its T column and coupling)
+            norms = (col.square().sum(0) + R.square().sum(0)).sqrt()
+            product_floor = max(product_floor, max(e * float(n) for e, n in zip(errors, norms)))
         # Ritz pairs and bounds
         theta, S = ritz_pairs(T, which)
         resid = torch.linalg.vector_norm(C @ S, dim=0) + lost
         refine = min(k + GUARD, m)
         refined = refined_residuals(T, C, theta[:refine]) if refine else None
-        rule.floor = max(precision_floor(space.dtype, anorm, space.dim), op.product_error * anorm)
+        rule.floor = max(precision_floor(space.dtype, anorm, space.dim), product_floor)
         bounds = error_bounds(theta, resid, which, refined).clamp_min(rule.floor)
         if rule(theta, resid, bounds, nprod):
             break
@@ -286,4 +295,5 @@ def krylov_schur(
         converged=rule.converged,
         vectors=out_vectors,
         peak_vectors=peak,
+        product_floor=product_floor,
     )

@@ -16,12 +16,13 @@ Four ways to compute :math:`Hv` (``method=``):
   eigenvector of a trained network the loss is far from quadratic and the first step's truncation error can reach
   percents, while a preconditioned direction needs a larger step against rounding. So the two central differences
   the extrapolation uses also estimate its error, and above :data:`FD_TARGET` the step is searched (halved while the
-  estimate falls, else doubled); :data:`FD_SAFETY` times the estimate is :attr:`HessianOperator.product_error`, and
+  estimate falls, else doubled; the next product starts from the step found, so the search is paid about once per
+  operator); :data:`FD_SAFETY` times the estimate is :attr:`HessianOperator.product_error`, and
   the eigenvalue solvers never report a bound below it (nor any above
   :data:`~.operators.RELIABLE_PRODUCT_ERROR`: ``inf``, not converged). The perturbed gradients are evaluated with the
   ReLU/max-pool pattern of :math:`\theta` (:mod:`._frozen_kinks`): otherwise their jumps at the kinks bias the
-  difference by O(1). Works wherever training works; four gradients per product (two more per step tried; two for
-  ``fd_order=2``, which neither searches nor estimates).
+  difference by O(1). Works wherever training works; four gradients per product (two more per step tried, up to
+  ~20 for the first product of a hard operator; two for ``fd_order=2``, which neither searches nor estimates).
 * ``"forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad``; no graph is kept between products. Fails
   through BatchNorm in train mode (in-place buffer updates).
 * ``"auto"`` (default): double backward where it exists and is valid, finite differences otherwise. At the first
@@ -345,6 +346,8 @@ class HessianOperator(CurvatureOperator):
         self.fd_order = fd_order
         #: largest estimated relative error of the finite-difference products so far (0 for exact methods)
         self.product_error = 0.0
+        #: the same for the last product alone
+        self.last_product_error = 0.0
         #: estimated absolute error of :math:`v^\top Hv` for the last product (0 for exact methods)
         self.form_error = 0.0
         self._error_weight: Vector | None = None
@@ -586,7 +589,7 @@ class HessianOperator(CurvatureOperator):
     def _product(self, v: Vector, method: str) -> Vector:
         acc: Vector | None = None  # weighted sum of the batches' products, built in place (no extra vector)
         count = 0.0
-        self.form_error = 0.0  # exact products; finite differences set their estimate below
+        self.form_error = self.last_product_error = 0.0  # exact products; finite differences set their estimate below
         # one batch in one process: its product is the answer (no weighting, no division)
         alone = self._batches.single and self.reduce_fn is None and not self.sharded
         if method == "double_backward":
@@ -618,7 +621,8 @@ class HessianOperator(CurvatureOperator):
                     part = [t.mul_(1.0 / (2.0 * eps)) for t in self._central_difference(i, b, v, eps)]
                 else:
                     part, error, form_b = self._richardson(i, b, v, eps)
-                    self.product_error = max(self.product_error, FD_SAFETY * error)
+                    self.last_product_error = max(self.last_product_error, FD_SAFETY * error)
+                    self.product_error = max(self.product_error, self.last_product_error)
                     form += n * FD_SAFETY * form_b
                 acc = _accumulate(acc, part, n)
                 count += n
@@ -864,7 +868,7 @@ class HessianOperator(CurvatureOperator):
             cache[self._auto_key()] = "finite_difference"
             return "finite_difference"
         approx = self._product(probe, "finite_difference")
-        self.product_error = self.form_error = 0.0  # the probe is not part of the measurement
+        self.product_error = self.form_error = self.last_product_error = 0.0  # the probe is not measured
         self.num_check_products = 2
         diff = self.space.norm([a - b for a, b in zip(exact, approx)])
         scale = torch.maximum(self.space.norm(exact), self.space.norm(approx)).clamp_min(1e-300)

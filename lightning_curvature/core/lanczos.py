@@ -279,7 +279,7 @@ def lanczos(
         error_bounds=bounds,
         num_matvecs=out.num_matvecs,
         # products less accurate than tol (finite differences that found no good step) cannot meet it
-        converged=out.converged and not op.product_error > tol,
+        converged=out.converged and not out.product_floor > tol * max(float(out.theta[:k].abs().max()), abs_tol),
         warm_start=_output(op, vecs) if return_warm_start else None,
         peak_vectors=out.peak_vectors,
     )

@@ -68,6 +68,9 @@ class CurvatureOperator:
     #: solvers never report a bound below ``product_error`` times the operator's scale, nor any finite bound above
     #: :data:`RELIABLE_PRODUCT_ERROR`
     product_error: float = 0.0
+    #: relative accuracy of the last product alone (0 for exact ones): the Krylov solvers turn it into an absolute
+    #: error with that product's norm, so a product whose output is small adds little
+    last_product_error: float = 0.0
     #: estimated absolute error of the quadratic form :math:`v^\top Av` of the last product (0 for exact ones): what
     #: the trace estimators add to their standard error
     form_error: float = 0.0
@@ -169,6 +172,11 @@ class ScaledOperator(CurvatureOperator):
     def product_error(self) -> float:  # type: ignore[override]
         """The inner operator's, measured in this operator's output (see :meth:`_matvec`)."""
         return float(getattr(self.A, "product_error", 0.0))
+
+    @property
+    def last_product_error(self) -> float:  # type: ignore[override]
+        """The inner operator's for the last product, measured in this operator's output."""
+        return float(getattr(self.A, "last_product_error", 0.0))
 
     @property
     def form_error(self) -> float:  # type: ignore[override]
