@@ -96,6 +96,7 @@ def run_case(name: str, reps: int) -> dict:
             for factor in (0.25, 1.0, 4.0):
                 hvp_module.finite_difference_step = lambda d, t, n, o=4, f=factor, g=original: f * g(d, t, n, o)  # type: ignore[misc]
                 try:
+                    F32._fd_ratio = 1.0  # each column starts from its own first step (not the last product's)
                     row[f"finite_difference_f32_x{factor:g}"] = relative_error(F32.matvec(v), ref)
                 finally:
                     hvp_module.finite_difference_step = original

@@ -151,8 +151,9 @@ FD_SAFETY = 2.0
 #: estimate (rounding alone raises it about 2x; more means the larger steps did not resolve the loss).
 FD_JUMP = 4.0
 #: The smallest step the search tries, relative to the initial one (:func:`finite_difference_step`): there the
-#: float32 rounding of the perturbed parameters is about a tenth of the perturbation (:math:`u^{2/3}/2` over it).
-FD_MIN_RATIO = 2.0**-14
+#: float32 rounding of the perturbed parameters is already about 1% of the perturbation (:math:`u^{2/3}/2` over the
+#: ratio), and the differences measure the Hessian along a direction that far from the one asked for.
+FD_MIN_RATIO = 2.0**-10
 
 
 def finite_difference_step(dtype: torch.dtype, scale: float, v_norm: float, order: int = 4) -> float:
