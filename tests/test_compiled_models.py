@@ -112,4 +112,5 @@ def test_lightning_compiled_module_is_monitored(tmp_path, product_dtype, rel):
     assert [v for _, v in monitor.history] == pytest.approx([ref.refs[0], ref.refs[2]], rel=rel)
     assert float(trainer.callback_metrics["curvature/sharpness"]) == pytest.approx(ref.refs[2], rel=1e-4)
     assert monitor.last_method == "finite_difference"
+    assert set(monitor.state_dict()["fd_step_ratio"]) == {0}  # the next search starts where this one ended
     assert module._compiler_ctx is not None and module.forward is not module._compiler_ctx["original_forward"]

@@ -86,6 +86,26 @@ def test_the_search_goes_as_deep_as_the_loss_needs_and_later_products_start_ther
         assert H.product_error > RELIABLE_PRODUCT_ERROR
 
 
+def test_a_new_operator_starts_where_an_earlier_search_ended() -> None:
+    """``fd_step_ratio`` (what the monitors carry from one measurement to the next): a new operator given the ratio
+    an earlier search ended at pays no search, and its product is as accurate; bad ratios are refused."""
+    model, batch, loss = Wavy(), torch.zeros(4, 1), _wavy_loss_at(500.0)
+    theta = model.theta.detach().double()
+    v, w = (torch.randn(200, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    with HessianOperator(model, loss, batch, method="finite_difference") as H:
+        assert H.fd_step_ratio == 1.0
+        H.matvec(v)
+        ratio, searched = H.fd_step_ratio, H.num_grad
+    assert ratio < 1.0 / 8.0 and searched > 8
+    with HessianOperator(model, loss, batch, method="finite_difference") as H:
+        H.fd_step_ratio = ratio
+        err = _rel(H.matvec(w), -torch.cos(500.0 * theta) * w.double() / 200)
+        assert err <= H.product_error < 1e-2 and H.num_grad <= searched // 2
+        for bad in (0.0, -1.0, math.nan, math.inf, "1"):
+            with pytest.raises(ValueError, match="fd_step_ratio"):
+                H.fd_step_ratio = bad  # type: ignore[assignment]
+
+
 def test_a_scaled_operator_judges_the_products_in_its_own_norm() -> None:
     """D A D with D spanning four orders of magnitude: the estimate is that of the scaled product and covers it."""
     model, batch = Wavy(), torch.zeros(4, 1)

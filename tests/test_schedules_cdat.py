@@ -340,7 +340,10 @@ class LrRecorder(pl.Callback):
         self.lrs.append(optimizer.param_groups[0]["lr"])
 
 
-def test_lightning_resume_reproduces_uninterrupted_lrs(tmp_path: Any) -> None:
+@pytest.mark.parametrize("method", ["auto", "finite_difference"])
+def test_lightning_resume_reproduces_uninterrupted_lrs(tmp_path: Any, method: str) -> None:
+    """Exact equality; with finite differences the step their search ended at is checkpointed too."""
+
     def trainer(root: str, callbacks: list, max_steps: int, ckpt: bool) -> pl.Trainer:
         return pl.Trainer(
             default_root_dir=tmp_path / root,
@@ -353,13 +356,17 @@ def test_lightning_resume_reproduces_uninterrupted_lrs(tmp_path: Any) -> None:
         )
 
     full = LrRecorder()
-    trainer("full", [DirectionalCurvatureMonitor(), full], 8, False).fit(LeastSquares("momentum", 2.0, hidden=8))
+    trainer("full", [DirectionalCurvatureMonitor(method=method), full], 8, False).fit(
+        LeastSquares("momentum", 2.0, hidden=8)
+    )
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
-    trainer("first", [DirectionalCurvatureMonitor(), ckpt], 4, True).fit(LeastSquares("momentum", 2.0, hidden=8))
+    first = DirectionalCurvatureMonitor(method=method)
+    trainer("first", [first, ckpt], 4, True).fit(LeastSquares("momentum", 2.0, hidden=8))
+    assert bool(first.state_dict()["fd_step_ratio"]) == (method == "finite_difference")
     resumed = LrRecorder()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer("second", [DirectionalCurvatureMonitor(), resumed], 8, True).fit(
+        trainer("second", [DirectionalCurvatureMonitor(method=method), resumed], 8, True).fit(
             LeastSquares("momentum", 2.0, hidden=8), ckpt_path=str(tmp_path / "ckpt" / "epoch=3-step=4.ckpt")
         )
     assert resumed.lrs == full.lrs[4:]

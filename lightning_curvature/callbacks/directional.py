@@ -155,6 +155,8 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
         self._layouts = LayoutCache(self.batch_dim)
         self._expected: int | None = None
         self._schedulers: list[DirectionSubscriber] = []
+        # per subscribed scheduler (in order): where the last finite-difference search ended; checkpointed
+        self._fd_step_ratio: dict[int, float] = {}
 
     @property
     @override
@@ -241,7 +243,11 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
             pl_module, loss_fn, batch, params=params, method=self.method, mode=self.mode,  # type: ignore[arg-type]
             seed=self.seed, compiled=True if compiled and self.method == "auto" else None, dtype=self.product_dtype,
         ) as H:  # fmt: skip
+            key = next(i for i, s in enumerate(self._schedulers) if s is sched)
+            H.fd_step_ratio = self._fd_step_ratio.get(key, 1.0)  # the last step's search ended there
             hu = H.matvec(u_flat)
+            if H.method == "finite_difference":
+                self._fd_step_ratio[key] = H.fd_step_ratio
             if H.product_error > RELIABLE_PRODUCT_ERROR:  # d_t would be noise: skipped, never fed to the lr
                 raise InaccurateProductsError(
                     f"the finite-difference product along the update is {H.product_error:.1%} off by its own "
@@ -251,6 +257,15 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
             loss = H.loss()  # at the parameters of the update (double backward: from the product's own graph)
         n, d = directional_terms(g_flat, u_flat.to(hu.dtype), hu, params=theta, weight_decay=wd_flat, maximize=mask)
         return n, d, loss
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._base_state(), "fd_step_ratio": dict(self._fd_step_ratio)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._load_base_state(state_dict)
+        self._fd_step_ratio = {int(i): float(r) for i, r in state_dict.get("fd_step_ratio", {}).items()}
 
     @override
     def on_before_optimizer_step(

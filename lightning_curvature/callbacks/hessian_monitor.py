@@ -335,6 +335,8 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         self._feed_start: dict[int, Vector] = {}  # the top vector of the last requested measurement, per optimizer
         self._warned: set[str] = set()
         self._fed: dict[int, float] = {}  # optimizer index -> sharpness fed to its schedulers
+        # optimizer index -> where the last finite-difference search ended (checkpointed: a resumed run starts there)
+        self._fd_step_ratio: dict[int, float] = {}
         self._subscribers: dict[int, list[SharpnessSubscriber]] = {}  # optimizer index -> schedulers (fit start)
         self._requesters: list[MeasurementRequester] = []  # those of them that may ask for a measurement
         self.last_method: str | None = None  # how the latest products were computed
@@ -465,6 +467,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
                 reuse_graph=self.reuse_graph, method=self.method, dtype=self.product_dtype,
                 compiled=True if lightning_compiled(pl_module) and self.method == "auto" else None,
             ) as H:  # fmt: skip
+                H.fd_step_ratio = self._fd_step_ratio.get(index or 0, 1.0)  # where the last search ended
                 precond, _ = self._preconditioner(optimizer, params, H)
                 feedable = (not adaptive) or precond is not None
                 op = preconditioned_operator(H, precond)
@@ -472,10 +475,12 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
                 with warnings.catch_warnings():  # an unreliable estimate is reported below as a skipped measurement
                     warnings.simplefilter("ignore", InaccurateProductsWarning)
                     res = self._feed_eigenpair(op, H, index or 0) if feed else self._eigenpairs(op, H, index or 0)
+                if H.method == "finite_difference":
+                    self._fd_step_ratio[index or 0] = H.fd_step_ratio
                 if op.product_error > RELIABLE_PRODUCT_ERROR:  # a measurement that cannot be made: skipped
                     raise InaccurateProductsError(
-                        f"finite-difference products are {op.product_error:.1%} off by their own estimate (no step "
-                        "of the search reached 0.1%); the model is too large or too far from quadratic for "
+                        f"finite-difference products are {op.product_error:.1%} off by their own estimate (the "
+                        "step search found no better step); the model is too large or too far from quadratic for "
                         f"{H.space.dtype} differences. Measure with method='double_backward' (eager code) if it "
                         "runs, or with product_dtype=torch.float64."
                     )
@@ -608,6 +613,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
                 for i, vectors in self._warm_start.items()
             }
             state["warm_in_a_row"] = self._warm_in_a_row
+        state["fd_step_ratio"] = dict(self._fd_step_ratio)
         return state
 
     @override
@@ -617,6 +623,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         if isinstance(restored, dict):
             self._warm_start = {int(i): [list(v) for v in vectors] for i, vectors in restored.items()}
         self._warm_in_a_row = int(state_dict.get("warm_in_a_row", self._warm_in_a_row))
+        self._fd_step_ratio = {int(i): float(r) for i, r in state_dict.get("fd_step_ratio", {}).items()}
 
 
 def _cold_start(op: Any, H: HessianOperator, k: int) -> Handoff | None:

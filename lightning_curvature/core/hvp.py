@@ -413,6 +413,19 @@ class HessianOperator(CurvatureOperator):
         #: finite differences replay the ReLU/max-pool pattern of θ (see :mod:`._frozen_kinks`)
         self.freeze_kinks = True
 
+    @property
+    def fd_step_ratio(self) -> float:
+        """The step the last finite-difference product settled on, over its initial step (1 before any). The next
+        product's search starts there; set it on a new operator to start where an earlier one ended (the monitors
+        carry it from one measurement to the next)."""
+        return self._fd_ratio
+
+    @fd_step_ratio.setter
+    def fd_step_ratio(self, ratio: float) -> None:
+        if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0):
+            raise ValueError(f"`fd_step_ratio` must be a positive finite number, got {ratio!r}.")
+        self._fd_ratio = max(float(ratio), FD_MIN_RATIO)
+
     # -- compatibility ----------------------------------------------------------------------------------------------
     @property
     def num_hvp(self) -> int:
