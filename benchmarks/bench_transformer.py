@@ -297,10 +297,10 @@ def _summarise_fit(row: dict[str, Any], base: dict[str, Any]) -> None:
             row["warm_measure_s_median"] = statistics.median(m["seconds"] for m in warm)
 
 
-def part_lightning(sizes: list[str], steps: int, curv: int, compiled_too: bool) -> list[dict[str, Any]]:
+def part_lightning(sizes: list[str], steps: int, curv: int, variants: list[str]) -> list[dict[str, Any]]:
     rows = []
     for size in sizes:
-        for compiled in (False, True) if compiled_too else (False,):
+        for compiled in [v == "compiled" for v in variants]:
             group = []
             for config in ("none", "default", "tracking"):
                 cmd = [sys.executable, __file__, "--fit", size, config, str(int(compiled)), str(steps), str(curv)]
@@ -407,6 +407,13 @@ def main() -> None:
     parser.add_argument("--fsdp-steps", type=int, default=100, help="steps of each FSDP2 fit")
     parser.add_argument("--curvature-examples", type=int, default=8, help="windows in the monitors' curvature batch")
     parser.add_argument("--no-compiled", action="store_true", help="Lightning part: eager only")
+    parser.add_argument(
+        "--lightning-variants",
+        nargs="+",
+        default=["eager", "compiled"],
+        choices=["eager", "compiled"],
+        help="Lightning part: which fits (a partial re-run keeps the others' rows)",
+    )
     parser.add_argument("--with-85m-compiled-top5", action="store_true", help="also the slowest cell (~10 min)")
     parser.add_argument("--quick", action="store_true", help="3M only, 60-step fits, eager Lightning: ~8 min")
     parser.add_argument("--out", type=Path, default=RESULTS / "transformer.json")
@@ -455,7 +462,8 @@ def main() -> None:
         report["measure"] = sorted(keep + new, key=lambda r: (list(SIZES).index(r["size"]), order.index(r["variant"])))
         save()
     if "lightning" in args.parts:
-        new = part_lightning(args.lightning_sizes, args.steps, args.curvature_examples, not args.no_compiled)
+        variants = ["eager"] if args.no_compiled else args.lightning_variants
+        new = part_lightning(args.lightning_sizes, args.steps, args.curvature_examples, variants)
         done = {(r["size"], r["compiled"]) for r in new}
         keep = [r for r in report.get("lightning", []) if (r["size"], r["compiled"]) not in done]  # partial re-run
         report["lightning"] = keep + new

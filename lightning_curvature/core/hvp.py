@@ -666,41 +666,29 @@ class HessianOperator(CurvatureOperator):
         def slope(h: float) -> Vector:
             return [t.mul_(0.5 / h) for t in self._central_difference(i, batch, v, h)]
 
-        def estimate(small: Vector, big: Vector) -> tuple[Vector, float, float]:
-            # one tensor at a time: no parameter-sized temporaries beyond R
+        def spread(a: Vector, b: Vector, ref: Vector) -> tuple[float, float]:
+            """``‖a − b‖/‖ref‖`` (in the norm of :meth:`error_weight`) and ``|vᵀ(a − b)|``, one tensor at a time."""
             w = self._error_weight
             sums = torch.zeros(3, dtype=torch.float64, device=self.space.device)
-            R: Vector = []
-            for j, (a, c) in enumerate(zip(small, big)):
-                d = a - c
+            for j, (x, y, r) in enumerate(zip(a, b, ref)):
+                d = x - y
                 form = dot64(d, v[j])
                 if w is not None:
                     d.mul_(w[j])
-                r = a.mul(4.0 / 3.0).sub_(c, alpha=1.0 / 3.0)
-                rw = r if w is None else r * w[j]
-                sums += torch.stack([dot64(d, d), dot64(rw, rw), form]).to(sums.device)
-                R.append(r)
-                del d, rw
+                    r = r * w[j]
+                sums += torch.stack([dot64(d, d), dot64(r, r), form]).to(sums.device)
+                del d, r
             if self.space.reduce_fn is not None:  # sharded vectors: sum over the shard group
                 sums = self.space.reduce_fn(sums)
             diff, size, form_diff = (float(x) for x in sums.cpu())
-            return R, math.sqrt(max(diff, 0.0)) / max(math.sqrt(max(size, 0.0)), 1e-300), abs(form_diff)
+            return math.sqrt(max(diff, 0.0)) / max(math.sqrt(max(size, 0.0)), 1e-300), abs(form_diff)
+
+        def estimate(small: Vector, big: Vector) -> tuple[Vector, float, float]:
+            R = [a.mul(4.0 / 3.0).sub_(c, alpha=1.0 / 3.0) for a, c in zip(small, big)]
+            return (R, *spread(small, big, R))
 
         def disagreement(a: Vector, b: Vector) -> tuple[float, float]:
-            w = self._error_weight
-            sums = torch.zeros(3, dtype=torch.float64, device=self.space.device)
-            for j, (x, y) in enumerate(zip(a, b)):
-                d = x - y
-                form = dot64(d, v[j])
-                xw = x if w is None else x * w[j]
-                if w is not None:
-                    d.mul_(w[j])
-                sums += torch.stack([dot64(d, d), dot64(xw, xw), form]).to(sums.device)
-                del d, xw
-            if self.space.reduce_fn is not None:
-                sums = self.space.reduce_fn(sums)
-            diff, size, form_diff = (float(x) for x in sums.cpu())
-            return math.sqrt(max(diff, 0.0)) / max(math.sqrt(max(size, 0.0)), 1e-300), abs(form_diff)
+            return spread(a, b, a)
 
         h = eps * self._fd_ratio
         lo, hi = slope(h), slope(2.0 * h)
