@@ -222,7 +222,9 @@ def test_dict_batch_and_reduce_hook() -> None:
     v = torch.ones(H.shape[0], dtype=torch.float64)
     hv = hessian_vector_product(model, loss_fn, {"x": x, "y": y}, v, reduce_fn=reduce_fn)
     torch.testing.assert_close(hv, H @ v)
-    assert calls == [1 + H.shape[0]] * len(calls)  # one all-reduce per product: the example count and the sums
+    # one all-reduce per product: the example count and the sums (finite differences, as in auto's first-use
+    # probe, add their three error sums to the same all-reduce)
+    assert calls and set(calls) <= {1 + H.shape[0], 4 + H.shape[0]}
 
 
 def test_half_precision_model_is_measured_in_float32() -> None:

@@ -576,24 +576,26 @@ class HessianOperator(CurvatureOperator):
         if self.method == "double_backward" and self.reuse_graph and self._graphs is None:
             self._build_graphs()
 
-    def _finish(self, parts: Vector, local_count: float, what: str) -> Vector:
-        """Divide the weighted sums by the (global) example count; under DDP one all-reduce of count and sums."""
+    def _finish(
+        self, parts: Vector, local_count: float, what: str, extras: tuple[float, ...] = ()
+    ) -> tuple[Vector, list[float]]:
+        """Divide the weighted sums by the (global) example count; under DDP one all-reduce of count and sums.
+
+        ``extras`` are summed over the processes in the same all-reduce (unchanged without one) and returned."""
         if self.sharded:  # the sharded oracle returns each batch's share of the global mean, already reduced
-            return parts
+            return parts, list(extras)
         if self.reduce_fn is None:
-            return [t.div_(local_count) for t in parts] if local_count != 1 else parts
-        dtype = self.space.dtype
-        flat = torch.cat([torch.tensor([local_count], dtype=dtype, device=self.space.device)] + [
-            t.reshape(-1).to(device=self.space.device) for t in parts
-        ])  # fmt: skip
+            return ([t.div_(local_count) for t in parts] if local_count != 1 else parts), list(extras)
+        head = torch.tensor([local_count, *extras], dtype=self.space.dtype, device=self.space.device)
+        flat = torch.cat([head] + [t.reshape(-1).to(device=self.space.device) for t in parts])
         flat = self.reduce_fn(flat)
         total = float(flat[0])
         if not bool(torch.isfinite(flat).all()):
             raise NonFiniteCurvatureError(f"The reduced {what} is not finite on some process.")
         out = []
-        for piece, t in zip(torch.split(flat[1:], self.space.numels), parts):
+        for piece, t in zip(torch.split(flat[head.numel() :], self.space.numels), parts):
             out.append((piece / total).to(device=t.device).view(t.shape))
-        return out
+        return out, [float(x) for x in flat[1 : head.numel()]]
 
     # -- products -------------------------------------------------------------------------------------------------
     def _matvec(self, v: Vector) -> Vector:
@@ -628,21 +630,29 @@ class HessianOperator(CurvatureOperator):
                     count += n
         else:
             eps = self._fd_step(v)
-            form = 0.0
+            spread = form = 0.0  # Σ n·(estimated absolute error of the batch's product), Σ n·(of its form vᵀHv)
             for i, b in enumerate(self._batches):
                 n = 1 if (self.sharded or alone) else batch_size(b)
                 if self.fd_order == 2:
                     part = [t.mul_(1.0 / (2.0 * eps)) for t in self._central_difference(i, b, v, eps)]
                 else:
                     part, error, form_b = self._richardson(i, b, v, eps)
-                    self.last_product_error = max(self.last_product_error, FD_SAFETY * error)
-                    self.product_error = max(self.product_error, self.last_product_error)
+                    spread += n * FD_SAFETY * error * self._weighted_norm(part)
                     form += n * FD_SAFETY * form_b
                 acc = _accumulate(acc, part, n)
                 count += n
-            self.form_error = form / count if count else 0.0
+            assert acc is not None
+            # the errors are combined like the products (summed over batches and processes), so that every process
+            # holds the same estimate and the solvers take the same decisions everywhere
+            out, (spread, form, total) = self._finish(acc, count, "Hessian-vector product", (spread, form, count))
+            if self.fd_order != 2:
+                scale = 1.0 if self.sharded else max(total, 1e-300)  # sharded: the batches' shares sum to the mean
+                self.last_product_error = spread / scale / max(self._weighted_norm(out), 1e-300)
+                self.product_error = max(self.product_error, self.last_product_error)
+                self.form_error = form / scale
+            return out
         assert acc is not None
-        return self._finish(acc, count, "Hessian-vector product")
+        return self._finish(acc, count, "Hessian-vector product")[0]
 
     def _richardson(self, i: int, batch: Any, v: Vector, eps: float) -> tuple[Vector, float, float]:
         r"""Richardson's :math:`R(h) = (4D(h) - D(2h))/3` of central differences :math:`D(h) = (g_{+h} - g_{-h})/2h`,
@@ -753,6 +763,17 @@ class HessianOperator(CurvatureOperator):
                 if not t_best > FD_TARGET:
                     break
         return best, *reported, h
+
+    def _weighted_norm(self, x: Vector) -> float:
+        """``‖Wx‖`` in the norm of :meth:`error_weight` (reduced across shards)."""
+        w = self._error_weight
+        total = torch.zeros((), dtype=torch.float64, device=self.space.device)
+        for j, t in enumerate(x):
+            tw = t if w is None else t * w[j]
+            total += dot64(tw, tw).to(total.device)
+        if self.space.reduce_fn is not None:
+            total = self.space.reduce_fn(total)
+        return math.sqrt(max(float(total), 0.0))
 
     @contextmanager
     def error_weight(self, weight: Vector) -> Iterator[None]:
@@ -916,7 +937,7 @@ class HessianOperator(CurvatureOperator):
                     acc = _accumulate(acc, self._gradient_at(b), n)
                     count += n
         assert acc is not None
-        self._gradient = self._finish(acc, count, "gradient")
+        self._gradient = self._finish(acc, count, "gradient")[0]
         return self._gradient
 
     def loss(self) -> float:
