@@ -144,9 +144,12 @@ FD_TARGET = 5e-4
 #: this one settled on, so the search is paid about once per operator).
 FD_SEARCH = 10
 #: The reported error is this many times the estimate :math:`t`: where rounding dominates, the extrapolated
-#: difference's error is about 1.2 t (its noise is :math:`\sqrt{16.25}/3` of one difference's, :math:`t`'s
-#: :math:`\sqrt{1.25}`); where truncation dominates, :math:`t` already overestimates it.
-FD_SAFETY = 2.0
+#: difference's error is about 1.2 t if the noise of the two differences is independent (its noise is
+#: :math:`\sqrt{16.25}/3` of one difference's, :math:`t`'s :math:`\sqrt{1.25}`) and up to 7/3 t if it is the same
+#: pattern scaled by the step (:math:`n(2h) = n(h)/2`: :math:`t = |n|/2`, :math:`R`'s noise :math:`7|n|/6`), as on
+#: products concentrated on a few coordinates (``benchmarks/bench_fd_closed_form.py``: 2.26 t seen); where
+#: truncation dominates, :math:`t` already overestimates it.
+FD_SAFETY = 2.5
 #: A halving of the step that raises the error estimate more than this many times discards the larger step's
 #: estimate (rounding alone raises it about 2x; more means the larger steps did not resolve the loss).
 FD_JUMP = 4.0
