@@ -17,12 +17,14 @@ Four ways to compute :math:`Hv` (``method=``):
   percents, while a preconditioned direction needs a larger step against rounding. So the two central differences
   the extrapolation uses also estimate its error, and above :data:`FD_TARGET` the step is searched (halved while the
   estimate falls, else doubled; the next product starts from the step found, so the search is paid about once per
-  operator); :data:`FD_SAFETY` times the estimate is :attr:`HessianOperator.product_error`, and
-  the eigenvalue solvers never report a bound below it (nor any above
-  :data:`~.operators.RELIABLE_PRODUCT_ERROR`: ``inf``, not converged). The perturbed gradients are evaluated with the
-  ReLU/max-pool pattern of :math:`\theta` (:mod:`._frozen_kinks`): otherwise their jumps at the kinks bias the
-  difference by O(1). Works wherever training works; four gradients per product (two more per step tried, up to
-  ~20 for the first product of a hard operator; two for ``fd_order=2``, which neither searches nor estimates).
+  operator); :data:`FD_SAFETY` times the estimate is the product's relative error,
+  :attr:`HessianOperator.last_product_error` (the largest so far: :attr:`HessianOperator.product_error`), and the
+  eigenvalue solvers never report a bound below a product's error times its norm (nor any finite bound once
+  ``product_error`` passes :data:`~.operators.RELIABLE_PRODUCT_ERROR`: ``inf``, not converged). The perturbed
+  gradients are evaluated with the ReLU/max-pool pattern of :math:`\theta` (:mod:`._frozen_kinks`): otherwise their
+  jumps at the kinks bias the difference by O(1). Works wherever training works; four gradients per product (two
+  more per step tried, up to ~20 for the first product of a hard operator; two for ``fd_order=2``, which neither
+  searches nor estimates).
 * ``"forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad``; no graph is kept between products. Fails
   through BatchNorm in train mode (in-place buffer updates).
 * ``"auto"`` (default): double backward where it exists and is valid, finite differences otherwise. At the first
