@@ -207,8 +207,10 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
         pl_module: pl.LightningModule,
         optimizer: torch.optim.Optimizer,
         sched: DirectionSubscriber,
+        index: int,
     ) -> tuple[float, float, float]:
-        """:math:`(n_t, d_t)` and the loss on this process's batch (raises on failure; no collective call inside)."""
+        """:math:`(n_t, d_t)` and the loss on this process's batch for subscriber ``index`` (raises on failure; no
+        collective call inside)."""
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad and p.grad is not None]
         if not params:
             raise ValueError("no parameter of the optimizer has a gradient at this step")
@@ -243,11 +245,10 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
             pl_module, loss_fn, batch, params=params, method=self.method, mode=self.mode,  # type: ignore[arg-type]
             seed=self.seed, compiled=True if compiled and self.method == "auto" else None, dtype=self.product_dtype,
         ) as H:  # fmt: skip
-            key = next(i for i, s in enumerate(self._schedulers) if s is sched)
-            H.fd_step_ratio = self._fd_step_ratio.get(key, 1.0)  # the last step's search ended there
+            H.fd_step_ratio = self._fd_step_ratio.get(index, 1.0)  # the last step's search ended there
             hu = H.matvec(u_flat)
             if H.method == "finite_difference":
-                self._fd_step_ratio[key] = H.fd_step_ratio
+                self._fd_step_ratio[index] = H.fd_step_ratio
             if H.product_error > RELIABLE_PRODUCT_ERROR:  # d_t would be noise: skipped, never fed to the lr
                 raise InaccurateProductsError(
                     f"the finite-difference product along the update is {H.product_error:.1%} off by its own "
@@ -281,7 +282,7 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
             error: BaseException | str | None = None
             try:
                 with forked_host_rng():  # whatever the loss draws from Python's or NumPy's RNG does not reach training
-                    n, d, loss = self._measure(trainer, pl_module, opt, sched)
+                    n, d, loss = self._measure(trainer, pl_module, opt, sched, index)
             except Exception as exc:  # contained: a measurement never stops training
                 n, d, loss, error = math.nan, math.nan, math.nan, exc
             if trainer.world_size > 1:  # a NaN on any process reaches every process: they all skip together

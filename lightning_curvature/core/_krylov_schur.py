@@ -194,7 +194,7 @@ def krylov_schur(
         W, errors = [], []
         for i in range(b):
             W.append(op.matvec(list(basis.vector(m_old + i))))
-            errors.append(float(getattr(op, "last_product_error", 0.0)))
+            errors.append(float(op.last_product_error))
         W = [[t.to(dtype=d) if t.dtype != d else t for t, d in zip(w, space.dtypes)] for w in W]
         nprod += b
         peak = max(peak, m + b)

@@ -635,24 +635,24 @@ class HessianOperator(CurvatureOperator):
                     count += n
         else:
             eps = self._fd_step(v)
-            spread = form = 0.0  # Σ n·(estimated absolute error of the batch's product), Σ n·(of its form vᵀHv)
+            abs_error = form = 0.0  # Σ n·(estimated absolute error of the batch's product), Σ n·(of its vᵀHv)
             for i, b in enumerate(self._batches):
                 n = 1 if (self.sharded or alone) else batch_size(b)
                 if self.fd_order == 2:
                     part = [t.mul_(1.0 / (2.0 * eps)) for t in self._central_difference(i, b, v, eps)]
                 else:
                     part, error, form_b = self._richardson(i, b, v, eps)
-                    spread += n * FD_SAFETY * error * self._weighted_norm(part)
+                    abs_error += n * FD_SAFETY * error * self._weighted_norm(part)
                     form += n * FD_SAFETY * form_b
                 acc = _accumulate(acc, part, n)
                 count += n
             assert acc is not None
             # the errors are combined like the products (summed over batches and processes), so that every process
             # holds the same estimate and the solvers take the same decisions everywhere
-            out, (spread, form, total) = self._finish(acc, count, "Hessian-vector product", (spread, form, count))
+            out, (abs_error, form, total) = self._finish(acc, count, "Hessian-vector product", (abs_error, form, count))
             if self.fd_order != 2:
                 scale = 1.0 if self.sharded else max(total, 1e-300)  # sharded: the batches' shares sum to the mean
-                self.last_product_error = spread / scale / max(self._weighted_norm(out), 1e-300)
+                self.last_product_error = abs_error / scale / max(self._weighted_norm(out), 1e-300)
                 self.product_error = max(self.product_error, self.last_product_error)
                 self.form_error = form / scale
             return out

@@ -64,9 +64,10 @@ class CurvatureOperator:
 
     space: VectorSpace
     num_matvecs: int = 0
-    #: relative accuracy of the products (0 for exact ones; finite differences estimate theirs): the eigenvalue
-    #: solvers never report a bound below ``product_error`` times the operator's scale, nor any finite bound above
-    #: :data:`RELIABLE_PRODUCT_ERROR`
+    #: largest relative error of the products so far (0 for exact ones; finite differences estimate theirs): no
+    #: solver reports a finite bound above :data:`RELIABLE_PRODUCT_ERROR`; power iteration and the warm-start solver
+    #: never report one below it times the operator's scale (Krylov–Schur: below :attr:`last_product_error` times
+    #: each product's norm)
     product_error: float = 0.0
     #: relative accuracy of the last product alone (0 for exact ones): the Krylov solvers turn it into an absolute
     #: error with that product's norm, so a product whose output is small adds little
