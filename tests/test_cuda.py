@@ -94,3 +94,29 @@ def test_auto_keeps_the_fused_attention_kernel_on_cuda() -> None:
     auto = hessian_eigenvalues(model, loss_fn, (x, y), k=1, tol=1e-4)
     exact = hessian_eigenvalues(model, loss_fn, (x, y), k=1, tol=1e-4, method="double_backward")
     torch.testing.assert_close(auto.eigenvalues, exact.eigenvalues, rtol=1e-3, atol=0)
+
+
+def test_host_basis_keeps_the_krylov_vectors_off_the_gpu() -> None:
+    """``basis_device="cpu"``: the same eigenvalues, with the basis' vectors out of the GPU's peak memory."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10)).cuda()
+    x, y = digits(64, torch.float32)
+    batch = (x.cuda(), y.cuda())
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    peaks, results = {}, {}
+    for basis_device in (None, "cpu"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        res = hessian_eigenvalues(
+            model, ce_loss, batch, k=5, tol=1e-4, method="double_backward", return_eigenvectors=True,
+            basis_device=basis_device,
+        )  # fmt: skip
+        torch.cuda.synchronize()
+        peaks[basis_device] = (torch.cuda.max_memory_allocated() - base) / param_bytes
+        results[basis_device] = res
+    host, default = results["cpu"], results[None]
+    assert host.converged and default.converged and default.peak_vectors > 15
+    torch.testing.assert_close(host.eigenvalues, default.eigenvalues, rtol=1e-4, atol=0)
+    assert host.eigenvector_list is not None and host.eigenvector_list[0][0].is_cuda
+    assert peaks["cpu"] < peaks[None] - 0.5 * default.peak_vectors  # most of the basis no longer on the GPU

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+from lightning_curvature.core._basis import as_basis_device
 from lightning_curvature.core._batch import BatchDim, check_batch_dim
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "check_batch_dim_arg",
     "check_bool",
     "check_choice",
+    "check_device",
     "check_floating_dtype",
     "check_optional_int",
     "check_overhead",
@@ -121,6 +123,20 @@ def check_floating_dtype(name: str, value: Any) -> Any:
     if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
         raise MisconfigurationException(f"`{name}` must be a floating-point torch.dtype or None, got {value!r}.")
     return value
+
+
+def check_device(name: str, value: Any) -> torch.device | None:
+    """``value`` as a ``torch.device`` (``None`` stays ``None``; strings such as ``"cpu"`` are parsed).
+
+    Raises:
+        MisconfigurationException: naming ``name`` and the bad value.
+    """
+    try:
+        return as_basis_device(value)
+    except ValueError:
+        raise MisconfigurationException(
+            f"`{name}` must be a torch.device, a device string such as 'cpu', or None, got {value!r}."
+        ) from None
 
 
 def check_overhead(value: Any) -> float:

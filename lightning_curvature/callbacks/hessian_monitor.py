@@ -35,7 +35,7 @@ from lightning_curvature.callbacks._common import (
 from lightning_curvature.callbacks._compiled import lightning_compiled
 from lightning_curvature.callbacks._loss import LossFn
 from lightning_curvature.callbacks._subscriptions import attach
-from lightning_curvature.callbacks._validation import check_floating_dtype, is_sharded_strategy
+from lightning_curvature.callbacks._validation import check_device, check_floating_dtype, is_sharded_strategy
 from lightning_curvature.core import (
     HessianOperator,
     LanczosResult,
@@ -233,12 +233,18 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         product_dtype: compute the products in this dtype (``torch.float64``: finite differences of a large float32
             model whose float32 products are too inaccurate and skipped, at the cost of float64 arithmetic);
             default: the parameters' dtype. Not under sharded strategies.
+        max_vectors: the most parameter-sized vectors a measurement holds at once, warm-start vectors included
+            (thick-restarted Lanczos keeps it there at the same ``tol``); ``None``: no bound.
+        basis_device: where the solver's basis, the density's Lanczos vectors and the warm-start vectors between
+            measurements are kept: ``"cpu"`` holds them in host memory while the model trains on an accelerator,
+            which then holds only the few vectors being worked on; ``None`` (default): beside the parameters.
 
     Raises:
         MisconfigurationException: for ``every_n_steps`` (unless ``None``), ``k``, ``max_iter`` below 1, a
             ``max_overhead`` outside ``(0, 1]``, ``trace_samples`` below 3,
             ``density_num_probes`` or ``density_num_iters`` below 1, a non-positive ``tol``, an unknown ``batch``
-            or ``mode``, a bad ``num_examples``, a non-callable ``loss_fn``, a non-floating ``product_dtype``; at
+            or ``mode``, a bad ``num_examples``, a non-callable ``loss_fn``, a non-floating ``product_dtype``, a
+            ``basis_device`` that is not a device; at
             setup, for an unsupported strategy, ``product_dtype`` under a sharded one, or a module with manual
             optimization and no ``curvature_loss``.
 
@@ -289,6 +295,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         tracking_products: int | None = None,
         batch_dim: BatchDim = None,
         product_dtype: torch.dtype | None = None,
+        basis_device: torch.device | str | None = None,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -320,6 +327,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         if max_vectors is not None:
             check_positive_int("max_vectors", max_vectors, minimum=self.k + 4)
         self.max_vectors = max_vectors
+        self.basis_device = check_device("basis_device", basis_device)
         self.checkpoint_warm_start_max_entries = check_positive_int(
             "checkpoint_warm_start_max_entries", checkpoint_warm_start_max_entries, minimum=0
         )
@@ -520,7 +528,12 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
                         g = [d * t for d, t in zip(op.scale, g)]
                     metrics[SUBSPACE_OVERLAP] = _overlap(H.space, g, res.eigenvectors)
                 if self.compute_density:
-                    density = slq_density(H, num_probes=self.density_num_probes, num_iters=self.density_num_iters)
+                    density = slq_density(
+                        H,
+                        num_probes=self.density_num_probes,
+                        num_iters=self.density_num_iters,
+                        basis_device=self.basis_device,
+                    )
                 metrics[NUM_HVP] = metrics.get(NUM_HVP, 0.0) + float(H.num_hvp)
                 self.last_method = H.method
         writer = find_summary_writer(trainer)
@@ -546,11 +559,15 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             v0 = _cold_start(op, H, 1)
         res = lanczos(
             op, k=1, tol=max(self.tol, FEED_TOL), max_iter=self.max_iter, v0=v0, return_warm_start=self.warm_start,
-            max_vectors=self.max_vectors,
+            max_vectors=self.max_vectors, basis_device=self.basis_device,
         )  # fmt: skip
         if self.warm_start and res.warm_start is not None:
-            self._feed_start[index] = [t.clone() for t in res.warm_start[0]]
+            self._feed_start[index] = [self._kept(t) for t in res.warm_start[0]]
         return res
+
+    def _kept(self, t: Tensor) -> Tensor:
+        """A copy of ``t`` to keep between measurements (on ``basis_device`` when one is set)."""
+        return t.clone() if self.basis_device is None else t.to(self.basis_device, copy=True)
 
     def _eigenpairs(self, op: Any, H: HessianOperator, index: int) -> LanczosResult:
         """Top-k eigenpairs of ``op`` (``H`` or ``P^{-1/2} H P^{-1/2}``), warm-started from the last Ritz vectors."""
@@ -584,9 +601,10 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         res = lanczos(
             op, k=k, tol=self.tol, max_iter=max_iter, v0=v0,
             return_eigenvectors=self.compute_overlap, return_warm_start=self.warm_start, max_vectors=self.max_vectors,
+            basis_device=self.basis_device,
         )  # fmt: skip
         if self.warm_start and res.warm_start is not None:
-            self._warm_start[index] = [[t.clone() for t in v] for v in res.warm_start]
+            self._warm_start[index] = [[self._kept(t) for t in v] for v in res.warm_start]
         self._feed_start.pop(index, None)  # requested measurements start again from this block's top vector
         return res
 

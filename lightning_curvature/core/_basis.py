@@ -4,6 +4,11 @@ Each parameter ``i`` gets row blocks of shape ``(BLOCK_ROWS, numel_i)``: a basis
 worth of memory (blocks grow with the steps taken, no ``max_iter`` preallocation), products with the whole basis are
 one matrix product per block and parameter, and a thick restart rewrites the basis in place column chunk by column
 chunk, never holding a second copy.
+
+**Host storage.** ``storage="cpu"`` keeps the blocks in host memory (pinned when the vectors are on CUDA) while the
+vectors the solver works on stay on their parameters' devices: the accelerator then holds a few vectors instead
+of the basis. Each product with the basis moves one vector across (``w`` to the host for :meth:`Basis.dots`, the
+correction back for :meth:`Basis.subtract`); the basis itself never moves.
 """
 
 from __future__ import annotations
@@ -15,10 +20,26 @@ from torch import Tensor
 
 from lightning_curvature.core.vectors import COLUMN_CHUNK, Vector, VectorSpace, matvec64
 
-__all__ = ["BLOCK_ROWS", "Basis"]
+__all__ = ["BLOCK_ROWS", "Basis", "as_basis_device"]
 
 #: Rows per storage block.
 BLOCK_ROWS = 16
+
+
+def as_basis_device(value: torch.device | str | None) -> torch.device | None:
+    """``value`` as a ``torch.device`` (``None`` stays ``None``).
+
+    Raises:
+        ValueError: naming ``basis_device`` and the value if it is not a device.
+    """
+    if value is None or isinstance(value, torch.device):
+        return value
+    if isinstance(value, str):
+        try:
+            return torch.device(value)
+        except RuntimeError:
+            pass
+    raise ValueError(f"`basis_device` must be a torch.device, a device string such as 'cpu', or None, got {value!r}.")
 
 
 class Basis:
@@ -28,12 +49,28 @@ class Basis:
         space: the vector space.
         block_rows: rows per storage block.
         capacity: the most vectors it will ever hold (blocks are then never allocated beyond it).
+        storage: device of the stored blocks (``"cpu"``: host memory for a model on an accelerator); ``None``: each
+            parameter's own device.
     """
 
-    def __init__(self, space: VectorSpace, block_rows: int = BLOCK_ROWS, capacity: int | None = None) -> None:
+    def __init__(
+        self,
+        space: VectorSpace,
+        block_rows: int = BLOCK_ROWS,
+        capacity: int | None = None,
+        storage: torch.device | str | None = None,
+    ) -> None:
         self.space = space
         self.block_rows = block_rows
         self.capacity = capacity
+        self.storage = None if storage is None else torch.device(storage)
+        # page-locked host blocks make the transfers to and from an accelerator faster (CUDA only)
+        self._pin = (
+            self.storage is not None
+            and self.storage.type == "cpu"
+            and any(d.type == "cuda" for d in space.devices)
+            and torch.cuda.is_available()
+        )
         self._blocks: list[list[Tensor]] = [[] for _ in range(len(space))]  # per parameter: (rows, numel) blocks
         self._count = 0
 
@@ -52,9 +89,14 @@ class Basis:
         for i, t in enumerate(v):
             if row == 0:
                 sp = self.space
-                self._blocks[i].append(torch.empty(rows, sp.numels[i], dtype=sp.dtypes[i], device=sp.devices[i]))
+                self._blocks[i].append(
+                    torch.empty(rows, sp.numels[i], dtype=sp.dtypes[i], device=self._device(i), pin_memory=self._pin)
+                )
             self._blocks[i][-1][row].copy_(t.reshape(-1))
         self._count += 1
+
+    def _device(self, i: int) -> torch.device:
+        return self.storage if self.storage is not None else self.space.devices[i]
 
     def vector(self, j: int) -> Vector:
         """Vector ``j`` as views into the storage (do not modify)."""
@@ -62,6 +104,10 @@ class Basis:
             raise IndexError(f"basis vector {j} of {self._count}")
         b, r = divmod(j, self.block_rows)
         return [blocks[b][r].view(s) for blocks, s in zip(self._blocks, self.space.shapes)]
+
+    def local(self, j: int) -> Vector:
+        """Vector ``j`` on the parameters' devices: views into the storage, or copies from host storage."""
+        return [t.to(dev) for t, dev in zip(self.vector(j), self.space.devices)]
 
     def _filled(self, i: int) -> list[Tensor]:
         full, rest = divmod(self._count, self.block_rows)
@@ -87,6 +133,7 @@ class Basis:
         if self._count == 0:
             return out
         for i, wi in enumerate(w):
+            wi = wi.to(self._device(i))  # one transfer of w, not of the basis
             start = 0
             for B in self._filled(i):
                 r = B.shape[0]
@@ -100,12 +147,16 @@ class Basis:
             return
         for i, wi in enumerate(w):
             flat = wi.view(-1)
+            # host storage: the correction Vᵀc is formed where the basis lives and moved across once
+            acc = flat if self.storage is None else torch.zeros(flat.shape, dtype=flat.dtype, device=self._device(i))
             start = 0
             for B in self._filled(i):
                 r = B.shape[0]
                 c = coeffs[start : start + r].to(device=B.device, dtype=B.dtype)
-                flat.addmv_(B.t(), c, alpha=-1.0)
+                acc.addmv_(B.t(), c, alpha=-1.0)
                 start += r
+            if acc is not flat:
+                flat.add_(acc.to(flat.device))
 
     def combine(self, coeffs: Tensor) -> list[Vector]:
         """``coeffs @ V`` for an ``(r, m)`` coefficient matrix: ``r`` new vectors (Ritz vectors)."""
@@ -113,12 +164,13 @@ class Basis:
         r = coeffs.shape[0]
         outs: list[Vector] = [[] for _ in range(r)]
         for i in range(len(sp)):
-            acc = torch.zeros(r, sp.numels[i], dtype=sp.dtypes[i], device=sp.devices[i])
+            acc = torch.zeros(r, sp.numels[i], dtype=sp.dtypes[i], device=self._device(i))
             start = 0
             for B in self._filled(i):
                 rows = B.shape[0]
                 acc.addmm_(coeffs[:, start : start + rows].to(device=B.device, dtype=B.dtype), B)
                 start += rows
+            acc = acc.to(sp.devices[i])
             for j in range(r):
                 outs[j].append(acc[j].view(sp.shapes[i]))
         return outs
@@ -134,7 +186,7 @@ class Basis:
         sp = self.space
         for i in range(len(sp)):
             blocks = self._filled(i)
-            c = coeffs.to(device=sp.devices[i], dtype=sp.dtypes[i])
+            c = coeffs.to(device=self._device(i), dtype=sp.dtypes[i])
             for s in range(0, sp.numels[i], COLUMN_CHUNK):
                 cols = torch.cat([B[:, s : s + COLUMN_CHUNK] for B in blocks])  # (m, chunk)
                 new = c @ cols  # (r, chunk)
@@ -152,9 +204,11 @@ class Basis:
         return torch.cat(self._filled(0))
 
     @classmethod
-    def from_vectors(cls, space: VectorSpace, vectors: Sequence[Vector]) -> Basis:
+    def from_vectors(
+        cls, space: VectorSpace, vectors: Sequence[Vector], storage: torch.device | str | None = None
+    ) -> Basis:
         """A basis holding copies of ``vectors`` (not orthonormalised)."""
-        basis = cls(space)
+        basis = cls(space, storage=storage)
         for v in vectors:
             basis.append(v)
         return basis

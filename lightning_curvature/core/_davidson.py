@@ -52,11 +52,12 @@ def _combine(basis: Basis, y: Tensor) -> Vector:
 class _Pair:
     """The orthonormal basis ``B``, its products ``W``, and the Gram matrices ``T = BWᵀ``, ``G = WWᵀ``."""
 
-    def __init__(self, op: CurvatureOperator, capacity: int | None) -> None:
+    def __init__(self, op: CurvatureOperator, capacity: int | None, storage: torch.device | str | None = None) -> None:
         self.op = op
         self.space = op.space
-        self.B = Basis(self.space, block_rows=4 if capacity else 16, capacity=capacity)
-        self.W = Basis(self.space, block_rows=4 if capacity else 16, capacity=capacity)
+        rows = 4 if capacity else 16
+        self.B = Basis(self.space, block_rows=rows, capacity=capacity, storage=storage)
+        self.W = Basis(self.space, block_rows=rows, capacity=capacity, storage=storage)
         self.T = torch.zeros(0, 0, dtype=torch.float64)
         self.G = torch.zeros(0, 0, dtype=torch.float64)
         self.num_products = 0
@@ -120,6 +121,7 @@ def davidson_warm_start(
     num_vectors: int = 0,
     seed: int = 0,
     owned: bool = False,
+    basis_device: torch.device | str | None = None,
 ) -> KrylovOutcome:
     """Rayleigh–Ritz on ``block`` expanded by residuals until ``rule`` accepts the top ``k`` (see module docstring).
 
@@ -130,7 +132,7 @@ def davidson_warm_start(
     gen = torch.Generator(device="cpu").manual_seed(seed + 104729)
     sp = op.space
     capacity = None if max_vectors is None else (max_vectors - 3) // 2
-    pair = _Pair(op, capacity)
+    pair = _Pair(op, capacity, basis_device)
     ortho = orthonormal_block(op, block, gen, in_place=owned)
     if owned:
         block.clear()
@@ -214,7 +216,7 @@ def davidson_warm_start(
     if num_vectors:
         rows = min(num_vectors, len(pair))
         pair.B.rotate_(Y[:, :rows].T.contiguous())
-        out_vectors = [list(pair.B.vector(j)) for j in range(rows)]
+        out_vectors = [pair.B.local(j) for j in range(rows)]
     return KrylovOutcome(
         theta=theta,
         residuals=resid,

@@ -134,6 +134,7 @@ def krylov_schur(
     num_vectors: int = 0,
     seed: int = 0,
     owned: bool = False,
+    basis_device: torch.device | str | None = None,
 ) -> KrylovOutcome:
     """Run block Lanczos (block size ``len(start)``) until ``rule`` accepts the top ``k`` or ``max_iter`` products.
 
@@ -148,6 +149,8 @@ def krylov_schur(
         num_vectors: Ritz vectors to return (in place of the basis, which is rotated).
         seed: seed of the random directions drawn after a breakdown.
         owned: ``start`` belongs to the solver: normalised in place and released (the list is emptied).
+        basis_device: where the basis is stored (``"cpu"``: host memory; see :class:`~._basis.Basis`); ``None``: on
+            the parameters' devices.
 
     Returns:
         A :class:`KrylovOutcome`.
@@ -166,7 +169,7 @@ def krylov_schur(
             f"{k + GUARD + 3 * b} vectors (k + 1 kept Ritz vectors, the block, its products and the next block)."
         )
     capacity = None if max_vectors is None else max_vectors - b
-    basis = Basis(space, block_rows=16 if max_vectors is None else 4, capacity=capacity)
+    basis = Basis(space, block_rows=16 if max_vectors is None else 4, capacity=capacity, storage=basis_device)
     Q = orthonormal_block(op, start, gen, in_place=owned)
     if owned:
         start.clear()  # the caller's references go: the start vectors live on only in the basis
@@ -193,7 +196,7 @@ def krylov_schur(
         T = T_new
         W, errors = [], []
         for i in range(b):
-            W.append(op.matvec(list(basis.vector(m_old + i))))
+            W.append(op.matvec(basis.local(m_old + i)))
             errors.append(float(op.last_product_error))
         W = [[t.to(dtype=d) if t.dtype != d else t for t, d in zip(w, space.dtypes)] for w in W]
         nprod += b
@@ -205,7 +208,7 @@ def krylov_schur(
                 if len(nz) <= b:
                     for j in nz:
                         if C[i, j] != 0:
-                            add_(w, basis.vector(j), -float(C[i, j]))
+                            add_(w, basis.local(j), -float(C[i, j]))
                 else:
                     coeffs = torch.zeros(m, dtype=torch.float64)
                     coeffs[:m_old] = C[i]
@@ -215,8 +218,9 @@ def krylov_schur(
         norms_before = []
         for i, w in enumerate(W):
             for j in range(b):
-                d = space.dot(basis.vector(m_old + j), w)
-                add_(w, basis.vector(m_old + j), -d)
+                q = basis.local(m_old + j)
+                d = space.dot(q, w)
+                add_(w, q, -d)
                 h_all[i, m_old + j] += d
             norms_before.append(space.norm(w))
             h = basis.dots(w)
@@ -286,7 +290,7 @@ def krylov_schur(
     if num_vectors:
         rows = min(num_vectors, len(basis))
         basis.rotate_(S[:, :rows].T.contiguous())
-        out_vectors = [list(basis.vector(j)) for j in range(rows)]
+        out_vectors = [basis.local(j) for j in range(rows)]
     return KrylovOutcome(
         theta=theta,
         residuals=resid,

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_curvature.core._basis import as_basis_device
 from lightning_curvature.core._batch import as_batch_first
 from lightning_curvature.core.hvp import HessianOperator, HVPMethod, LossFn, ReduceFn
 from lightning_curvature.core.lanczos import Operator, lanczos_tridiagonal
@@ -73,6 +74,7 @@ def slq_density(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     reorthogonalize: bool = True,
+    basis_device: torch.device | str | None = None,
 ) -> DensityResult:
     """Stochastic Lanczos quadrature on a symmetric matrix or callable.
 
@@ -91,12 +93,15 @@ def slq_density(
             "ghosts", but Gauss quadrature in finite precision still integrates the spectral measure (Greenbaum
             1989; Ubaru, Chen and Saad, SIAM J. Matrix Anal. Appl. 2017), so the density is nearly unchanged for a
             fraction of the memory and no Gram–Schmidt cost.
+        basis_device: where the reorthogonalisation basis is stored (``"cpu"``: host memory for a model on an
+            accelerator; see :func:`~lightning_curvature.core.lanczos.lanczos`).
 
     Returns:
         :class:`DensityResult` (``num_hvp`` = products used).
 
     Raises:
-        ValueError: for non-positive ``num_probes``, ``num_iters``, ``grid_size`` or ``sigma``.
+        ValueError: for non-positive ``num_probes``, ``num_iters``, ``grid_size`` or ``sigma``, or a bad
+            ``basis_device``.
 
     Example::
 
@@ -110,6 +115,7 @@ def slq_density(
             raise ValueError(f"`{name}` must be >= 1, got {val!r}.")
     if sigma is not None and not sigma > 0:
         raise ValueError(f"`sigma` must be > 0, got {sigma!r}.")
+    storage = as_basis_device(basis_device)
     op = as_operator(A, dim, dtype, device)
     dim = op.dim
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -117,7 +123,7 @@ def slq_density(
     used = 0
     for _ in range(num_probes):
         z = op.space.rademacher(gen)
-        alpha, beta, _ = lanczos_tridiagonal(op, z, num_iters, reorthogonalize=reorthogonalize)
+        alpha, beta, _ = lanczos_tridiagonal(op, z, num_iters, reorthogonalize=reorthogonalize, basis_device=storage)
         used += alpha.numel()
         T = torch.diag(alpha)
         if alpha.numel() > 1:
@@ -153,6 +159,7 @@ def hessian_spectral_density(
     seed: int = 0,
     reorthogonalize: bool = True,
     batch_dim: Any = None,
+    basis_device: torch.device | str | None = None,
 ) -> DensityResult:
     """Smoothed Hessian eigenvalue density of ``loss_fn(model, batch)`` by SLQ (see :func:`slq_density`).
 
@@ -173,6 +180,7 @@ def hessian_spectral_density(
             sigma=sigma,
             seed=seed,
             reorthogonalize=reorthogonalize,
+            basis_device=basis_device,
         )
         res.num_hvp = H.num_hvp
         return res

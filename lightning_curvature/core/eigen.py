@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_curvature.core._basis import as_basis_device
 from lightning_curvature.core._batch import as_batch_first
 from lightning_curvature.core.hvp import HessianOperator, HVPMethod, LossFn, ReduceFn
 from lightning_curvature.core.lanczos import Handoff, Which, lanczos
@@ -220,6 +221,7 @@ def hessian_eigenvalues(
     reuse_graph: bool | None = None,
     batch_dim: Any = None,
     dtype: torch.dtype | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> EigenResult:
     r"""The ``k`` largest (or smallest) eigenvalues of the Hessian of ``loss_fn(model, batch)``.
 
@@ -263,14 +265,17 @@ def hessian_eigenvalues(
             ``None``: the leading dimension, checked for consistency.
         dtype: the dtype of the products (see :class:`HessianOperator`); ``torch.float64`` for finite differences
             on large float32 models whose float32 products are too inaccurate.
+        basis_device: where the Lanczos basis is stored: ``"cpu"`` keeps it in host memory while the model trains
+            on an accelerator (see :func:`~lightning_curvature.core.lanczos.lanczos`); ``None``: beside the
+            parameters.
 
     Returns:
         :class:`EigenResult`.
 
     Raises:
         ValueError: for bad ``k``, ``tol``, ``max_iter``, ``which``, ``algorithm``, ``start``, ``max_vectors``,
-            ``block_size`` or a wrongly sized ``v0`` or ``preconditioner``; for a loss that does not depend on the
-            parameters.
+            ``basis_device``, ``block_size`` or a wrongly sized ``v0`` or ``preconditioner``; for a loss that does not
+            depend on the parameters.
         TypeError: for a non-scalar or non-floating loss.
         NonFiniteCurvatureError: if the loss or a product is NaN or infinite.
 
@@ -288,6 +293,7 @@ def hessian_eigenvalues(
         raise ValueError(f"`start` must be one of {_STARTS}, got {start!r}.")
     if algorithm == "power" and (k != 1 or which != "largest"):
         raise ValueError(f"Power iteration finds only the dominant eigenvalue; got k={k}, which={which!r}.")
+    basis_device = as_basis_device(basis_device)
     if batch_dim is not None:
         batch, loss_fn = as_batch_first(batch, loss_fn, batch_dim)
     with HessianOperator(
@@ -311,7 +317,7 @@ def hessian_eigenvalues(
             res = lanczos(
                 op, k=k, which=which, tol=tol, abs_tol=abs_tol, max_iter=max_iter, v0=v0,
                 return_eigenvectors=return_eigenvectors, return_warm_start=return_warm_start, seed=seed,
-                max_vectors=max_vectors, block_size=block_size,
+                max_vectors=max_vectors, block_size=block_size, basis_device=basis_device,
             )  # fmt: skip
         return EigenResult(
             eigenvalues=res.eigenvalues,

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_curvature.core._basis import Basis
+from lightning_curvature.core._basis import Basis, as_basis_device
 from lightning_curvature.core._davidson import davidson_min_vectors, davidson_warm_start
 from lightning_curvature.core._krylov_schur import krylov_schur
 from lightning_curvature.core._ritz import GUARD, WHICH, StoppingRule, Which
@@ -154,6 +154,7 @@ def lanczos(
     block_size: int = 1,
     max_vectors: int | None = None,
     abs_floor: float | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> LanczosResult:
     r"""The ``k`` extreme eigenpairs of a symmetric operator (see the module docstring).
 
@@ -181,13 +182,17 @@ def lanczos(
         max_vectors: the most parameter-sized vectors held at once (the basis is thick-restarted to stay within it;
             the answer still meets ``tol``); ``None`` for no bound.
         abs_floor: deprecated name of ``abs_tol``.
+        basis_device: where the Krylov basis is stored: ``"cpu"`` keeps it in host memory when the operator's vectors
+            are on an accelerator, which then holds only the few vectors being worked on (each pass over the basis
+            moves one vector across; the basis never moves). ``None`` (default): on the vectors' devices.
 
     Returns:
         A :class:`LanczosResult`.
 
     Raises:
         ValueError: for ``k < 1``, ``k > dim``, a bad ``which``/``rule``, ``tol <= 0``, ``max_iter < k``, a bad
-            ``block_size``, a too small ``max_vectors``, or a ``v0`` that does not match the operator.
+            ``block_size``, a too small ``max_vectors``, a ``basis_device`` that is not a device, or a ``v0`` that
+            does not match the operator.
         NonFiniteCurvatureError: if a product is NaN or infinite.
 
     Example::
@@ -223,6 +228,7 @@ def lanczos(
         raise ValueError(f"`block_size` must be an integer in [1, {n}], got {block_size!r}.")
     if max_vectors is not None and (isinstance(max_vectors, bool) or not isinstance(max_vectors, int)):
         raise ValueError(f"`max_vectors` must be an integer or None, got {max_vectors!r}.")
+    basis_device = as_basis_device(basis_device)
     min_iter = k + 1 if min_iter is None else min_iter
     gen = torch.Generator(device="cpu").manual_seed(seed)
     block = False
@@ -259,12 +265,12 @@ def lanczos(
     if use_davidson:
         out = davidson_warm_start(
             op, start, k=k, which=which, rule=stopping, max_iter=max_iter, max_vectors=max_vectors,
-            num_vectors=num_vectors, seed=seed, owned=owned,
+            num_vectors=num_vectors, seed=seed, owned=owned, basis_device=basis_device,
         )  # fmt: skip
     else:
         out = krylov_schur(
             op, start, k=k, which=which, rule=stopping, max_iter=max_iter, max_vectors=max_vectors,
-            num_vectors=num_vectors, seed=seed, owned=owned,
+            num_vectors=num_vectors, seed=seed, owned=owned, basis_device=basis_device,
         )  # fmt: skip
     if out.theta.numel() < k:
         raise ValueError(f"The search space has dimension {out.theta.numel()} < k={k}.")
@@ -292,6 +298,7 @@ def lanczos_tridiagonal(
     stop: Callable[[Tensor, Tensor, int], bool] | None = None,
     *,
     reorthogonalize: bool = True,
+    basis_device: torch.device | str | None = None,
 ) -> tuple[Tensor, Tensor, Basis | None]:
     """Up to ``num_iters`` steps of the three-term Lanczos recurrence (stochastic Lanczos quadrature's kernel).
 
@@ -303,6 +310,7 @@ def lanczos_tridiagonal(
         reorthogonalize: orthogonalise each new vector against the whole basis (memory ``m`` vectors). ``False``
             runs the bare recurrence keeping two vectors: converged Ritz values then repeat as "ghosts", which
             Gauss quadrature tolerates but eigenvector extraction does not.
+        basis_device: where the basis is stored (see :func:`lanczos`).
 
     Returns:
         ``(alpha, beta, basis)``: diagonal (length m), off-diagonal (length m, the last is the residual norm), and
@@ -322,7 +330,7 @@ def lanczos_tridiagonal(
     if not (math.isfinite(nrm) and nrm > 0):
         raise ValueError("The start vector must be finite and non-zero.")
     v = scale_([t.clone() for t in v], 1.0 / nrm)
-    basis = Basis(space) if reorthogonalize else None
+    basis = Basis(space, storage=as_basis_device(basis_device)) if reorthogonalize else None
     prev: Vector | None = None
     alphas: list[float] = []
     betas: list[float] = []
