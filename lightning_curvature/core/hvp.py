@@ -72,7 +72,7 @@ from lightning_curvature.core._state import (
     unwrap_compiled,
 )
 from lightning_curvature.core.errors import NonFiniteCurvatureError
-from lightning_curvature.core.operators import CurvatureOperator
+from lightning_curvature.core.operators import RELIABLE_PRODUCT_ERROR, CurvatureOperator
 from lightning_curvature.core.sharded import ShardedGradients, is_sharded, local_tensor, reshard, shard_space
 from lightning_curvature.core.vectors import Vector, VectorSpace, add_, dot64
 
@@ -159,6 +159,10 @@ FD_JUMP = 4.0
 #: float32 rounding of the perturbed parameters is already about 1% of the perturbation (:math:`u^{2/3}/2` over the
 #: ratio), and the differences measure the Hessian along a direction that far from the one asked for.
 FD_MIN_RATIO = 2.0**-10
+#: An estimate above this (the largest whose reported error, :data:`FD_SAFETY` times it, is still trusted:
+#: :data:`~.operators.RELIABLE_PRODUCT_ERROR`) says the step does not resolve the loss along the direction, so a
+#: halving that does not lower it proves nothing about rounding: the search goes on halving.
+FD_UNRESOLVED = RELIABLE_PRODUCT_ERROR / FD_SAFETY
 
 
 def finite_difference_step(dtype: torch.dtype, scale: float, v_norm: float, order: int = 4) -> float:
@@ -671,43 +675,55 @@ class HessianOperator(CurvatureOperator):
         The search starts from ``eps`` times the ratio that the previous product of this operator settled on
         (successive products of a solver need similar steps, so four gradients usually suffice after the first).
         Above :data:`FD_TARGET` the step is halved while :math:`t` falls (not below :data:`FD_MIN_RATIO` of
-        ``eps``), else doubled while it falls (at most :data:`FD_SEARCH` times each, two more gradients per try);
-        the smallest :math:`t` wins. A halving that raises :math:`t` more than :data:`FD_JUMP` times (aliasing: a
-        step near a period of the loss along ``v`` gives :math:`D(h) \approx D(2h)` far from :math:`Hv`) discards
-        the larger step and goes on halving. The estimate assumes the step resolves the loss along ``v``; a loss
-        that varies on a scale below every step tried can still fool it.
+        ``eps``; while the best :math:`t` is above :data:`FD_UNRESOLVED` it goes on halving where :math:`t` rises,
+        since such steps do not resolve the loss), else doubled while it falls (at most :data:`FD_SEARCH` times
+        each, two more gradients per try); the smallest :math:`t` wins. A halving that raises :math:`t` more than
+        :data:`FD_JUMP` times (aliasing: a step near a period of the loss along ``v`` gives :math:`D(h) \approx
+        D(2h)` far from :math:`Hv`) discards the larger step and goes on halving. ``t`` includes the relative error
+        of the steps the differences actually took (:meth:`_step_rounding`). The estimate assumes the step resolves
+        the loss along ``v``; a loss that varies on a scale below every step tried can still fool it.
         """
 
+        rounding: dict[float, float] = {}  # step -> relative error of the step actually taken
+
         def slope(h: float) -> Vector:
+            rounding[h] = self._step_rounding(v, h)
             return [t.mul_(0.5 / h) for t in self._central_difference(i, batch, v, h)]
 
-        def spread(a: Vector, b: Vector, ref: Vector) -> tuple[float, float]:
-            """``‖a − b‖/‖ref‖`` (in the norm of :meth:`error_weight`) and ``|vᵀ(a − b)|``, one tensor at a time."""
+        def spread(a: Vector, b: Vector, ref: Vector) -> tuple[float, float, float]:
+            """``‖a − b‖/‖ref‖`` (in the norm of :meth:`error_weight`), ``|vᵀ(a − b)|`` and ``|vᵀref|``, one tensor
+            at a time."""
             w = self._error_weight
-            sums = torch.zeros(3, dtype=torch.float64, device=self.space.device)
+            sums = torch.zeros(4, dtype=torch.float64, device=self.space.device)
             for j, (x, y, r) in enumerate(zip(a, b, ref)):
                 d = x - y
-                form = dot64(d, v[j])
+                form, along = dot64(d, v[j]), dot64(r, v[j])
                 if w is not None:
                     d.mul_(w[j])
                     r = r * w[j]
-                sums += torch.stack([dot64(d, d), dot64(r, r), form]).to(sums.device)
+                sums += torch.stack([dot64(d, d), dot64(r, r), form, along]).to(sums.device)
                 del d, r
             if self.space.reduce_fn is not None:  # sharded vectors: sum over the shard group
                 sums = self.space.reduce_fn(sums)
-            diff, size, form_diff = (float(x) for x in sums.cpu())
-            return math.sqrt(max(diff, 0.0)) / max(math.sqrt(max(size, 0.0)), 1e-300), abs(form_diff)
+            diff, size, form_diff, form_ref = (float(x) for x in sums.cpu())
+            rel = math.sqrt(max(diff, 0.0)) / max(math.sqrt(max(size, 0.0)), 1e-300)
+            return rel, abs(form_diff), abs(form_ref)
 
-        def estimate(small: Vector, big: Vector) -> tuple[Vector, float, float]:
+        def estimate(small: Vector, big: Vector, h: float) -> tuple[Vector, float, float]:
+            """``R(h)`` from ``small`` = D(h) and ``big`` = D(2h), with ``t`` and ``f`` (see above) plus the error
+            of the steps actually taken, which ``D(h) − D(2h)`` cannot see: the parameters' rounding perturbs both
+            steps by one relative amount near the smallest steps, and it cancels there."""
             R = [a.mul(4.0 / 3.0).sub_(c, alpha=1.0 / 3.0) for a, c in zip(small, big)]
-            return (R, *spread(small, big, R))
+            t, f, form = spread(small, big, R)
+            rho = (4.0 * rounding[h] + rounding[2.0 * h]) / 3.0
+            return R, t + rho, f + rho * form
 
         def disagreement(a: Vector, b: Vector) -> tuple[float, float]:
-            return spread(a, b, a)
+            return spread(a, b, a)[:2]
 
         h = eps * self._fd_ratio
         lo, hi = slope(h), slope(2.0 * h)
-        best, t_best, f_best = estimate(lo, hi)
+        best, t_best, f_best = estimate(lo, hi, h)
         if t_best > FD_TARGET:
             best, t_best, f_best, h = self._search_step(
                 slope, estimate, disagreement, (best, t_best, f_best), h, eps, lo, hi
@@ -718,7 +734,7 @@ class HessianOperator(CurvatureOperator):
     def _search_step(
         self,
         slope: Callable[[float], Vector],
-        estimate: Callable[[Vector, Vector], tuple[Vector, float, float]],
+        estimate: Callable[[Vector, Vector, float], tuple[Vector, float, float]],
         disagreement: Callable[[Vector, Vector], tuple[float, float]],
         first: tuple[Vector, float, float],
         h: float,
@@ -742,17 +758,21 @@ class HessianOperator(CurvatureOperator):
             spread, form_spread = disagreement(R, best)
             return max(t, spread), max(f, form_spread)
 
+        step = h  # the step tried last (``lo`` = D(step)); ``h`` is the best one's
         for _ in range(FD_SEARCH):  # truncation: smaller steps while t falls
-            if h / 2.0 < eps * FD_MIN_RATIO:  # below it the perturbation drowns in the parameters' rounding
+            if step / 2.0 < eps * FD_MIN_RATIO:  # below it the perturbation drowns in the parameters' rounding
                 break
-            lower = slope(h / 2.0)
-            R, t, f = estimate(lower, lo)
+            lower = slope(step / 2.0)
+            R, t, f = estimate(lower, lo, step / 2.0)
+            step, lo = step / 2.0, lower
             # rounding raises t about 2x per halving; a larger jump means the larger steps were not resolving the
             # loss (a step near a period of it: D(h) ≈ D(2h) by aliasing), so their t proves nothing: go on halving
             if not (t < t_best or t > FD_JUMP * t_best):
+                if t_best > FD_UNRESOLVED:
+                    continue  # nothing resolved yet (t rises and falls at random up there): keep halving
                 break
             reported = take(R, t, f)
-            best, t_best, f_best, lo, h, halved = R, t, f, lower, h / 2.0, True
+            best, t_best, f_best, h, halved = R, t, f, step, True
             hi = []  # not needed once a halving was taken (frees a vector)
             if not t_best > FD_TARGET:  # never after a jump: t is then above 4x a t that missed the target
                 return best, *reported, h
@@ -760,7 +780,7 @@ class HessianOperator(CurvatureOperator):
             below = hi  # D(2h)
             for _ in range(FD_SEARCH):
                 higher = slope(4.0 * h)
-                R, t, f = estimate(below, higher)
+                R, t, f = estimate(below, higher, 2.0 * h)
                 if not t < t_best:
                     break
                 reported = take(R, t, f)
@@ -768,6 +788,42 @@ class HessianOperator(CurvatureOperator):
                 if not t_best > FD_TARGET:
                     break
         return best, *reported, h
+
+    def _step_rounding(self, v: Vector, h: float) -> float:
+        r"""Relative error of the step a central difference takes *along* ``v``: :math:`|\langle s - 2hv, 2hv
+        \rangle| / \|2hv\|^2` with :math:`s = \mathrm{fl}(\theta + hv) - \mathrm{fl}(\theta - hv)` the
+        parameters' actual difference (computed as :meth:`parameter_copies` and the sharded oracle perturb them),
+        in the norm of :meth:`error_weight`.
+
+        That part of the rounding scales the product itself (relative error exactly this), and near the smallest
+        steps it is often the same relative amount at :math:`h` and :math:`2h` (a perturbation :math:`k` ulps plus
+        less than a quarter ulp rounds down at both; coordinates moved by less than half an ulp are not moved by
+        either), so :math:`D(h) - D(2h)` does not show it: on a coordinate direction that hid errors up to 1.7x the
+        reported ones. The rest of the rounding is spread over the coordinates like noise and is left to ``t``.
+        """
+        w = self._error_weight
+        sums = torch.zeros(2, dtype=torch.float64, device=self.space.device)
+        chunk = 1 << 20  # float64 temporaries of at most this many entries
+        for j, (_, p) in enumerate(self._named):
+            base = (local_tensor(p) if self.sharded else p).detach().reshape(-1)
+            dtype = base.dtype if self.sharded else self.space.dtypes[j]
+            direction = v[j].reshape(-1)
+            for s in range(0, base.numel(), chunk):
+                b = base[s : s + chunk].to(dtype)
+                d = direction[s : s + chunk]
+                step = b.clone().add_(d.to(dtype), alpha=h).to(torch.float64)
+                step -= b.clone().add_(d.to(dtype), alpha=-h).to(torch.float64)
+                exact = d.to(torch.float64) * (2.0 * h)
+                step -= exact
+                if w is not None:
+                    weight = w[j].reshape(-1)[s : s + chunk].to(torch.float64)
+                    step *= weight
+                    exact *= weight
+                sums += torch.stack([(step * exact).sum(), exact.square().sum()]).to(sums.device)
+        if self.space.reduce_fn is not None:
+            sums = self.space.reduce_fn(sums)
+        along, size = (float(x) for x in sums.cpu())
+        return abs(along) / max(size, 1e-300)
 
     def _weighted_norm(self, x: Vector) -> float:
         """``‖Wx‖`` in the norm of :meth:`error_weight` (reduced across shards)."""
