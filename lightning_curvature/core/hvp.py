@@ -161,7 +161,7 @@ FD_JUMP = 4.0
 FD_MIN_RATIO = 2.0**-10
 #: An estimate above this (the largest whose reported error, :data:`FD_SAFETY` times it, is still trusted:
 #: :data:`~.operators.RELIABLE_PRODUCT_ERROR`) says the step does not resolve the loss along the direction, so a
-#: halving that does not lower it proves nothing about rounding: the search goes on halving.
+#: halving (or doubling) that does not lower it proves nothing about rounding: the search goes on.
 FD_UNRESOLVED = RELIABLE_PRODUCT_ERROR / FD_SAFETY
 
 
@@ -675,9 +675,10 @@ class HessianOperator(CurvatureOperator):
         The search starts from ``eps`` times the ratio that the previous product of this operator settled on
         (successive products of a solver need similar steps, so four gradients usually suffice after the first).
         Above :data:`FD_TARGET` the step is halved while :math:`t` falls (not below :data:`FD_MIN_RATIO` of
-        ``eps``; while the best :math:`t` is above :data:`FD_UNRESOLVED` it goes on halving where :math:`t` rises,
-        since such steps do not resolve the loss), else doubled while it falls (at most :data:`FD_SEARCH` times
-        each, two more gradients per try); the smallest :math:`t` wins. A halving that raises :math:`t` more than
+        ``eps``), else doubled while it falls (at most :data:`FD_SEARCH` times each, two more gradients per try);
+        the smallest :math:`t` wins. While the best :math:`t` is above :data:`FD_UNRESOLVED` the steps tried do not
+        resolve the loss and a rise of :math:`t` means nothing, so the search goes on the same way (doubling, only
+        up to ``eps``). A halving that raises :math:`t` more than
         :data:`FD_JUMP` times (aliasing: a step near a period of the loss along ``v`` gives :math:`D(h) \approx
         D(2h)` far from :math:`Hv`) discards the larger step and goes on halving. ``t`` includes the relative error
         of the steps the differences actually took (:meth:`_step_rounding`). The estimate assumes the step resolves
@@ -758,16 +759,17 @@ class HessianOperator(CurvatureOperator):
             spread, form_spread = disagreement(R, best)
             return max(t, spread), max(f, form_spread)
 
-        step = h  # the step tried last (``lo`` = D(step)); ``h`` is the best one's
+        step, t_step = h, t_best  # the step tried last (``lo`` = D(step)) and its t; ``h`` is the best one's
         for _ in range(FD_SEARCH):  # truncation: smaller steps while t falls
             if step / 2.0 < eps * FD_MIN_RATIO:  # below it the perturbation drowns in the parameters' rounding
                 break
             lower = slope(step / 2.0)
             R, t, f = estimate(lower, lo, step / 2.0)
-            step, lo = step / 2.0, lower
             # rounding raises t about 2x per halving; a larger jump means the larger steps were not resolving the
             # loss (a step near a period of it: D(h) ≈ D(2h) by aliasing), so their t proves nothing: go on halving
-            if not (t < t_best or t > FD_JUMP * t_best):
+            jump = t > FD_JUMP * t_step
+            step, lo, t_step = step / 2.0, lower, t
+            if not (t < t_best or jump):
                 if t_best > FD_UNRESOLVED:
                     continue  # nothing resolved yet (t rises and falls at random up there): keep halving
                 break
@@ -777,14 +779,17 @@ class HessianOperator(CurvatureOperator):
             if not t_best > FD_TARGET:  # never after a jump: t is then above 4x a t that missed the target
                 return best, *reported, h
         if not halved:  # rounding: larger steps while t falls
-            below = hi  # D(2h)
+            below, up = hi, h  # below = D(2·up)
             for _ in range(FD_SEARCH):
-                higher = slope(4.0 * h)
-                R, t, f = estimate(below, higher, 2.0 * h)
+                higher = slope(4.0 * up)
+                R, t, f = estimate(below, higher, 2.0 * up)
+                below, up = higher, 2.0 * up
                 if not t < t_best:
+                    if t_best > FD_UNRESOLVED and 4.0 * up <= eps:
+                        continue  # unresolved, as above; never past the first step this way (it may not be safe)
                     break
                 reported = take(R, t, f)
-                best, t_best, f_best, below, h = R, t, f, higher, 2.0 * h
+                best, t_best, f_best, h = R, t, f, up
                 if not t_best > FD_TARGET:
                     break
         return best, *reported, h
