@@ -80,7 +80,8 @@ def test_the_search_goes_as_deep_as_the_loss_needs_and_later_products_start_ther
             err = _rel(H.matvec(w), -torch.cos(500.0 * theta) * w.double() / 200)
             assert err <= H.product_error < 1e-2
             assert H.num_grad - first_grads <= first_grads // 2  # started near the settled step
-    monkeypatch.setattr(hvp_module, "FD_SEARCH", 4)
+    monkeypatch.setattr(hvp_module, "FD_SEARCH", 4)  # the old search: four halvings, nothing after them
+    monkeypatch.setattr(hvp_module, "FD_UNRESOLVED", math.inf)
     with HessianOperator(model, loss, batch, method="finite_difference") as H:
         H.matvec(torch.randn(200, generator=torch.Generator().manual_seed(1)))
         assert H.product_error > RELIABLE_PRODUCT_ERROR

@@ -676,9 +676,9 @@ class HessianOperator(CurvatureOperator):
         (successive products of a solver need similar steps, so four gradients usually suffice after the first).
         Above :data:`FD_TARGET` the step is halved while :math:`t` falls (not below :data:`FD_MIN_RATIO` of
         ``eps``), else doubled while it falls (at most :data:`FD_SEARCH` times each, two more gradients per try);
-        the smallest :math:`t` wins. While the best :math:`t` is above :data:`FD_UNRESOLVED` the steps tried do not
-        resolve the loss and a rise of :math:`t` means nothing, so the search goes on the same way (doubling, only
-        up to ``eps``). A halving that raises :math:`t` more than
+        the smallest :math:`t` wins. If the best :math:`t` is still above :data:`FD_UNRESOLVED` after that, the steps
+        tried do not resolve the loss and a rise of :math:`t` meant nothing: the search halves on from the smallest
+        step tried, past rises. A halving that raises :math:`t` more than
         :data:`FD_JUMP` times (aliasing: a step near a period of the loss along ``v`` gives :math:`D(h) \approx
         D(2h)` far from :math:`Hv`) discards the larger step and goes on halving. ``t`` includes the relative error
         of the steps the differences actually took (:meth:`_step_rounding`). The estimate assumes the step resolves
@@ -759,39 +759,46 @@ class HessianOperator(CurvatureOperator):
             spread, form_spread = disagreement(R, best)
             return max(t, spread), max(f, form_spread)
 
-        step, t_step = h, t_best  # the step tried last (``lo`` = D(step)) and its t; ``h`` is the best one's
-        for _ in range(FD_SEARCH):  # truncation: smaller steps while t falls
-            if step / 2.0 < eps * FD_MIN_RATIO:  # below it the perturbation drowns in the parameters' rounding
+        # Halve while t falls. Then, if no halving helped, double while it falls (rounding). If the best t is still
+        # unresolved after that (above FD_UNRESOLVED: its rises and falls mean nothing), halve on from the smallest
+        # step tried, past rises: the smaller steps a smooth direction needs are still untried there.
+        step, t_step = h, t_best  # the smallest step tried (``lo`` = D(step)) and its t; ``h`` is the best one's
+        for unresolved in (False, True):
+            if unresolved and not t_best > FD_UNRESOLVED:
                 break
-            lower = slope(step / 2.0)
-            R, t, f = estimate(lower, lo, step / 2.0)
-            # rounding raises t about 2x per halving; a larger jump means the larger steps were not resolving the
-            # loss (a step near a period of it: D(h) ≈ D(2h) by aliasing), so their t proves nothing: go on halving
-            jump = t > FD_JUMP * t_step
-            step, lo, t_step = step / 2.0, lower, t
-            if not (t < t_best or jump):
-                if t_best > FD_UNRESOLVED:
-                    continue  # nothing resolved yet (t rises and falls at random up there): keep halving
-                break
-            reported = take(R, t, f)
-            best, t_best, f_best, h, halved = R, t, f, step, True
-            hi = []  # not needed once a halving was taken (frees a vector)
-            if not t_best > FD_TARGET:  # never after a jump: t is then above 4x a t that missed the target
-                return best, *reported, h
-        if not halved:  # rounding: larger steps while t falls
-            below, up = hi, h  # below = D(2·up)
+            for _ in range(FD_SEARCH):
+                if step / 2.0 < eps * FD_MIN_RATIO:  # below it the perturbation drowns in the parameters' rounding
+                    break
+                lower = slope(step / 2.0)
+                R, t, f = estimate(lower, lo, step / 2.0)
+                # rounding raises t about 2x per halving; a larger jump means the larger steps were not resolving
+                # the loss (a step near a period of it: D(h) ≈ D(2h) by aliasing), so their t proves nothing
+                jump = t > FD_JUMP * t_step
+                step, lo, t_step = step / 2.0, lower, t
+                if not (t < t_best or jump):
+                    if unresolved and t_best > FD_UNRESOLVED:
+                        continue
+                    break
+                reported = take(R, t, f)
+                best, t_best, f_best, h, halved = R, t, f, step, True
+                hi = []  # not needed once a halving was taken (frees a vector)
+                if not t_best > FD_TARGET:  # never after a jump: t is then above 4x a t that missed the target
+                    return best, *reported, h
+            if unresolved or halved:
+                continue
+            below, up = hi, h  # rounding: larger steps while t falls (below = D(2·up))
+            hi = []
             for _ in range(FD_SEARCH):
                 higher = slope(4.0 * up)
                 R, t, f = estimate(below, higher, 2.0 * up)
                 below, up = higher, 2.0 * up
                 if not t < t_best:
-                    if t_best > FD_UNRESOLVED and 4.0 * up <= eps:
-                        continue  # unresolved, as above; never past the first step this way (it may not be safe)
                     break
                 reported = take(R, t, f)
                 best, t_best, f_best, h = R, t, f, up
                 if not t_best > FD_TARGET:
-                    break
+                    return best, *reported, h
+            del below
         return best, *reported, h
 
     def _step_rounding(self, v: Vector, h: float) -> float:
