@@ -639,13 +639,14 @@ class HessianOperator(CurvatureOperator):
                     count += n
         else:
             eps = self._fd_step(v)
+            rounding: dict[float, float] = {}  # step -> its rounding error along v (the same for every batch)
             abs_error = form = 0.0  # Σ n·(estimated absolute error of the batch's product), Σ n·(of its vᵀHv)
             for i, b in enumerate(self._batches):
                 n = 1 if (self.sharded or alone) else batch_size(b)
                 if self.fd_order == 2:
                     part = [t.mul_(1.0 / (2.0 * eps)) for t in self._central_difference(i, b, v, eps)]
                 else:
-                    part, error, form_b = self._richardson(i, b, v, eps)
+                    part, error, form_b = self._richardson(i, b, v, eps, rounding)
                     abs_error += n * FD_SAFETY * error * self._weighted_norm(part)
                     form += n * FD_SAFETY * form_b
                 acc = _accumulate(acc, part, n)
@@ -663,7 +664,9 @@ class HessianOperator(CurvatureOperator):
         assert acc is not None
         return self._finish(acc, count, "Hessian-vector product")[0]
 
-    def _richardson(self, i: int, batch: Any, v: Vector, eps: float) -> tuple[Vector, float, float]:
+    def _richardson(
+        self, i: int, batch: Any, v: Vector, eps: float, rounding: dict[float, float]
+    ) -> tuple[Vector, float, float]:
         r"""Richardson's :math:`R(h) = (4D(h) - D(2h))/3` of central differences :math:`D(h) = (g_{+h} - g_{-h})/2h`,
         with the step searched from ``eps`` (see :data:`FD_TARGET`); returns ``(R, t, f)``, ``f`` =
         :math:`|v^\top(D(h) - D(2h))|` the same estimate for the quadratic form :math:`v^\top Hv`.
@@ -683,12 +686,12 @@ class HessianOperator(CurvatureOperator):
         D(2h)` far from :math:`Hv`) discards the larger step and goes on halving. ``t`` includes the relative error
         of the steps the differences actually took (:meth:`_step_rounding`). The estimate assumes the step resolves
         the loss along ``v``; a loss that varies on a scale below every step tried can still fool it.
+        ``rounding`` caches :meth:`_step_rounding` by step across the batches of one product.
         """
 
-        rounding: dict[float, float] = {}  # step -> relative error of the step actually taken
-
         def slope(h: float) -> Vector:
-            rounding[h] = self._step_rounding(v, h)
+            if h not in rounding:
+                rounding[h] = self._step_rounding(v, h)
             return [t.mul_(0.5 / h) for t in self._central_difference(i, batch, v, h)]
 
         def spread(a: Vector, b: Vector, ref: Vector) -> tuple[float, float, float]:
@@ -823,8 +826,9 @@ class HessianOperator(CurvatureOperator):
             for s in range(0, base.numel(), chunk):
                 b = base[s : s + chunk].to(dtype)
                 d = direction[s : s + chunk]
-                step = b.clone().add_(d.to(dtype), alpha=h).to(torch.float64)
-                step -= b.clone().add_(d.to(dtype), alpha=-h).to(torch.float64)
+                dd = d.to(dtype)
+                step = torch.add(b, dd, alpha=h).to(torch.float64)  # the same kernel as the perturbations' add_
+                step -= torch.add(b, dd, alpha=-h).to(torch.float64)
                 exact = d.to(torch.float64) * (2.0 * h)
                 step -= exact
                 if w is not None:
