@@ -107,6 +107,32 @@ def test_a_new_operator_starts_where_an_earlier_search_ended() -> None:
                 H.fd_step_ratio = bad  # type: ignore[assignment]
 
 
+def test_a_raised_fd_target_keeps_more_first_steps_and_still_covers_the_error() -> None:
+    """``fd_target`` (what the monitors' tracking raises): a product whose first estimate is below it keeps its step
+    (fewer gradients than the default search), and its reported error still covers its error against the closed
+    form; bad targets are refused."""
+    model, batch = Wavy(), torch.zeros(4, 1)
+    exact_of = {s: exact_hv(model, torch.randn(200, generator=torch.Generator().manual_seed(s))) for s in range(3)}
+    for s, exact in exact_of.items():
+        v = torch.randn(200, generator=torch.Generator().manual_seed(s))
+        grads = {}
+        for target in (None, 4e-3):
+            with HessianOperator(model, wavy_loss, batch, method="finite_difference") as H:
+                if target is not None:
+                    H.fd_target = target
+                assert H.fd_target == (hvp_module.FD_TARGET if target is None else target)
+                err = _rel(H.matvec(v), exact)
+                grads[target] = H.num_grad
+                assert err <= H.product_error
+                if target is not None:  # kept at the first estimate below it (the default search misses 5e-4 here)
+                    assert H.product_error <= hvp_module.FD_SAFETY * target
+        assert grads[4e-3] < grads[None]
+    with HessianOperator(model, wavy_loss, batch, method="finite_difference") as H:
+        for bad in (0.0, -1e-3, math.nan, 0.5, "1e-3"):
+            with pytest.raises(ValueError, match="fd_target"):
+                H.fd_target = bad  # type: ignore[assignment]
+
+
 def test_a_scaled_operator_judges_the_products_in_its_own_norm() -> None:
     """D A D with D spanning four orders of magnitude: the estimate is that of the scaled product and covers it."""
     model, batch = Wavy(), torch.zeros(4, 1)

@@ -49,7 +49,7 @@ from lightning_curvature.core import (
 from lightning_curvature.core._batch import BatchDim
 from lightning_curvature.core.eigen import cold_start_vector, preconditioned_operator
 from lightning_curvature.core.errors import InaccurateProductsError, InaccurateProductsWarning
-from lightning_curvature.core.hvp import HVPMethod
+from lightning_curvature.core.hvp import FD_TARGET, HVPMethod
 from lightning_curvature.core.lanczos import Handoff
 from lightning_curvature.core.operators import RELIABLE_PRODUCT_ERROR, ScaledOperator
 from lightning_curvature.core.preconditioner import preconditioner_parts, predicted_first_step_preconditioner
@@ -83,6 +83,10 @@ _METHODS = ("auto", "double_backward", "finite_difference", "forward_over_revers
 #: Relative tolerance (at least) of a measurement made because a scheduler asked for it: the edge-following rule
 #: compares edge ratios with factors of 0.9 and 2, so 1% is ample.
 FEED_TOL = 1e-2
+#: Finite-difference accuracy a tracking measurement asks of its products (:attr:`HessianOperator.fd_target`): its
+#: reported product errors (2.5x this) stay an order of magnitude below the residual bounds tracking reports, and the
+#: step searches that chase :data:`FD_TARGET` at every step (a third of the gradients on a compiled GPT) are skipped.
+TRACKING_FD_TARGET = 4 * FD_TARGET
 
 from lightning_curvature.tags import (  # noqa: E402 - re-exported under their 0.1 names
     DENSITY_FIGURE,
@@ -596,6 +600,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             # not run to tol; the error estimate is logged and a certified cold solve comes every cold_start_every
             v0 = Handoff([v0[0]] if k == 1 else v0[:k])
             max_iter = self.tracking_products
+            H.fd_target = TRACKING_FD_TARGET
         else:
             v0 = Handoff(v0)  # the solver owns the warm block (it counts in max_vectors)
         res = lanczos(

@@ -419,6 +419,7 @@ class HessianOperator(CurvatureOperator):
         self._gradient: Vector | None = None
         self._kinks: dict[int, list[Any]] = {}
         self._fd_ratio = 1.0  # the step the last finite-difference product settled on, over its initial step
+        self._fd_target: float | None = None  # None: FD_TARGET
         #: finite differences replay the ReLU/max-pool pattern of θ (see :mod:`._frozen_kinks`)
         self.freeze_kinks = True
 
@@ -434,6 +435,21 @@ class HessianOperator(CurvatureOperator):
         if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0):
             raise ValueError(f"`fd_step_ratio` must be a positive finite number, got {ratio!r}.")
         self._fd_ratio = max(float(ratio), FD_MIN_RATIO)
+
+    @property
+    def fd_target(self) -> float:
+        """Finite-difference products whose estimated relative error :math:`t` is at most this keep the step they
+        start from; above it the step is searched (:data:`FD_TARGET` unless set). A measurement that needs less
+        accuracy than a certified solve can raise it and pay fewer searches: the monitors' tracking measurements,
+        whose residual bounds are one to two orders of magnitude larger. The reported error is the estimate either
+        way."""
+        return FD_TARGET if self._fd_target is None else self._fd_target
+
+    @fd_target.setter
+    def fd_target(self, target: float) -> None:
+        if not (isinstance(target, (int, float)) and 0 < target <= FD_UNRESOLVED):
+            raise ValueError(f"`fd_target` must be in (0, {FD_UNRESOLVED:g}], got {target!r}.")
+        self._fd_target = float(target)
 
     # -- compatibility ----------------------------------------------------------------------------------------------
     @property
@@ -668,7 +684,7 @@ class HessianOperator(CurvatureOperator):
         self, i: int, batch: Any, v: Vector, eps: float, rounding: dict[float, float]
     ) -> tuple[Vector, float, float]:
         r"""Richardson's :math:`R(h) = (4D(h) - D(2h))/3` of central differences :math:`D(h) = (g_{+h} - g_{-h})/2h`,
-        with the step searched from ``eps`` (see :data:`FD_TARGET`); returns ``(R, t, f)``, ``f`` =
+        with the step searched from ``eps`` (see :attr:`fd_target`); returns ``(R, t, f)``, ``f`` =
         :math:`|v^\top(D(h) - D(2h))|` the same estimate for the quadratic form :math:`v^\top Hv`.
 
         :math:`t = \|D(h) - D(2h)\| / \|R(h)\|` (in the norm of :meth:`error_weight`) estimates the error of the
@@ -677,7 +693,7 @@ class HessianOperator(CurvatureOperator):
 
         The search starts from ``eps`` times the ratio that the previous product of this operator settled on
         (successive products of a solver need similar steps, so four gradients usually suffice after the first).
-        Above :data:`FD_TARGET` the step is halved while :math:`t` falls (not below :data:`FD_MIN_RATIO` of
+        Above :attr:`fd_target` the step is halved while :math:`t` falls (not below :data:`FD_MIN_RATIO` of
         ``eps``), else doubled while it falls (at most :data:`FD_SEARCH` times each, two more gradients per try);
         the smallest :math:`t` wins. If the best :math:`t` is still above :data:`FD_UNRESOLVED` after that, the steps
         tried do not resolve the loss and a rise of :math:`t` meant nothing: the search halves on from the smallest
@@ -728,7 +744,7 @@ class HessianOperator(CurvatureOperator):
         h = eps * self._fd_ratio
         lo, hi = slope(h), slope(2.0 * h)
         best, t_best, f_best = estimate(lo, hi, h)
-        if t_best > FD_TARGET:
+        if t_best > self.fd_target:
             best, t_best, f_best, h = self._search_step(
                 slope, estimate, disagreement, (best, t_best, f_best), h, eps, lo, hi
             )
@@ -756,6 +772,7 @@ class HessianOperator(CurvatureOperator):
         """
         best, t_best, f_best = first
         reported = (t_best, f_best)
+        target = self.fd_target
         halved = False
 
         def take(R: Vector, t: float, f: float) -> tuple[float, float]:
@@ -785,7 +802,7 @@ class HessianOperator(CurvatureOperator):
                 reported = take(R, t, f)
                 best, t_best, f_best, h, halved = R, t, f, step, True
                 hi = []  # not needed once a halving was taken (frees a vector)
-                if not t_best > FD_TARGET:  # never after a jump: t is then above 4x a t that missed the target
+                if not t_best > target:  # never after a jump: t is then above 4x a t that missed the target
                     return best, *reported, h
             if unresolved or halved:
                 continue
@@ -799,7 +816,7 @@ class HessianOperator(CurvatureOperator):
                     break
                 reported = take(R, t, f)
                 best, t_best, f_best, h = R, t, f, up
-                if not t_best > FD_TARGET:
+                if not t_best > target:
                     return best, *reported, h
             del below
         return best, *reported, h
