@@ -155,6 +155,9 @@ FD_SAFETY = 2.5
 #: A halving of the step that raises the error estimate more than this many times discards the larger step's
 #: estimate (rounding alone raises it about 2x; more means the larger steps did not resolve the loss).
 FD_JUMP = 4.0
+#: After such a jump from a resolved estimate, a difference at 3/2 of its step agreeing with it to within this many
+#: times its estimate shows that the larger steps did resolve the loss (no aliasing): the jump was rounding.
+FD_PROBE = 2.0
 #: The smallest step the search tries, relative to the initial one (:func:`finite_difference_step`): there the
 #: float32 rounding of the perturbed parameters is already about 1% of the perturbation (:math:`u^{2/3}/2` over the
 #: ratio), and the differences measure the Hessian along a direction that far from the one asked for.
@@ -699,9 +702,12 @@ class HessianOperator(CurvatureOperator):
         tried do not resolve the loss and a rise of :math:`t` meant nothing: the search halves on from the smallest
         step tried, past rises. A halving that raises :math:`t` more than
         :data:`FD_JUMP` times (aliasing: a step near a period of the loss along ``v`` gives :math:`D(h) \approx
-        D(2h)` far from :math:`Hv`) discards the larger step and goes on halving. ``t`` includes the relative error
-        of the steps the differences actually took (:meth:`_step_rounding`). The estimate assumes the step resolves
-        the loss along ``v``; a loss that varies on a scale below every step tried can still fool it.
+        D(2h)` far from :math:`Hv`) discards the larger step and goes on halving, unless a difference at
+        :math:`3h/2` agrees with :math:`D(h)` to within :data:`FD_PROBE` times its estimate (rounding fluctuating past
+        :data:`FD_JUMP`; two more gradients): then the larger step stands, its estimate at least that disagreement.
+        ``t`` includes the relative error of the steps the differences actually took (:meth:`_step_rounding`). The
+        estimate assumes the step resolves the loss along ``v``; a loss that varies on a scale below every step tried
+        can still fool it.
         ``rounding`` caches :meth:`_step_rounding` by step across the batches of one product.
         """
 
@@ -794,6 +800,12 @@ class HessianOperator(CurvatureOperator):
                 # rounding raises t about 2x per halving; a larger jump means the larger steps were not resolving
                 # the loss (a step near a period of it: D(h) ≈ D(2h) by aliasing), so their t proves nothing
                 jump = t > FD_JUMP * t_step
+                if jump and step == h and not t_best > FD_UNRESOLVED:
+                    # or rounding fluctuating past 4x: a difference at 3h/2, off the doubling ladder, tells them apart
+                    # (aliasing gives it another error; rounding and truncation keep it within about t of D(h))
+                    t_mid, f_mid = disagreement(lo, slope(1.5 * h))
+                    if t_mid <= FD_PROBE * t_best:  # not aliasing: a rise like any other, and a second estimate
+                        jump, reported = False, (max(reported[0], t_mid), max(reported[1], f_mid))
                 step, lo, t_step = step / 2.0, lower, t
                 if not (t < t_best or jump):
                     if unresolved and t_best > FD_UNRESOLVED:
