@@ -221,6 +221,8 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             products) it never exceeds the top eigenvalue; for a measurement that stopped before meeting ``tol``,
             ``curvature/error_bound`` is its residual norm :math:`\|Av - \theta v\|`: *an* eigenvalue lies within it,
             but not necessarily the top one (a gap estimated from two Ritz values would claim more than it knows).
+            Its finite-difference products keep their step when their estimated error is below
+            :data:`TRACKING_FD_TARGET` (certified solves search down to ``FD_TARGET``).
         cold_start_every: with ``warm_start``, every this many warm measurements one starts cold from a random
             vector instead: a direction that became dominant outside the previous top ``k + 1`` eigenspace is then
             found at the latest that many measurements later.
