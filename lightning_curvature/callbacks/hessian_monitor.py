@@ -84,8 +84,8 @@ _METHODS = ("auto", "double_backward", "finite_difference", "forward_over_revers
 #: compares edge ratios with factors of 0.9 and 2, so 1% is ample.
 FEED_TOL = 1e-2
 #: Finite-difference accuracy a tracking measurement asks of its products (:attr:`HessianOperator.fd_target`): its
-#: reported product errors (2.5x this) stay an order of magnitude below the residual bounds tracking reports, and the
-#: step searches that chase :data:`FD_TARGET` at every step (a third of the gradients on a compiled GPT) are skipped.
+#: reported product errors (2.5x this) stay well below the residual bounds a tracked value carries, and the step
+#: searches that chase :data:`FD_TARGET` near the float32 floor at every step (README, tracking) are skipped.
 TRACKING_FD_TARGET = 4 * FD_TARGET
 
 from lightning_curvature.tags import (  # noqa: E402 - re-exported under their 0.1 names

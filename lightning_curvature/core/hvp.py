@@ -443,8 +443,8 @@ class HessianOperator(CurvatureOperator):
     def fd_target(self) -> float:
         """Finite-difference products whose estimated relative error :math:`t` is at most this keep the step they
         start from; above it the step is searched (:data:`FD_TARGET` unless set). A measurement that needs less
-        accuracy than a certified solve can raise it and pay fewer searches: the monitors' tracking measurements,
-        whose residual bounds are one to two orders of magnitude larger. The reported error is the estimate either
+        accuracy than a certified solve can raise it and pay fewer searches (the monitors' tracking measurements,
+        whose residual bounds are far larger than such products' errors). The reported error is the estimate either
         way."""
         return FD_TARGET if self._fd_target is None else self._fd_target
 
