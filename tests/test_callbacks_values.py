@@ -404,21 +404,29 @@ def test_tracking_mode_follows_the_certified_sharpness_with_two_products_per_ste
 def test_tracking_asks_less_of_finite_difference_products_than_a_certified_solve(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Tracked measurements raise the products' ``fd_target`` (their residual bounds are far above the products'
-    errors); the cold certified ones keep the default, and every logged value stays within its logged bound of an
-    eigenvalue of the dense Hessian."""
+    """Tracked measurements raise the products' ``fd_target`` for their solve (their residual bounds are far above
+    the products' errors); the cold certified ones keep the default, the trace on the same operator keeps it too,
+    and every logged value stays within its logged bound of an eigenvalue of the dense Hessian."""
     from lightning_curvature.callbacks import hessian_monitor as hm
     from lightning_curvature.core import hvp as hvp_module
 
-    per_measurement: list[set[float]] = []  # per operator, in the order the measurements made them
-    original = hvp_module.HessianOperator._richardson
+    per_measurement: list[set[tuple[str, float]]] = []  # per operator: (solve or trace, the products' target)
+    in_trace = [False]
+    richardson, hutchpp = hvp_module.HessianOperator._richardson, hm.hutchpp_trace
 
     def spy(self: Any, *args: Any) -> Any:
         if not hasattr(self, "_spy_index"):
             self._spy_index = len(per_measurement)
             per_measurement.append(set())
-        per_measurement[self._spy_index].add(self.fd_target)
-        return original(self, *args)
+        per_measurement[self._spy_index].add(("trace" if in_trace[0] else "solve", self.fd_target))
+        return richardson(self, *args)
+
+    def trace(*args: Any, **kwargs: Any) -> Any:
+        in_trace[0] = True
+        try:
+            return hutchpp(*args, **kwargs)
+        finally:
+            in_trace[0] = False
 
     class Reference(pl.Callback):
         def __init__(self) -> None:
@@ -428,19 +436,21 @@ def test_tracking_asks_less_of_finite_difference_products_than_a_certified_solve
             self.spectra[step_axis(trainer)] = dense_eigvalsh(pl_module.net, monitor._source.get(None))
 
     monkeypatch.setattr(hvp_module.HessianOperator, "_richardson", spy)
+    monkeypatch.setattr(hm, "hutchpp_trace", trace)
     torch.manual_seed(0)
     x, y = random_tensors(n=64)
     monitor = _SeriesHessian(
-        every_n_steps=1, k=1, num_examples=32, tracking_products=2, cold_start_every=3, method="finite_difference"
-    )
+        every_n_steps=1, k=1, num_examples=32, tracking_products=2, cold_start_every=3, method="finite_difference",
+        compute_trace=True, trace_samples=6,
+    )  # fmt: skip
     ref = Reference()
     make_trainer("unused", max_steps=8, callbacks=[ref, monitor]).fit(
         TinyClassifier(lr=0.05), classification_loader(x, y, batch_size=16, seed=0)
     )
-    # cold, 3 warm, cold, 3 warm
-    assert len(per_measurement) == 8 == len(monitor.series)
-    cold, warm = {hvp_module.FD_TARGET}, {hm.TRACKING_FD_TARGET}
-    assert per_measurement == [cold, warm, warm, warm, cold, warm, warm, warm]
+    default = ("trace", hvp_module.FD_TARGET)
+    cold, warm = {("solve", hvp_module.FD_TARGET), default}, {("solve", hm.TRACKING_FD_TARGET), default}
+    assert per_measurement == [cold, warm, warm, warm, cold, warm, warm, warm]  # cold, 3 warm, cold, 3 warm
+    assert len(monitor.series) == 8
     for step, logged in monitor.series.items():
         theta = logged["curvature/sharpness"]
         assert float((ref.spectra[step] - theta).abs().min()) <= logged["curvature/error_bound"], step

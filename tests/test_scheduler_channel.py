@@ -153,6 +153,73 @@ def test_a_subscriber_asks_for_a_measurement(tmp_path: Path) -> None:
     assert not rows[3]["curvature/eig_2"]  # a requested measurement: the top eigenvalue only
 
 
+def test_finite_difference_products_are_searched_only_as_far_as_each_solve_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requested measurements solve to 1% (``FEED_TOL``), so their products need less than the cadence's certified
+    solves to ``tol``; the trace on the same operator keeps the default accuracy. Every value still matches the dense
+    Hessian to its solve's tolerance."""
+    from lightning_curvature.callbacks import hessian_monitor as hm
+    from lightning_curvature.core import hvp as hvp_module
+
+    seen: list[list[tuple[str, float]]] = []  # per operator, in order: (solve or trace, the products' target)
+    in_trace = [False]
+    richardson, hutchpp = hvp_module.HessianOperator._richardson, hm.hutchpp_trace
+
+    def spy(self: Any, *args: Any) -> Any:
+        if not hasattr(self, "_spy_index"):
+            self._spy_index = len(seen)
+            seen.append([])
+        seen[self._spy_index].append(("trace" if in_trace[0] else "solve", self.fd_target))
+        return richardson(self, *args)
+
+    def trace(*args: Any, **kwargs: Any) -> Any:
+        in_trace[0] = True
+        try:
+            return hutchpp(*args, **kwargs)
+        finally:
+            in_trace[0] = False
+
+    monkeypatch.setattr(hvp_module.HessianOperator, "_richardson", spy)
+    monkeypatch.setattr(hm, "hutchpp_trace", trace)
+
+    class Asking(TinyClassifier):
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+            self.sched = Recording(opt, requests=(3,))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": self.sched, "interval": "step"}}
+
+    class Reference(pl.Callback):
+        def __init__(self, monitor: HessianEigenvalueMonitor) -> None:
+            self.monitor, self.refs = monitor, {}
+
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
+            fixed = pooled_batch(self.monitor._source.get(None))
+            H = dense_hessian(copy.deepcopy(pl_module.net).double(), ce_loss, fixed)
+            self.refs[trainer.global_step] = float(torch.linalg.eigvalsh(H)[-1])
+
+    torch.manual_seed(0)
+    model = Asking()
+    x, y = random_tensors(n=96)
+    hess = HessianEigenvalueMonitor(
+        every_n_steps=5, k=1, num_examples=16, method="finite_difference", compute_trace=True, trace_samples=6
+    )
+    hess.min_gap = 2
+    ref = Reference(hess)
+    make_trainer(tmp_path, max_steps=6, callbacks=[ref, hess]).fit(model, classification_loader(x, y, batch_size=16))
+    assert [step for _, step in model.sched.observed] == [0, 3, 5]
+    certified, requested = hm.fd_target_for(hess.tol), hm.fd_target_for(hm.FEED_TOL)
+    assert certified == hvp_module.FD_TARGET < requested
+    assert [sorted(set(ops)) for ops in seen] == [
+        [("solve", certified), ("trace", hvp_module.FD_TARGET)],
+        [("solve", requested)],  # the requested measurement: the top eigenvalue only
+        [("solve", certified), ("trace", hvp_module.FD_TARGET)],
+    ]
+    for value, step in model.sched.observed:
+        tol = hm.FEED_TOL if step == 3 else hess.tol
+        assert value == pytest.approx(ref.refs[step], rel=tol), step
+
+
 def test_sharpness_aware_lr_requests_measurements_while_held_by_the_edge(tmp_path: Path) -> None:
     """Adam far above its edge: the first measurement resets the lr below it; the lr then rises to twice the
     measured edge and is held there, so the scheduler asks for measurements (at most every 1/(1 - β₁) steps)."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -49,7 +51,7 @@ from lightning_curvature.core import (
 from lightning_curvature.core._batch import BatchDim
 from lightning_curvature.core.eigen import cold_start_vector, preconditioned_operator
 from lightning_curvature.core.errors import InaccurateProductsError, InaccurateProductsWarning
-from lightning_curvature.core.hvp import FD_TARGET, HVPMethod
+from lightning_curvature.core.hvp import FD_SAFETY, FD_TARGET, FD_UNRESOLVED, HVPMethod
 from lightning_curvature.core.lanczos import Handoff
 from lightning_curvature.core.operators import RELIABLE_PRODUCT_ERROR, ScaledOperator
 from lightning_curvature.core.preconditioner import preconditioner_parts, predicted_first_step_preconditioner
@@ -87,6 +89,26 @@ FEED_TOL = 1e-2
 #: reported product errors (2.5x this) stay well below the residual bounds a tracked value carries, and the step
 #: searches that chase :data:`FD_TARGET` near the float32 floor at every step (README, tracking) are skipped.
 TRACKING_FD_TARGET = 4 * FD_TARGET
+
+
+def fd_target_for(tol: float) -> float:
+    """The finite-difference accuracy a solve to relative tolerance ``tol`` asks of its products
+    (:attr:`HessianOperator.fd_target`): reported product errors (:data:`FD_SAFETY` times the estimate) of at most
+    ``tol / 2``, never stricter than :data:`FD_TARGET` nor looser than :data:`FD_UNRESOLVED`."""
+    return max(FD_TARGET, min(FD_UNRESOLVED, tol / (2.0 * FD_SAFETY)))
+
+
+@contextmanager
+def _products_to(H: HessianOperator, target: float) -> Iterator[None]:
+    """Inside, ``H``'s finite-difference products keep their step below ``target`` (the trace and the density that
+    follow on the same operator keep the default)."""
+    saved = H.fd_target
+    H.fd_target = target
+    try:
+        yield
+    finally:
+        H.fd_target = saved
+
 
 from lightning_curvature.tags import (  # noqa: E402 - re-exported under their 0.1 names
     DENSITY_FIGURE,
@@ -197,7 +219,9 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         max_overhead: wall-time budget of the adaptive cadence, measuring time / training time, in ``(0, 1]``
             (ignored with an explicit ``every_n_steps``).
         k: number of top eigenvalues.
-        tol: relative tolerance of each eigenvalue (Lanczos stopping rule).
+        tol: relative tolerance of each eigenvalue (Lanczos stopping rule). Finite-difference products are searched
+            only as far as it needs (:func:`fd_target_for`: reported product errors up to ``tol / 2``, never looser
+            than 2%); the trace and density, if logged, keep the default accuracy.
         max_iter: maximum Hessian-vector products of the eigenvalue solve.
         batch: ``"fixed"`` (a batch drawn once from the training data), ``"current"`` (the training batch) or a
             ``DataLoader``.
@@ -222,7 +246,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             ``curvature/error_bound`` is its residual norm :math:`\|Av - \theta v\|`: *an* eigenvalue lies within it,
             but not necessarily the top one (a gap estimated from two Ritz values would claim more than it knows).
             Its finite-difference products keep their step when their estimated error is below
-            :data:`TRACKING_FD_TARGET` (certified solves search down to ``FD_TARGET``).
+            :data:`TRACKING_FD_TARGET` (certified solves search down to :func:`fd_target_for` ``(tol)``).
         cold_start_every: with ``warm_start``, every this many warm measurements one starts cold from a random
             vector instead: a direction that became dominant outside the previous top ``k + 1`` eigenspace is then
             found at the latest that many measurements later.
@@ -563,10 +587,12 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             v0: Any = Handoff([[t.clone() for t in start]])
         else:
             v0 = _cold_start(op, H, 1)
-        res = lanczos(
-            op, k=1, tol=max(self.tol, FEED_TOL), max_iter=self.max_iter, v0=v0, return_warm_start=self.warm_start,
-            max_vectors=self.max_vectors, basis_device=self.basis_device,
-        )  # fmt: skip
+        tol = max(self.tol, FEED_TOL)
+        with _products_to(H, fd_target_for(tol)):
+            res = lanczos(
+                op, k=1, tol=tol, max_iter=self.max_iter, v0=v0, return_warm_start=self.warm_start,
+                max_vectors=self.max_vectors, basis_device=self.basis_device,
+            )  # fmt: skip
         if self.warm_start and res.warm_start is not None:
             self._feed_start[index] = [self._kept(t) for t in res.warm_start[0]]
         return res
@@ -595,6 +621,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         self._warm_in_a_row = 0 if v0 is None else self._warm_in_a_row + 1
         self._warm_start.pop(index, None)  # its memory counts in max_vectors: drop it before the solve
         max_iter = max(self.max_iter, k)
+        target = fd_target_for(self.tol)
         if v0 is None:
             v0 = _cold_start(op, H, k)
         elif self.tracking_products is not None:
@@ -602,14 +629,15 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             # not run to tol; the error estimate is logged and a certified cold solve comes every cold_start_every
             v0 = Handoff([v0[0]] if k == 1 else v0[:k])
             max_iter = self.tracking_products
-            H.fd_target = TRACKING_FD_TARGET
+            target = max(target, TRACKING_FD_TARGET)
         else:
             v0 = Handoff(v0)  # the solver owns the warm block (it counts in max_vectors)
-        res = lanczos(
-            op, k=k, tol=self.tol, max_iter=max_iter, v0=v0,
-            return_eigenvectors=self.compute_overlap, return_warm_start=self.warm_start, max_vectors=self.max_vectors,
-            basis_device=self.basis_device,
-        )  # fmt: skip
+        with _products_to(H, target):
+            res = lanczos(
+                op, k=k, tol=self.tol, max_iter=max_iter, v0=v0,
+                return_eigenvectors=self.compute_overlap, return_warm_start=self.warm_start,
+                max_vectors=self.max_vectors, basis_device=self.basis_device,
+            )  # fmt: skip
         if self.warm_start and res.warm_start is not None:
             self._warm_start[index] = [[self._kept(t) for t in v] for v in res.warm_start]
         self._feed_start.pop(index, None)  # requested measurements start again from this block's top vector
