@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from _product_targets import record_product_targets
 from _reference import dense_eigvalsh, dense_preconditioned_eigvalsh, optimizer_preconditioner
 from conftest import TinyClassifier, classification_loader, make_trainer, random_tensors
 from torch import Tensor
@@ -410,24 +411,6 @@ def test_tracking_asks_less_of_finite_difference_products_than_a_certified_solve
     from lightning_curvature.callbacks import hessian_monitor as hm
     from lightning_curvature.core import hvp as hvp_module
 
-    per_measurement: list[set[tuple[str, float]]] = []  # per operator: (solve or trace, the products' target)
-    in_trace = [False]
-    richardson, hutchpp = hvp_module.HessianOperator._richardson, hm.hutchpp_trace
-
-    def spy(self: Any, *args: Any) -> Any:
-        if not hasattr(self, "_spy_index"):
-            self._spy_index = len(per_measurement)
-            per_measurement.append(set())
-        per_measurement[self._spy_index].add(("trace" if in_trace[0] else "solve", self.fd_target))
-        return richardson(self, *args)
-
-    def trace(*args: Any, **kwargs: Any) -> Any:
-        in_trace[0] = True
-        try:
-            return hutchpp(*args, **kwargs)
-        finally:
-            in_trace[0] = False
-
     class Reference(pl.Callback):
         def __init__(self) -> None:
             self.spectra: dict[int, Tensor] = {}
@@ -435,8 +418,7 @@ def test_tracking_asks_less_of_finite_difference_products_than_a_certified_solve
         def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
             self.spectra[step_axis(trainer)] = dense_eigvalsh(pl_module.net, monitor._source.get(None))
 
-    monkeypatch.setattr(hvp_module.HessianOperator, "_richardson", spy)
-    monkeypatch.setattr(hm, "hutchpp_trace", trace)
+    per_measurement = record_product_targets(monkeypatch)
     torch.manual_seed(0)
     x, y = random_tensors(n=64)
     monitor = _SeriesHessian(

@@ -12,6 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from _product_targets import record_product_targets
 from _reference import ce_loss, dense_hessian, pooled_batch
 from conftest import TinyClassifier, classification_loader, make_trainer, random_tensors
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -162,26 +163,7 @@ def test_finite_difference_products_are_searched_only_as_far_as_each_solve_needs
     from lightning_curvature.callbacks import hessian_monitor as hm
     from lightning_curvature.core import hvp as hvp_module
 
-    seen: list[list[tuple[str, float]]] = []  # per operator, in order: (solve or trace, the products' target)
-    in_trace = [False]
-    richardson, hutchpp = hvp_module.HessianOperator._richardson, hm.hutchpp_trace
-
-    def spy(self: Any, *args: Any) -> Any:
-        if not hasattr(self, "_spy_index"):
-            self._spy_index = len(seen)
-            seen.append([])
-        seen[self._spy_index].append(("trace" if in_trace[0] else "solve", self.fd_target))
-        return richardson(self, *args)
-
-    def trace(*args: Any, **kwargs: Any) -> Any:
-        in_trace[0] = True
-        try:
-            return hutchpp(*args, **kwargs)
-        finally:
-            in_trace[0] = False
-
-    monkeypatch.setattr(hvp_module.HessianOperator, "_richardson", spy)
-    monkeypatch.setattr(hm, "hutchpp_trace", trace)
+    seen = record_product_targets(monkeypatch)
 
     class Asking(TinyClassifier):
         def configure_optimizers(self) -> Any:
@@ -210,10 +192,10 @@ def test_finite_difference_products_are_searched_only_as_far_as_each_solve_needs
     assert [step for _, step in model.sched.observed] == [0, 3, 5]
     certified, requested = hm.fd_target_for(hess.tol), hm.fd_target_for(hm.FEED_TOL)
     assert certified == hvp_module.FD_TARGET < requested
-    assert [sorted(set(ops)) for ops in seen] == [
-        [("solve", certified), ("trace", hvp_module.FD_TARGET)],
-        [("solve", requested)],  # the requested measurement: the top eigenvalue only
-        [("solve", certified), ("trace", hvp_module.FD_TARGET)],
+    assert seen == [
+        {("solve", certified), ("trace", hvp_module.FD_TARGET)},
+        {("solve", requested)},  # the requested measurement: the top eigenvalue only
+        {("solve", certified), ("trace", hvp_module.FD_TARGET)},
     ]
     for value, step in model.sched.observed:
         tol = hm.FEED_TOL if step == 3 else hess.tol
