@@ -7,6 +7,7 @@ at the default step (a fraction of the parameters' size) truncation dominates: t
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import pytest
@@ -484,3 +485,28 @@ def test_a_jump_of_the_estimate_from_aliasing_is_still_discarded(monkeypatch: py
     error, reported, ratio = _scripted_product(monkeypatch, errors)
     assert error < 2e-3 and error <= reported
     assert ratio == 2.0**-3
+
+
+def test_the_auto_check_uses_the_default_accuracy_whatever_a_solve_asks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``method="auto"`` compares one double-backward product with one finite difference at 1% (when the operator is
+    entered): an operator given a 2% ``fd_target`` before that must not lend the check its looser difference (a first
+    step 1.5% off would read as a wrong double backward and switch a healthy model to finite differences)."""
+    model, batch = Wavy(), torch.zeros(4, 1)
+    theta = model.theta.detach()
+    H = HessianOperator(model, wavy_loss, batch, method="auto")
+
+    def central_difference(i: int, b: Any, v: Any, h: float) -> list[torch.Tensor]:
+        exact = -torch.cos(OMEGA * theta) * v[0] / theta.numel()
+        k = round(math.log2(h / H._fd_step(v)), 3)
+        off = {0.0: 1.5e-2, 1.0: 3e-3}.get(k, 1e-5)  # the first step 1.5% off, smaller ones right
+        return [2.0 * h * (exact + off * exact.norm() * _unit(int(k)))]
+
+    monkeypatch.setattr(H, "_central_difference", central_difference)
+    monkeypatch.setattr(H, "_step_rounding", lambda v, h: 0.0)
+    H.fd_target = 2e-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a switch to finite differences warns
+        with H:
+            H.matvec(torch.randn(200, generator=torch.Generator().manual_seed(3)))
+    assert H.method == "double_backward" and H.num_check_products == 2
+    assert H.fd_target == 2e-2

@@ -996,7 +996,12 @@ class HessianOperator(CurvatureOperator):
             self._graphs = None
             cache[self._auto_key()] = "finite_difference"
             return "finite_difference"
-        approx = self._product(probe, "finite_difference")
+        # the check compares at VALIDITY_TOLERANCE: its difference needs the default accuracy, whatever a solve asks
+        saved, self._fd_target = self._fd_target, None
+        try:
+            approx = self._product(probe, "finite_difference")
+        finally:
+            self._fd_target = saved
         self.product_error = self.form_error = self.last_product_error = 0.0  # the probe is not measured
         self.num_check_products = 2
         diff = self.space.norm([a - b for a, b in zip(exact, approx)])
