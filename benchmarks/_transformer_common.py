@@ -68,6 +68,16 @@ def adamw(params: Any) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
 
 
+def adamw_step(model: nn.Module, net: nn.Module, opt: torch.optim.Optimizer, step: int, batch: int) -> None:
+    """One optimizer step of ``net`` (``model`` or its compiled module) on the ``step``-th batch of ``batch`` corpus
+    windows; the gradients are freed after it."""
+    opt.zero_grad(set_to_none=True)
+    gpt_loss(net, text_windows(batch, start=step * batch * (CONTEXT + 1))).backward()
+    opt.step()
+    for p in model.parameters():
+        p.grad = None
+
+
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

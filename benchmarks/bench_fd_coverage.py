@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _transformer_common import CONTEXT, SIZES, adamw, text_windows
+from _transformer_common import CONTEXT, SIZES, adamw, adamw_step, text_windows
 from bench_scale import GPT, gpt_loss
 from bench_transformer import CURVATURE_START, TRAIN_STEPS
 
@@ -46,11 +46,7 @@ def trained(size: str) -> tuple[torch.nn.Module, torch.nn.Module, list[torch.Ten
     net = torch.compile(model)
     opt = adamw(model.parameters())
     for i in range(TRAIN_STEPS):
-        opt.zero_grad(set_to_none=True)
-        gpt_loss(net, text_windows(bsz, start=i * bsz * (CONTEXT + 1))).backward()
-        opt.step()
-    for p in model.parameters():
-        p.grad = None
+        adamw_step(model, net, opt, i, bsz)
     P = preconditioner_parts(opt, [p for p in model.parameters() if p.requires_grad])
     assert P is not None
     return model, net, P

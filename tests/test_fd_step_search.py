@@ -280,6 +280,10 @@ def test_beyond_a_reliable_estimate_no_bound_is_reported() -> None:
     with pytest.warns(RuntimeWarning, match="no error bound is reported"):
         res = hessian_eigenvalues(model, loss, batch, k=2, tol=1e-3, method="finite_difference", max_iter=60)
     assert not res.converged and bool(torch.isinf(res.error_bounds).all())
+    # a loose tolerance the products' absolute floor would meet: still no bound, so not converged either
+    with pytest.warns(RuntimeWarning, match="no error bound is reported"):
+        res = hessian_eigenvalues(model, loss, batch, k=1, tol=0.9, method="finite_difference", max_iter=60)
+    assert not res.converged and bool(torch.isinf(res.error_bounds).all())
     with pytest.warns(RuntimeWarning, match="std_error is inf"):
         tr = hessian_trace(model, loss, batch, num_samples=9, method="finite_difference")
     assert math.isinf(tr.std_error)

@@ -51,7 +51,7 @@ from lightning_curvature.core import (
 from lightning_curvature.core._batch import BatchDim
 from lightning_curvature.core.eigen import cold_start_vector, preconditioned_operator
 from lightning_curvature.core.errors import InaccurateProductsError, InaccurateProductsWarning
-from lightning_curvature.core.hvp import FD_SAFETY, FD_TARGET, FD_UNRESOLVED, HVPMethod
+from lightning_curvature.core.hvp import FD_SAFETY, FD_TARGET, HVPMethod
 from lightning_curvature.core.lanczos import Handoff
 from lightning_curvature.core.operators import RELIABLE_PRODUCT_ERROR, ScaledOperator
 from lightning_curvature.core.preconditioner import preconditioner_parts, predicted_first_step_preconditioner
@@ -94,8 +94,11 @@ TRACKING_FD_TARGET = 4 * FD_TARGET
 def fd_target_for(tol: float) -> float:
     """The finite-difference accuracy a solve to relative tolerance ``tol`` asks of its products
     (:attr:`HessianOperator.fd_target`): reported product errors (:data:`FD_SAFETY` times the estimate) of at most
-    ``tol / 2``, never stricter than :data:`FD_TARGET` nor looser than :data:`FD_UNRESOLVED`."""
-    return max(FD_TARGET, min(FD_UNRESOLVED, tol / (2.0 * FD_SAFETY)))
+    ``tol / 2``, never stricter than :data:`FD_TARGET` nor looser than :data:`TRACKING_FD_TARGET`. Looser targets do
+    not pay: a search that stops at the first step meeting one, right after a large improvement, reports the
+    disagreement of its last two steps, which can be several times the target (past
+    :data:`~lightning_curvature.core.operators.RELIABLE_PRODUCT_ERROR`, where nothing is certified)."""
+    return max(FD_TARGET, min(TRACKING_FD_TARGET, tol / (2.0 * FD_SAFETY)))
 
 
 @contextmanager
@@ -220,8 +223,8 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             (ignored with an explicit ``every_n_steps``).
         k: number of top eigenvalues.
         tol: relative tolerance of each eigenvalue (Lanczos stopping rule). Finite-difference products are searched
-            only as far as it needs (:func:`fd_target_for`: reported product errors up to ``tol / 2``, never looser
-            than 2%); the trace and density, if logged, keep the default accuracy.
+            only as far as it needs (:func:`fd_target_for`: reported product errors up to ``tol / 2``, within
+            ``[FD_TARGET, TRACKING_FD_TARGET]``); the trace and density, if logged, keep the default accuracy.
         max_iter: maximum Hessian-vector products of the eigenvalue solve.
         batch: ``"fixed"`` (a batch drawn once from the training data), ``"current"`` (the training batch) or a
             ``DataLoader``.

@@ -276,7 +276,8 @@ def lanczos(
         raise ValueError(f"The search space has dimension {out.theta.numel()} < k={k}.")
     vecs = out.vectors
     bounds = out.bounds[:k].clone()
-    if unreliable_products(op, "no error bound is reported (inf) and the eigenvalues are not certified"):
+    unreliable = unreliable_products(op, "no error bound is reported (inf) and the eigenvalues are not certified")
+    if unreliable:
         bounds.fill_(math.inf)
     return LanczosResult(
         eigenvalues=out.theta[:k].clone(),
@@ -284,8 +285,11 @@ def lanczos(
         residuals=out.residuals[:k].clone(),
         error_bounds=bounds,
         num_matvecs=out.num_matvecs,
-        # products less accurate than tol (finite differences that found no good step) cannot meet it
-        converged=out.converged and not out.product_floor > tol * max(float(out.theta[:k].abs().max()), abs_tol),
+        # products less accurate than tol (finite differences that found no good step) cannot meet it, and products
+        # past RELIABLE_PRODUCT_ERROR certify nothing (their floor alone can be below a loose tol)
+        converged=out.converged
+        and not unreliable
+        and not out.product_floor > tol * max(float(out.theta[:k].abs().max()), abs_tol),
         warm_start=_output(op, vecs) if return_warm_start else None,
         peak_vectors=out.peak_vectors,
     )
