@@ -91,6 +91,16 @@ FEED_TOL = 1e-2
 TRACKING_FD_TARGET = 4 * FD_TARGET
 
 
+from lightning_curvature.tags import (  # noqa: E402 - re-exported under their 0.1 names
+    DENSITY_FIGURE,
+    ERROR_BOUND,
+    HESSIAN_OVERHEAD,
+    HESSIAN_TRACE_STD_ERROR,
+    NUM_HVP,
+    SPECTRUM_HISTOGRAM,
+)
+
+
 def fd_target_for(tol: float) -> float:
     """The finite-difference accuracy a solve to relative tolerance ``tol`` asks of its products
     (:attr:`HessianOperator.fd_target`): reported product errors (:data:`FD_SAFETY` times the estimate) of at most
@@ -103,24 +113,14 @@ def fd_target_for(tol: float) -> float:
 
 @contextmanager
 def _products_to(H: HessianOperator, target: float) -> Iterator[None]:
-    """Inside, ``H``'s finite-difference products keep their step below ``target`` (the trace and the density that
-    follow on the same operator keep the default)."""
+    """Inside, ``H``'s finite-difference products keep their step when their estimate is at most ``target`` (the
+    trace and the density that follow on the same operator keep the default)."""
     saved = H.fd_target
     H.fd_target = target
     try:
         yield
     finally:
         H.fd_target = saved
-
-
-from lightning_curvature.tags import (  # noqa: E402 - re-exported under their 0.1 names
-    DENSITY_FIGURE,
-    ERROR_BOUND,
-    HESSIAN_OVERHEAD,
-    HESSIAN_TRACE_STD_ERROR,
-    NUM_HVP,
-    SPECTRUM_HISTOGRAM,
-)
 
 
 class HessianEigenvalueMonitor(CurvatureMonitorBase):
