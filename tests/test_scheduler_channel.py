@@ -116,30 +116,40 @@ def test_each_subscriber_receives_the_sharpness_of_its_own_optimizers_parameters
     assert ref.refs[0][0] != pytest.approx(ref.refs[0][1], rel=1e-2)  # the blocks differ: a mix-up would show
 
 
+class Asking(TinyClassifier):
+    """SGD whose scheduler (a :class:`Recording`) asks for measurements before the updates ``requests``."""
+
+    def __init__(self, requests: tuple[int, ...]) -> None:
+        super().__init__()
+        self.requests = requests
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        self.sched = Recording(opt, requests=self.requests)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.sched, "interval": "step"}}
+
+
+class TopEigenvalue(pl.Callback):
+    """The dense float64 top Hessian eigenvalue of the monitor's fixed batch before every update."""
+
+    def __init__(self, monitor: HessianEigenvalueMonitor) -> None:
+        self.monitor, self.refs = monitor, {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
+        fixed = pooled_batch(self.monitor._source.get(None))
+        H = dense_hessian(copy.deepcopy(pl_module.net).double(), ce_loss, fixed)
+        self.refs[trainer.global_step] = float(torch.linalg.eigvalsh(H)[-1])
+
+
 def test_a_subscriber_asks_for_a_measurement(tmp_path: Path) -> None:
     """Requests are honoured at most every `min_gap` steps, with the top eigenvalue only (to 1%)."""
 
-    class Asking(TinyClassifier):
-        def configure_optimizers(self) -> Any:
-            opt = torch.optim.SGD(self.parameters(), lr=self.lr)
-            self.sched = Recording(opt, requests=(3, 4))
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": self.sched, "interval": "step"}}
-
-    class Reference(pl.Callback):
-        def __init__(self, monitor: HessianEigenvalueMonitor) -> None:
-            self.monitor, self.refs = monitor, {}
-
-        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
-            fixed = pooled_batch(self.monitor._source.get(None))
-            H = dense_hessian(copy.deepcopy(pl_module.net).double(), ce_loss, fixed)
-            self.refs[trainer.global_step] = float(torch.linalg.eigvalsh(H)[-1])
-
     torch.manual_seed(0)
-    model = Asking()
+    model = Asking(requests=(3, 4))
     x, y = random_tensors(n=96)
     hess = HessianEigenvalueMonitor(every_n_steps=5, k=2, num_examples=16)
     hess.min_gap = 2
-    ref = Reference(hess)
+    ref = TopEigenvalue(hess)
     logger = CSVLogger(tmp_path, name="asks")
     trainer = make_trainer(tmp_path, max_steps=6, logger=logger, callbacks=[ref, hess])
     trainer.fit(model, classification_loader(x, y, batch_size=16))
@@ -165,29 +175,14 @@ def test_finite_difference_products_are_searched_only_as_far_as_each_solve_needs
 
     seen = record_product_targets(monkeypatch)
 
-    class Asking(TinyClassifier):
-        def configure_optimizers(self) -> Any:
-            opt = torch.optim.SGD(self.parameters(), lr=self.lr)
-            self.sched = Recording(opt, requests=(3,))
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": self.sched, "interval": "step"}}
-
-    class Reference(pl.Callback):
-        def __init__(self, monitor: HessianEigenvalueMonitor) -> None:
-            self.monitor, self.refs = monitor, {}
-
-        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
-            fixed = pooled_batch(self.monitor._source.get(None))
-            H = dense_hessian(copy.deepcopy(pl_module.net).double(), ce_loss, fixed)
-            self.refs[trainer.global_step] = float(torch.linalg.eigvalsh(H)[-1])
-
     torch.manual_seed(0)
-    model = Asking()
+    model = Asking(requests=(3,))
     x, y = random_tensors(n=96)
     hess = HessianEigenvalueMonitor(
         every_n_steps=5, k=1, num_examples=16, method="finite_difference", compute_trace=True, trace_samples=6
     )
     hess.min_gap = 2
-    ref = Reference(hess)
+    ref = TopEigenvalue(hess)
     make_trainer(tmp_path, max_steps=6, callbacks=[ref, hess]).fit(model, classification_loader(x, y, batch_size=16))
     assert [step for _, step in model.sched.observed] == [0, 3, 5]
     certified, requested = hm.fd_target_for(hess.tol), hm.fd_target_for(hm.FEED_TOL)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -109,18 +107,6 @@ def fd_target_for(tol: float) -> float:
     disagreement of its last two steps, which can be several times the target (past
     :data:`~lightning_curvature.core.operators.RELIABLE_PRODUCT_ERROR`, where nothing is certified)."""
     return max(FD_TARGET, min(TRACKING_FD_TARGET, tol / (2.0 * FD_SAFETY)))
-
-
-@contextmanager
-def _products_to(H: HessianOperator, target: float) -> Iterator[None]:
-    """Inside, ``H``'s finite-difference products keep their step when their estimate is at most ``target`` (the
-    trace and the density that follow on the same operator keep the default)."""
-    saved = H.fd_target
-    H.fd_target = target
-    try:
-        yield
-    finally:
-        H.fd_target = saved
 
 
 class HessianEigenvalueMonitor(CurvatureMonitorBase):
@@ -591,7 +577,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         else:
             v0 = _cold_start(op, H, 1)
         tol = max(self.tol, FEED_TOL)
-        with _products_to(H, fd_target_for(tol)):
+        with H.fd_target_as(fd_target_for(tol)):
             res = lanczos(
                 op, k=1, tol=tol, max_iter=self.max_iter, v0=v0, return_warm_start=self.warm_start,
                 max_vectors=self.max_vectors, basis_device=self.basis_device,
@@ -635,7 +621,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             target = max(target, TRACKING_FD_TARGET)
         else:
             v0 = Handoff(v0)  # the solver owns the warm block (it counts in max_vectors)
-        with _products_to(H, target):
+        with H.fd_target_as(target):
             res = lanczos(
                 op, k=k, tol=self.tol, max_iter=max_iter, v0=v0,
                 return_eigenvectors=self.compute_overlap, return_warm_start=self.warm_start,

@@ -454,6 +454,19 @@ class HessianOperator(CurvatureOperator):
             raise ValueError(f"`fd_target` must be in (0, {FD_UNRESOLVED:g}], got {target!r}.")
         self._fd_target = float(target)
 
+    @contextmanager
+    def fd_target_as(self, target: float | None) -> Iterator[None]:
+        """Inside, :attr:`fd_target` is ``target`` (``None``: the default, :data:`FD_TARGET`); restored on exit."""
+        saved = self._fd_target
+        if target is None:
+            self._fd_target = None
+        else:
+            self.fd_target = target  # validated
+        try:
+            yield
+        finally:
+            self._fd_target = saved
+
     # -- compatibility ----------------------------------------------------------------------------------------------
     @property
     def num_hvp(self) -> int:
@@ -997,11 +1010,8 @@ class HessianOperator(CurvatureOperator):
             cache[self._auto_key()] = "finite_difference"
             return "finite_difference"
         # the check compares at VALIDITY_TOLERANCE: its difference needs the default accuracy, whatever a solve asks
-        saved, self._fd_target = self._fd_target, None
-        try:
+        with self.fd_target_as(None):
             approx = self._product(probe, "finite_difference")
-        finally:
-            self._fd_target = saved
         self.product_error = self.form_error = self.last_product_error = 0.0  # the probe is not measured
         self.num_check_products = 2
         diff = self.space.norm([a - b for a, b in zip(exact, approx)])
