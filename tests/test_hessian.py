@@ -97,6 +97,34 @@ def test_gradient_start_vector_mixes_gradient_and_the_default_random_start() -> 
         gradient_start_vector(torch.zeros(2, 2))
 
 
+@pytest.mark.parametrize("method", ["double_backward", "finite_difference"])
+def test_a_single_parameter_model_has_its_closed_form_hessian_for_every_seed(method: str) -> None:
+    """L(w) = mean((w·x − y)²) has H = 2·mean(x²). With one parameter the gradient start g/|g| + z/|z| is zero for
+    every seed whose Gaussian has the other sign (it raised "start vector ... non-zero" for half the seeds)."""
+    model = nn.Linear(1, 1, bias=False).double()
+    x = torch.linspace(-1.0, 2.0, 16, dtype=torch.float64)[:, None]
+    expected = float(2.0 * (x**2).mean())
+    for target in (3.0, -3.0):  # both signs of the gradient
+        batch = (x, target * x)
+        for seed in range(4):
+            res = hessian_eigenvalues(model, _mse, batch, k=1, seed=seed, method=method)
+            assert res.converged
+            assert abs(res.sharpness - expected) <= 1e-6 * expected, (target, seed, res.sharpness, expected)
+    for sign in (1.0, -1.0):  # the start itself: the gradient alone where the two halves cancel
+        g = torch.tensor([sign], dtype=torch.float64)
+        v = gradient_start_vector(g, seed=next(s for s in range(8) if _cancels(g, s)))
+        torch.testing.assert_close(v, g)
+
+
+def _mse(m: nn.Module, b: Any) -> torch.Tensor:
+    return ((m(b[0]) - b[1]) ** 2).mean()
+
+
+def _cancels(g: torch.Tensor, seed: int) -> bool:
+    z = torch.randn(1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return bool(torch.sign(z) == -torch.sign(g))
+
+
 def test_auto_start_is_the_gradient_for_k1_and_a_gaussian_for_more() -> None:
     model, loss_fn, batch = _mlp_case()
     for k, expected in ((1, "gradient"), (5, "random")):

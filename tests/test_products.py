@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from typing import Any
 
 import pytest
@@ -14,8 +15,15 @@ from _reference import ce_loss, dense_eigvalsh, dense_hessian, digits, mlp
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_curvature import HessianOperator, hessian_eigenvalues, hessian_trace, hessian_vector_product
+from lightning_curvature import (
+    HessianOperator,
+    MultiBatch,
+    hessian_eigenvalues,
+    hessian_trace,
+    hessian_vector_product,
+)
 from lightning_curvature.core import hvp as hvp_module
+from lightning_curvature.core._batch import looks_like_several_batches
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -232,6 +240,40 @@ def test_a_dataloader_is_one_curvature_batch_averaged_by_size() -> None:
     torch.testing.assert_close(fd.eigenvalues[0], torch.linalg.eigvalsh(H)[-1], rtol=1e-6, atol=0)
     with pytest.warns(RuntimeWarning, match="shuffle"):
         hessian_eigenvalues(model, ce_loss, DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True), k=1)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes need Python 3.11")
+def test_a_list_of_batches_fails_in_the_loss_with_a_note_naming_multibatch() -> None:
+    """A list is one batch (a batch may be any nesting of containers); a list of (x, y) pairs fails in the user's
+    loss, and the error says how to pass several batches. The same batches as a MultiBatch give the full batch's
+    Hessian; an error on an ordinary batch gets no note."""
+    model = mlp(hidden=4)
+    x, y = digits(40)
+    pairs = [(x[:20], y[:20]), (x[20:], y[20:])]
+    with pytest.raises(TypeError) as caught:
+        hessian_eigenvalues(model, ce_loss, pairs, k=1, method="double_backward")
+    assert any("MultiBatch" in note for note in getattr(caught.value, "__notes__", []))
+    res = hessian_eigenvalues(model, ce_loss, MultiBatch(pairs), k=1, tol=1e-9, method="double_backward")
+    H = dense_hessian(model, ce_loss, (x, y))
+    torch.testing.assert_close(res.eigenvalues[0], torch.linalg.eigvalsh(H)[-1], rtol=1e-8, atol=0)
+
+    def broken(m: nn.Module, b: Any) -> Tensor:
+        raise TypeError("the user's own bug")
+
+    with pytest.raises(TypeError, match="own bug") as caught:
+        hessian_eigenvalues(model, broken, (x, y), k=1)
+    assert not getattr(caught.value, "__notes__", [])
+
+
+def test_only_lists_of_two_or_more_containers_of_tensors_look_like_several_batches() -> None:
+    x, y = torch.zeros(3, 2), torch.zeros(3)
+    assert looks_like_several_batches([(x, y), (x, y)])
+    assert looks_like_several_batches(({"x": x}, {"x": x}))
+    assert not looks_like_several_batches([x, y])  # an ordinary (x, y) batch
+    assert not looks_like_several_batches([(x, y)])  # one container: a nested batch
+    assert not looks_like_several_batches(((x, x), y))  # nested inputs and a target
+    assert not looks_like_several_batches(MultiBatch([(x, y), (x, y)]))
+    assert not looks_like_several_batches([("a", 1), ("b", 2)])  # containers without tensors
 
 
 def test_the_operators_loss_is_the_mean_loss_of_the_curvature_batch() -> None:

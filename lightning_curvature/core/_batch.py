@@ -24,6 +24,7 @@ import functools
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +41,10 @@ __all__ = [
     "as_batch_first",
     "batch_size",
     "check_batch_dim",
+    "explain_several_batches",
     "infer_batch_layout",
     "iter_batches",
+    "looks_like_several_batches",
     "restore_batch",
     "slice_batch",
     "tensor_leaves",
@@ -222,6 +225,36 @@ def batch_size(batch: Any) -> int:
                 stacklevel=2,
             )
     return n
+
+
+def looks_like_several_batches(batch: Any) -> bool:
+    """Whether ``batch`` is a list or tuple of at least two containers of tensors (``[(x1, y1), (x2, y2)]``).
+
+    Such a list is *one* batch to the engine (a batch may be any nesting of containers); several batches are a
+    :class:`MultiBatch` or a ``DataLoader``. Used only to explain an error the loss function raised.
+    """
+    if isinstance(batch, MultiBatch) or not isinstance(batch, (list, tuple)) or _is_namedtuple(batch):
+        return False
+    return len(batch) >= 2 and all(
+        _children(item) is not None and not isinstance(item, Tensor) and _first_tensor(item) is not None
+        for item in batch
+    )
+
+
+@contextmanager
+def explain_several_batches(batch: Any) -> Iterator[None]:
+    """Add a note to an error raised in the block (the user's loss on ``batch``) when ``batch`` looks like a list of
+    batches (:func:`looks_like_several_batches`): the error itself comes from the loss reading it as one batch."""
+    try:
+        yield
+    except Exception as error:
+        if looks_like_several_batches(batch) and hasattr(error, "add_note"):  # Python >= 3.11
+            error.add_note(
+                f"lightning-curvature: the batch is a {type(batch).__name__} of {len(batch)} containers of tensors, "
+                "and a list or tuple is one batch. If these are several batches, pass MultiBatch([...]) or a "
+                "DataLoader (their curvature is that of the loss averaged over all their examples)."
+            )
+        raise
 
 
 def iter_batches(batch: Any) -> Iterator[Any]:

@@ -124,6 +124,11 @@ def warm_start_vector(eigenvectors: Tensor, seed: int = 0, noise: float = 0.01) 
     return v + noise * r / torch.linalg.vector_norm(r)
 
 
+#: Norm of :math:`g/\|g\| + z/\|z\|` below which the two halves of a gradient start cancelled (the sum of two unit
+#: vectors; about :math:`\sqrt 2` for many parameters, 0 or 2 for one); the gradient alone is then the start.
+CANCELLED = 1e-3
+
+
 def gradient_start_vector(gradient: Tensor | Vector, seed: int = 0) -> Tensor | Vector:
     r"""Lanczos start vector :math:`v_0 = g/\|g\| + z/\|z\|`: the gradient mixed with a seeded Gaussian ``z``.
 
@@ -131,7 +136,8 @@ def gradient_start_vector(gradient: Tensor | Vector, seed: int = 0) -> Tensor | 
     Dyer, "Gradient Descent Happens in a Tiny Subspace", arXiv 1812.04754), so a Krylov space started from it
     resolves the largest eigenvalues in fewer products. The Gaussian half keeps a component along every
     eigenvector at least :math:`1/\sqrt{2}` of a purely random start's, so nothing becomes unreachable; a zero or
-    non-finite gradient gives the random vector alone. For several eigenvalues it speeds up exactly the directions
+    non-finite gradient gives the random vector alone, and the gradient alone is used where the two cancel
+    (:data:`CANCELLED`: possible with a single parameter). For several eigenvalues it speeds up exactly the directions
     the gradient contains, so an eigenvector the gradient lacks can be missed systematically (the same for every
     seed): :func:`hessian_eigenvalues` uses it for ``k = 1`` only (``start="auto"``). The evidence is in
     ``benchmarks/bench_start_vector.py``.
@@ -161,6 +167,8 @@ def gradient_start_vector(gradient: Tensor | Vector, seed: int = 0) -> Tensor | 
         out = [t / z_norm for t in z]
     else:
         out = [gi / g_norm + zi / z_norm for gi, zi in zip(g, z)]
+        if not float(space.norm(out)) > CANCELLED:  # z ≈ −g/‖g‖·‖z‖ (one parameter: half of all seeds)
+            out = [gi / g_norm for gi in g]
     return out[0] if isinstance(gradient, Tensor) else out
 
 

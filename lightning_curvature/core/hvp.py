@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_curvature.core._batch import MultiBatch, batch_size, iter_batches, to_compute
+from lightning_curvature.core._batch import MultiBatch, batch_size, explain_several_batches, iter_batches, to_compute
 from lightning_curvature.core._frozen_kinks import FrozenKinks, KinkReplayError
 from lightning_curvature.core._lean_double_backward import LeanDoubleBackward
 from lightning_curvature.core._state import (
@@ -221,7 +221,8 @@ class _LossModule(nn.Module):
         self.loss_fn = loss_fn
 
     def forward(self, batch: Any) -> Tensor:
-        return self.loss_fn(self.model, batch)
+        with explain_several_batches(batch):
+            return self.loss_fn(self.model, batch)
 
 
 def _is_batch_iterable(batch: Any) -> bool:
@@ -576,7 +577,9 @@ class HessianOperator(CurvatureOperator):
     def _seeded_loss(self, model: nn.Module, batch: Any) -> Tensor:
         if self.seed is not None:
             seed_generators(self.seed, self._devices)  # the same dropout mask in every evaluation
-        return _checked_loss(self.loss_fn(model, batch))
+        with explain_several_batches(batch):
+            loss = self.loss_fn(model, batch)
+        return _checked_loss(loss)
 
     def _gradient_at(self, batch: Any, shift: Vector | None = None, alpha: float = 0.0) -> Vector:
         """First-order gradient of the batch's mean loss at ``θ + α·shift`` (sharded: its global-mean share)."""
