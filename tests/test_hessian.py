@@ -97,6 +97,27 @@ def test_gradient_start_vector_mixes_gradient_and_the_default_random_start() -> 
         gradient_start_vector(torch.zeros(2, 2))
 
 
+@pytest.mark.parametrize("method", ["double_backward", "finite_difference", "forward_over_reverse"])
+def test_params_restricts_the_hessian_to_the_principal_block_of_those_parameters(method: str) -> None:
+    """``params=[first weight, last bias]``: the eigenvalues of the dense Hessian's principal submatrix on exactly
+    those entries (parameters in the model's order, whatever order they are given in)."""
+    model, batch = mlp(hidden=5), digits(48)
+    H = dense_hessian(model, ce_loss, batch)
+    sizes = [p.numel() for p in model.parameters()]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    chosen = [3, 0]  # model[2].bias, model[0].weight
+    rows = torch.cat([torch.arange(offsets[i], offsets[i] + sizes[i]) for i in sorted(chosen)])
+    ref = torch.linalg.eigvalsh(H[rows][:, rows]).flip(0)[:3]
+    params = [list(model.parameters())[i] for i in chosen]
+    res = hessian_eigenvalues(model, ce_loss, batch, k=3, tol=1e-9, params=params, method=method)
+    rtol = 1e-6 if method == "finite_difference" else 1e-9
+    torch.testing.assert_close(res.eigenvalues, ref, rtol=rtol, atol=0)
+    with pytest.raises(ValueError, match="`params` is empty"):
+        hessian_eigenvalues(model, ce_loss, batch, params=[])
+    with pytest.raises(ValueError, match="parameters of `model`"):
+        hessian_eigenvalues(model, ce_loss, batch, params=[nn.Parameter(torch.zeros(3, dtype=torch.float64))])
+
+
 @pytest.mark.parametrize("method", ["double_backward", "finite_difference"])
 def test_a_single_parameter_model_has_its_closed_form_hessian_for_every_seed(method: str) -> None:
     """L(w) = mean((w·x − y)²) has H = 2·mean(x²). With one parameter the gradient start g/|g| + z/|z| is zero for

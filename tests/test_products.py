@@ -104,6 +104,22 @@ def test_forward_over_reverse_and_double_backward_match_the_dense_hessian() -> N
         assert _rel(hv, H @ v) < tol, method
 
 
+def test_forward_over_reverse_runs_through_batchnorm_in_train_mode() -> None:
+    """BatchNorm updates its running statistics in place during the forward; inside torch.func's transforms that
+    was an error ("mutate a captured Tensor"). Each evaluation now updates copies made inside the transform: the
+    product equals the dense Hessian's (batch statistics), and the model's buffers are untouched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 10)).double().train()
+    batch = digits(48)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    H = dense_hessian(model, ce_loss, batch)
+    model.load_state_dict({**model.state_dict(), **buffers})  # the reference's forwards updated them
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    hv = hessian_vector_product(model, ce_loss, batch, v, method="forward_over_reverse")
+    assert _rel(hv, H @ v) < 1e-10
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+
+
 class _DetachedTanh(torch.autograd.Function):
     """tanh whose backward uses a detached saved output: double backward silently drops σ''."""
 

@@ -25,8 +25,9 @@ Four ways to compute :math:`Hv` (``method=``):
   jumps at the kinks bias the difference by O(1). Works wherever training works; four gradients per product (two
   more per step tried, up to ~20 for the first product of a hard operator; two for ``fd_order=2``, which neither
   searches nor estimates).
-* ``"forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad``; no graph is kept between products. Fails
-  through BatchNorm in train mode (in-place buffer updates).
+* ``"forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad``; no graph is kept between products. Buffers
+  a forward updates in place (BatchNorm's running statistics in train mode) are copied inside the transform, which
+  forbids updating its captured tensors.
 * ``"auto"`` (default): double backward where it exists and is valid, finite differences otherwise. At the first
   measurement of a model (cached per model and loss function) one double-backward product is compared with one
   finite-difference product on the same vector; if they differ by more than :data:`VALIDITY_TOLERANCE` relative,
@@ -113,13 +114,19 @@ def select_parameters(model: nn.Module, params: Sequence[Tensor] | None = None) 
         ``(name, parameter)`` pairs, in ``model.named_parameters()`` order.
 
     Raises:
-        ValueError: if there is no trainable parameter, or a given parameter is not one of the model's.
+        ValueError: if there is no trainable parameter, ``params`` is empty, or a given parameter is not one of the
+            model's.
         TypeError: if a parameter is not floating point.
     """
     named: list[tuple[str, Tensor]] = [(n, p) for n, p in model.named_parameters()]
     if params is None:
         chosen = [(n, p) for n, p in named if p.requires_grad]
     else:
+        params = list(params)
+        if not params:
+            raise ValueError(
+                "`params` is empty: pass at least one parameter of the model, or None for all trainable ones."
+            )
         wanted = {id(p) for p in params}
         chosen = [(n, p) for n, p in named if id(p) in wanted]
         if len(chosen) != len(wanted):
@@ -532,10 +539,14 @@ class HessianOperator(CurvatureOperator):
             out.append(t.requires_grad_(True))
         return out
 
-    def _loss(self, params: Sequence[Tensor], batch: Any) -> Tensor:
+    def _loss(self, params: Sequence[Tensor], batch: Any, fresh_buffers: bool = False) -> Tensor:
         mapping: dict[str, Tensor] = dict(zip(self._names, params))
         if self.space.dtype != self.dtype_in:
             mapping.update(self._upcast_rest())
+        if fresh_buffers:  # copies made here, inside a torch.func transform, may be updated in place (BatchNorm)
+            for n, b in self._eval_model.named_buffers():
+                key = f"{self._prefix}{n}"
+                mapping[key] = mapping.get(key, b).clone()
         batch = to_compute(batch, self.space.device, self.space.dtype)
         if self.seed is not None:
             seed_generators(self.seed, self._devices)  # the same dropout mask in every evaluation
@@ -975,7 +986,7 @@ class HessianOperator(CurvatureOperator):
         params = tuple(p.detach().to(self.space.dtypes[i], copy=True) for i, (_, p) in enumerate(self._named))
 
         def grad_fn(*ps: Tensor) -> tuple[Tensor, ...]:
-            return torch.func.grad(lambda *q: self._loss(q, batch), argnums=tuple(range(len(ps))))(*ps)
+            return torch.func.grad(lambda *q: self._loss(q, batch, True), argnums=tuple(range(len(ps))))(*ps)
 
         out = torch.func.jvp(grad_fn, params, tuple(v))[1]
         return [t.detach() for t in out]
