@@ -190,6 +190,37 @@ def test_trace_estimators_cover_truth(case: tuple) -> None:
         assert abs(res.estimate - true) <= 4 * res.std_error + 1e-9, (estimator, res, true)
 
 
+def test_too_few_trace_samples_fail_naming_num_samples_before_any_work() -> None:
+    model, _, batch = _mlp_case()
+    calls = []
+
+    def counted(m: nn.Module, b: Any) -> torch.Tensor:
+        calls.append(1)
+        return ce_loss(m, b)
+
+    for bad in (2, 0, 3.0, "10", True):
+        with pytest.raises(ValueError, match="`num_samples` must be an integer >= 3"):
+            hessian_trace(model, counted, batch, num_samples=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`num_samples` must be an integer >= 1"):
+        hessian_trace(model, counted, batch, num_samples=0, estimator="hutchinson")
+    assert not calls  # refused before the operator evaluated the loss
+    assert hessian_trace(model, ce_loss, batch, num_samples=1, estimator="hutchinson").num_hvp == 1
+
+
+def test_numpy_integers_count_as_integers_in_the_functions() -> None:
+    """``k=np.int64(2)`` was refused as "must be a positive integer, got np.int64(2)"; same results as Python ints."""
+    np = pytest.importorskip("numpy")
+    model, _, batch = _mlp_case()
+    a = hessian_eigenvalues(model, ce_loss, batch, k=np.int64(2), max_vectors=np.int32(9))
+    b = hessian_eigenvalues(model, ce_loss, batch, k=2, max_vectors=9)
+    assert torch.equal(a.eigenvalues, b.eigenvalues) and a.num_hvp == b.num_hvp
+    assert hessian_trace(model, ce_loss, batch, num_samples=np.int64(6)).num_hvp == 6
+    density = hessian_spectral_density(model, ce_loss, batch, num_probes=np.int64(1), num_iters=np.int16(4))
+    assert density.num_hvp == 4
+    with pytest.raises(ValueError, match="`k` must be a positive integer"):
+        hessian_eigenvalues(model, ce_loss, batch, k=np.float64(2.0))
+
+
 def test_trace_deflation_reduces_error_and_stays_honest() -> None:
     model, loss_fn, batch = _mlp_case()
     H = dense_hessian(model, loss_fn, batch)

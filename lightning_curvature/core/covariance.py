@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from lightning_curvature.core._batch import as_batch_first, batch_size, iter_batches
 from lightning_curvature.core._state import MeasurementMode, math_attention, preserved_model_state, unwrap_compiled
+from lightning_curvature.core._validation import is_integer
 from lightning_curvature.core.errors import NonFiniteCurvatureError
 from lightning_curvature.core.hvp import LossFn, ReduceFn, select_parameters
 from lightning_curvature.core.lanczos import lanczos
@@ -199,8 +200,9 @@ def gradient_covariance(
         >>> round(cov.trace, 6), round(cov.noise_scale, 6)
         (0.666667, 0.272727)
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if not is_integer(k) or k < 1:
         raise ValueError(f"`k` must be a positive integer, got {k!r}.")
+    k = int(k)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size!r}.")
     if strategy not in ("auto", "vmap", "loop"):

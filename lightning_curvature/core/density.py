@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from lightning_curvature.core._basis import as_basis_device
 from lightning_curvature.core._batch import as_batch_first
+from lightning_curvature.core._validation import is_integer
 from lightning_curvature.core.hvp import HessianOperator, HVPMethod, LossFn, ReduceFn
 from lightning_curvature.core.lanczos import Operator, lanczos_tridiagonal
 from lightning_curvature.core.operators import as_operator
@@ -100,8 +101,8 @@ def slq_density(
         :class:`DensityResult` (``num_hvp`` = products used).
 
     Raises:
-        ValueError: for non-positive ``num_probes``, ``num_iters``, ``grid_size`` or ``sigma``, or a bad
-            ``basis_device``.
+        ValueError: for ``num_probes``, ``num_iters`` or ``grid_size`` not a positive integer, a non-positive
+            ``sigma``, or a bad ``basis_device``.
 
     Example::
 
@@ -111,8 +112,9 @@ def slq_density(
         8.0
     """
     for name, val in (("num_probes", num_probes), ("num_iters", num_iters), ("grid_size", grid_size)):
-        if val < 1:
-            raise ValueError(f"`{name}` must be >= 1, got {val!r}.")
+        if not is_integer(val) or val < 1:
+            raise ValueError(f"`{name}` must be an integer >= 1, got {val!r}.")
+    num_probes, num_iters, grid_size = int(num_probes), int(num_iters), int(grid_size)
     if sigma is not None and not sigma > 0:
         raise ValueError(f"`sigma` must be > 0, got {sigma!r}.")
     storage = as_basis_device(basis_device)

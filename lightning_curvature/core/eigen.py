@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from lightning_curvature.core._basis import as_basis_device
 from lightning_curvature.core._batch import as_batch_first
+from lightning_curvature.core._validation import is_integer
 from lightning_curvature.core.hvp import HessianOperator, HVPMethod, LossFn, ReduceFn
 from lightning_curvature.core.lanczos import Handoff, Which, lanczos
 from lightning_curvature.core.operators import CurvatureOperator, ScaledOperator
@@ -314,7 +315,7 @@ def hessian_eigenvalues(
                 raise ValueError("`preconditioner` must be positive.")
         op = preconditioned_operator(H, preconditioner)
         scale = op.scale if isinstance(op, ScaledOperator) else None
-        if isinstance(k, int) and k > H.dim:
+        if is_integer(k) and k > H.dim:
             raise ValueError(f"`k`={k} exceeds the number of parameters {H.dim}.")
         if v0 is None:
             cold = cold_start_vector(H, k, start=start, which=which, scale=scale, seed=seed)

@@ -40,6 +40,7 @@ from lightning_curvature.core._basis import Basis, as_basis_device
 from lightning_curvature.core._davidson import davidson_min_vectors, davidson_warm_start
 from lightning_curvature.core._krylov_schur import krylov_schur
 from lightning_curvature.core._ritz import GUARD, WHICH, StoppingRule, Which
+from lightning_curvature.core._validation import is_integer
 from lightning_curvature.core.errors import NonFiniteCurvatureError
 from lightning_curvature.core.operators import (
     CallableOperator,
@@ -214,7 +215,7 @@ def lanczos(
         device = v0.device if device is None else device
     op = as_operator(A, dim, dtype, device)
     n = op.dim
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if not is_integer(k) or k < 1:
         raise ValueError(f"`k` must be a positive integer, got {k!r}.")
     if k > n:
         raise ValueError(f"`k`={k} exceeds the operator size {n}.")
@@ -224,10 +225,12 @@ def lanczos(
         raise ValueError(f"`rule` must be 'kato_temple' or 'residual', got {rule!r}.")
     if max_iter < k:
         raise ValueError(f"`max_iter` must be at least `k`={k}, got {max_iter!r}.")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size <= n:
+    if not is_integer(block_size) or not 1 <= block_size <= n:
         raise ValueError(f"`block_size` must be an integer in [1, {n}], got {block_size!r}.")
-    if max_vectors is not None and (isinstance(max_vectors, bool) or not isinstance(max_vectors, int)):
+    if max_vectors is not None and not is_integer(max_vectors):
         raise ValueError(f"`max_vectors` must be an integer or None, got {max_vectors!r}.")
+    k, block_size = int(k), int(block_size)  # NumPy integers too
+    max_vectors = None if max_vectors is None else int(max_vectors)
     basis_device = as_basis_device(basis_device)
     min_iter = k + 1 if min_iter is None else min_iter
     gen = torch.Generator(device="cpu").manual_seed(seed)

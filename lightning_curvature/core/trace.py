@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lightning_curvature.core._basis import Basis
 from lightning_curvature.core._batch import as_batch_first
+from lightning_curvature.core._validation import is_integer
 from lightning_curvature.core.hvp import HessianOperator, HVPMethod, LossFn, ReduceFn
 from lightning_curvature.core.lanczos import Operator
 from lightning_curvature.core.operators import CurvatureOperator, as_operator, unreliable_products
@@ -241,11 +242,20 @@ def hessian_trace(
         :class:`TraceResult` with ``num_hvp``.
 
     Raises:
-        ValueError: for a bad ``estimator`` or a ``deflate`` result without eigenvectors.
+        ValueError: for a bad ``estimator``, too few ``num_samples`` (3 for Hutch++, 1 for Hutchinson), or a
+            ``deflate`` result without eigenvectors.
         NonFiniteCurvatureError: if the loss or a product is NaN or infinite.
     """
     if estimator not in ("hutch++", "hutchinson"):
         raise ValueError(f"`estimator` must be 'hutch++' or 'hutchinson', got {estimator!r}.")
+    fewest = 3 if estimator == "hutch++" and deflate is None else 1
+    if not is_integer(num_samples) or num_samples < fewest:
+        raise ValueError(
+            f"`num_samples` must be an integer >= {fewest} for estimator={estimator!r}"
+            + (" (>= 1 with estimator='hutchinson')" if fewest > 1 else "")
+            + f", got {num_samples!r}."
+        )
+    num_samples = int(num_samples)
     if batch_dim is not None:
         batch, loss_fn = as_batch_first(batch, loss_fn, batch_dim)
     if deflate is not None and getattr(deflate, "eigenvectors", None) is None:
