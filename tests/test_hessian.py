@@ -397,8 +397,20 @@ def test_subspace_overlap_matches_projection() -> None:
     evecs = torch.linalg.eigh(H).eigenvectors[:, -10:]
     ref = (torch.linalg.vector_norm(evecs.T @ g) ** 2 / g.dot(g)).item()
     res = hessian_eigenvalues(model, loss_fn, batch, k=10, tol=1e-8, max_iter=H.shape[0], return_eigenvectors=True)
-    assert res.eigenvectors is not None
+    assert res.eigenvectors is not None and res.eigenvector_list is not None
     assert abs(top_subspace_overlap(g, res.eigenvectors) - ref) < 1e-6
+    # the parameter-shaped forms the operator API returns, in any mix, and the result itself
+    with HessianOperator(model, loss_fn, batch) as Hop:
+        g_list = Hop.gradient()
+    for grad in (g, g_list):
+        for vectors in (res.eigenvectors, res.eigenvector_list, res):
+            assert abs(top_subspace_overlap(grad, vectors) - ref) < 1e-6
+    with pytest.raises(ValueError, match="return_eigenvectors=True"):
+        top_subspace_overlap(g, hessian_eigenvalues(model, loss_fn, batch, k=2))
+    with pytest.raises(ValueError, match="zero"):
+        top_subspace_overlap(torch.zeros_like(g), res)
+    with pytest.raises(ValueError, match="entries"):
+        top_subspace_overlap(g[:-1], res)
 
 
 def test_warm_start_on_a_training_trajectory_saves_products() -> None:

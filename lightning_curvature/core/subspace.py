@@ -8,17 +8,56 @@ for :math:`k` ≈ number of classes; Lowell (2022, arXiv 2201.06964) discusses w
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from lightning_curvature.core.vectors import dot64
 
 __all__ = ["top_subspace_overlap"]
 
 
-def top_subspace_overlap(gradient: Tensor, eigenvectors: Tensor) -> float:
-    """``‖P_k g‖² / ‖g‖²`` for a flat gradient and ``(k, P)`` orthonormal eigenvectors; in ``[0, 1]``.
+def _parts(x: Tensor | Sequence[Tensor], numels: list[int] | None) -> list[Tensor]:
+    """``x`` as flat pieces: a list of tensors piece by piece, a flat tensor split into ``numels`` (or whole)."""
+    if isinstance(x, Tensor):
+        flat = x.reshape(-1)
+        if numels is None:
+            return [flat]
+        if flat.numel() != sum(numels):
+            raise ValueError(f"A vector of {flat.numel()} entries does not match parameters of {sum(numels)}.")
+        return list(torch.split(flat, numels))
+    return [t.reshape(-1) for t in x]
+
+
+def _eigenvector_rows(eigenvectors: Any) -> list[Tensor] | list[list[Tensor]]:
+    """The eigenvectors as a list of vectors: rows of a ``(k, P)`` tensor, or parameter-shaped lists."""
+    if hasattr(eigenvectors, "eigenvector_list"):  # an EigenResult
+        if eigenvectors.eigenvector_list is None:
+            raise ValueError("The result has no eigenvectors: compute it with return_eigenvectors=True.")
+        eigenvectors = eigenvectors.eigenvector_list
+    if isinstance(eigenvectors, Tensor):
+        return list(eigenvectors.unsqueeze(0) if eigenvectors.dim() == 1 else eigenvectors)
+    rows = list(eigenvectors)
+    if rows and isinstance(rows[0], Tensor):  # one parameter-shaped vector, not a list of them
+        return [rows]  # type: ignore[list-item]
+    return rows
+
+
+def top_subspace_overlap(gradient: Tensor | Sequence[Tensor], eigenvectors: Any) -> float:
+    """``‖P_k g‖² / ‖g‖²`` for a gradient and ``k`` orthonormal eigenvectors; in ``[0, 1]``.
+
+    Args:
+        gradient: a flat tensor, or a list of tensors shaped like the parameters (``HessianOperator.gradient()``).
+        eigenvectors: a ``(k, P)`` (or ``(P,)``) tensor, a list of parameter-shaped vectors
+            (``EigenResult.eigenvector_list``), or an :class:`~lightning_curvature.core.eigen.EigenResult` computed
+            with ``return_eigenvectors=True``. Flat and parameter-shaped forms may be mixed. Inner products are
+            accumulated in float64 (one process: sharded vectors are not reduced across ranks).
 
     Raises:
-        ValueError: on mismatched sizes or a zero gradient.
+        ValueError: on mismatched sizes, a zero gradient, or a result without eigenvectors.
 
     Example::
 
@@ -26,13 +65,20 @@ def top_subspace_overlap(gradient: Tensor, eigenvectors: Tensor) -> float:
         >>> top_subspace_overlap(torch.tensor([3.0, 4.0, 0.0]), V)
         0.36
     """
-    if eigenvectors.dim() == 1:
-        eigenvectors = eigenvectors.unsqueeze(0)
-    g = gradient.reshape(-1).to(eigenvectors.dtype)
-    if eigenvectors.shape[1] != g.numel():
-        raise ValueError(f"Eigenvectors have {eigenvectors.shape[1]} entries, the gradient {g.numel()}.")
-    gg = float(torch.dot(g, g))
-    if gg == 0.0:
-        raise ValueError("The gradient is zero; its overlap with a subspace is undefined.")
-    proj = eigenvectors @ g
-    return round(float(torch.dot(proj, proj)) / gg, 15)
+    rows = _eigenvector_rows(eigenvectors)
+    shaped = [r for r in [gradient, *rows] if not isinstance(r, Tensor)]
+    numels = [t.numel() for t in shaped[0]] if shaped else None
+    g = _parts(gradient, numels)
+    if not all(isinstance(t, Tensor) for t in g):
+        raise TypeError("`gradient` must be a tensor or a list of tensors.")
+    size = sum(t.numel() for t in g)
+    gg = sum(float(dot64(t, t)) for t in g)
+    if gg == 0.0 or not math.isfinite(gg):
+        raise ValueError(f"The gradient is {'zero' if gg == 0.0 else 'not finite'}; its overlap is undefined.")
+    total = 0.0
+    for row in rows:
+        v = _parts(row, numels)
+        if len(v) != len(g) or any(a.numel() != b.numel() for a, b in zip(v, g)):
+            raise ValueError(f"Eigenvectors have {sum(t.numel() for t in v)} entries, the gradient {size}.")
+        total += sum(float(dot64(a, b.to(a.dtype))) for a, b in zip(v, g)) ** 2
+    return round(total / gg, 15)
