@@ -132,6 +132,23 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
         lanczos(torch.eye(4, dtype=torch.float64), **kwargs)
 
 
+def test_a_dense_matrix_must_be_real_and_symmetric_to_rounding() -> None:
+    """[[1, 2], [0, 1]] (eigenvalues 1, 1) returned 2.96 with converged=True; an asymmetry at rounding level passes,
+    and an integer matrix is taken in float64 (the product failed to cast before)."""
+    with pytest.raises(ValueError, match="symmetric"):
+        lanczos(torch.tensor([[1.0, 2.0], [0.0, 1.0]]), k=1)
+    gen = torch.Generator().manual_seed(0)
+    B = torch.randn(30, 30, generator=gen)
+    S = B + B.T
+    rounding = S + 1e-6 * S.abs().max() * torch.randn(30, 30, generator=gen).triu(1)  # float32: below sqrt(eps)
+    ref = torch.linalg.eigvalsh(S.double())[-1]
+    assert abs(float(lanczos(rounding, k=1, tol=1e-6).eigenvalues[0]) - float(ref)) <= 1e-4 * abs(float(ref))
+    res = lanczos(torch.tensor([[2, 1], [1, 2]]), k=2, tol=1e-10)
+    torch.testing.assert_close(res.eigenvalues, torch.tensor([3.0, 1.0], dtype=torch.float64))
+    with pytest.raises(TypeError, match="real symmetric"):
+        lanczos(torch.eye(3, dtype=torch.complex64), k=1)
+
+
 def test_non_finite_product_raises() -> None:
     with pytest.raises(NonFiniteCurvatureError):
         lanczos(lambda v: v * float("nan"), 5, k=1)

@@ -13,6 +13,7 @@ stochastic Lanczos quadrature, power iteration) take an operator, a dense symmet
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -118,11 +119,30 @@ class CurvatureOperator:
         return [self.matvec(list(v)) for v in vectors]
 
 
+def _check_symmetric(A: Tensor, rows: int = 1024) -> None:
+    r"""Raise unless ``A`` is symmetric to within :math:`\sqrt{\varepsilon}\max|A|` (checked in row blocks)."""
+    scale = float(A.abs().max()) if A.numel() else 0.0
+    if not math.isfinite(scale):
+        return  # a NaN/inf entry: the solvers report the non-finite products themselves
+    worst = 0.0
+    for i in range(0, A.shape[0], rows):
+        worst = max(worst, float((A[i : i + rows] - A[:, i : i + rows].T).abs().max()))
+    if worst > math.sqrt(torch.finfo(A.dtype).eps) * scale:
+        raise ValueError(
+            f"Expected a symmetric matrix: max|A - A^T| = {worst:.3g} against max|A| = {scale:.3g}. Pass "
+            "(A + A.T) / 2 for its symmetric part."
+        )
+
+
 class DenseOperator(CurvatureOperator):
-    """A dense symmetric matrix as an operator on flat vectors (one tensor of shape ``(n,)``).
+    r"""A dense symmetric matrix as an operator on flat vectors (one tensor of shape ``(n,)``).
+
+    An integer or boolean matrix is taken in float64.
 
     Raises:
-        ValueError: if ``A`` is not a square matrix.
+        ValueError: if ``A`` is not a square matrix, or not symmetric beyond rounding (an entry of :math:`A - A^\top`
+            above :math:`\sqrt{\varepsilon}\max|A|` in its dtype).
+        TypeError: for a complex matrix.
 
     Example::
 
@@ -134,6 +154,11 @@ class DenseOperator(CurvatureOperator):
     def __init__(self, A: Tensor) -> None:
         if A.dim() != 2 or A.shape[0] != A.shape[1]:
             raise ValueError(f"Expected a square matrix, got shape {tuple(A.shape)}.")
+        if A.is_complex():
+            raise TypeError(f"Expected a real symmetric matrix, got dtype {A.dtype}.")
+        if not A.is_floating_point():
+            A = A.to(torch.float64)
+        _check_symmetric(A)
         self.A = A
         self.space = VectorSpace([torch.empty(A.shape[0], dtype=A.dtype, device=A.device)])
         self.num_matvecs = 0
