@@ -29,7 +29,10 @@ def _parts(x: Tensor | Sequence[Tensor], numels: list[int] | None) -> list[Tenso
         if flat.numel() != sum(numels):
             raise ValueError(f"A vector of {flat.numel()} entries does not match parameters of {sum(numels)}.")
         return list(torch.split(flat, numels))
-    return [t.reshape(-1) for t in x]
+    parts = list(x)
+    if not all(isinstance(t, Tensor) for t in parts):
+        raise TypeError("Expected a tensor or a list of tensors shaped like the parameters.")
+    return [t.reshape(-1) for t in parts]
 
 
 def _eigenvector_rows(eigenvectors: Any) -> list[Tensor] | list[list[Tensor]]:
@@ -58,6 +61,7 @@ def top_subspace_overlap(gradient: Tensor | Sequence[Tensor], eigenvectors: Any)
 
     Raises:
         ValueError: on mismatched sizes, a zero gradient, or a result without eigenvectors.
+        TypeError: for a gradient or eigenvector that is neither a tensor nor a list of tensors.
 
     Example::
 
@@ -67,18 +71,16 @@ def top_subspace_overlap(gradient: Tensor | Sequence[Tensor], eigenvectors: Any)
     """
     rows = _eigenvector_rows(eigenvectors)
     shaped = [r for r in [gradient, *rows] if not isinstance(r, Tensor)]
-    numels = [t.numel() for t in shaped[0]] if shaped else None
+    numels = [t.numel() for t in _parts(shaped[0], None)] if shaped else None
     g = _parts(gradient, numels)
-    if not all(isinstance(t, Tensor) for t in g):
-        raise TypeError("`gradient` must be a tensor or a list of tensors.")
     size = sum(t.numel() for t in g)
-    gg = sum(float(dot64(t, t)) for t in g)
-    if gg == 0.0 or not math.isfinite(gg):
-        raise ValueError(f"The gradient is {'zero' if gg == 0.0 else 'not finite'}; its overlap is undefined.")
-    total = 0.0
+    sums = [torch.stack([dot64(t, t) for t in g]).sum()]
     for row in rows:
         v = _parts(row, numels)
         if len(v) != len(g) or any(a.numel() != b.numel() for a, b in zip(v, g)):
             raise ValueError(f"Eigenvectors have {sum(t.numel() for t in v)} entries, the gradient {size}.")
-        total += sum(float(dot64(a, b.to(a.dtype))) for a, b in zip(v, g)) ** 2
-    return round(total / gg, 15)
+        sums.append(torch.stack([dot64(a, b.to(a.dtype)).to(sums[0].device) for a, b in zip(v, g)]).sum())
+    gg, *proj = torch.stack([x.to(sums[0].device) for x in sums]).cpu().tolist()  # one host sync
+    if gg == 0.0 or not math.isfinite(gg):
+        raise ValueError(f"The gradient is {'zero' if gg == 0.0 else 'not finite'}; its overlap is undefined.")
+    return round(sum(p * p for p in proj) / gg, 15)
