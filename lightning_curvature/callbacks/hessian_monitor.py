@@ -573,7 +573,8 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         if start is None and self.warm_start and block and all(t.shape == s for t, s in zip(block[0], H.space.shapes)):
             start = block[0]
         if start is not None and len(start) == len(H.space.shapes):
-            v0: Any = Handoff([[t.clone() for t in start]])
+            # copied straight to the parameters' devices (a host-kept start is not cloned on the host first)
+            v0: Any = Handoff([[t.to(d, copy=True) for t, d in zip(start, H.space.devices)]])
         else:
             v0 = _cold_start(op, H, 1)
         tol = max(self.tol, FEED_TOL)
