@@ -104,6 +104,27 @@ def test_forward_over_reverse_and_double_backward_match_the_dense_hessian() -> N
         assert _rel(hv, H @ v) < tol, method
 
 
+def test_an_open_operator_refuses_a_nested_entry_and_still_restores_the_model() -> None:
+    """Entering the same operator twice replaced the state its outer entry restores: after both exits the model
+    stayed in the measurement's state (here: eval mode and the forked RNG were never undone)."""
+    model = mlp(hidden=4).train()
+    batch = digits(16)
+    torch.manual_seed(5)
+    rng = torch.get_rng_state()
+    H = HessianOperator(model, ce_loss, batch, mode="eval")
+    v = torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    with H:
+        with pytest.raises(RuntimeError, match="already entered"):
+            with H:
+                pass
+        first = H.matvec(v)  # the outer entry still works
+    assert model.training and all(m.training for m in model.modules())
+    assert torch.equal(torch.get_rng_state(), rng)
+    with H:  # and the operator can be entered again once closed: the same product
+        torch.testing.assert_close(H.matvec(v), first, rtol=1e-12, atol=0)
+    torch.testing.assert_close(first, dense_hessian(model, ce_loss, batch) @ v, rtol=1e-9, atol=1e-12)
+
+
 def test_forward_over_reverse_runs_through_batchnorm_in_train_mode() -> None:
     """BatchNorm updates its running statistics in place during the forward; inside torch.func's transforms that
     was an error ("mutate a captured Tensor"). Each evaluation now updates copies made inside the transform: the

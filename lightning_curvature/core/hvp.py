@@ -491,6 +491,11 @@ class HessianOperator(CurvatureOperator):
 
     # -- context management -------------------------------------------------------------------------------------
     def __enter__(self) -> HessianOperator:
+        if self._stack is not None:  # a nested entry would replace the state the outer one restores on exit
+            raise RuntimeError(
+                "This HessianOperator is already entered; it is not re-entrant. Use the open operator, or create a "
+                "second HessianOperator."
+            )
         stack = ExitStack()
         stack.enter_context(preserved_model_state(self.model, self.mode, self.seed, eager=False))
         stack.enter_context(torch.inference_mode(False))
