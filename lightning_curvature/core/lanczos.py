@@ -12,7 +12,10 @@ Both stop by the rule of :mod:`._ritz`: Kato–Temple bounds with an estimated g
 Inner products are accumulated in float64 (:mod:`.vectors`), so a float32 basis of tens of millions of entries
 stays orthonormal and the projected matrix equals :math:`V^\top A V`.
 
-What no stopping rule can see. A bound says how far a returned value is from *an* eigenvalue; it cannot prove that
+What no stopping rule can see. The residual :math:`r = \|Av - \theta v\|` says how far a returned value is from *an*
+eigenvalue; the error bound :math:`\min(r, r^2/\delta)` also trusts a gap :math:`\delta` estimated from the other
+Ritz values, and is too small where the next eigenvalue is not yet in the Krylov space (a cluster narrower than the
+space resolves, the dense end of a bulk: ``benchmarks/bench_bounds.py`` counts how often). Neither can prove that
 no eigenvalue is missing. An eigenvector almost absent from the start vector is found late, and a single-vector
 Krylov method (ARPACK included) can then return :math:`\lambda_{k+1}` in place of :math:`\lambda_k` with a tight
 bound; an eigenvalue of multiplicity :math:`p > 1` is seen by a single vector as one direction, so the other copies
