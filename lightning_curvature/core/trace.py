@@ -40,7 +40,10 @@ class TraceResult:
     Attributes:
         estimate: the estimated trace.
         std_error: standard error of ``estimate`` (0 when exact); with finite-difference products, plus the bias
-            their estimated error allows (``inf`` when that estimate is not reliable).
+            their estimated error allows (``inf`` when that estimate is not reliable). It is a sample standard
+            error from ``s`` random samples (Hutch++: a third of the products), so ``(estimate − trace)/std_error``
+            follows roughly Student's t with ``s − 1`` degrees of freedom: a 95% interval is ±2.26 standard errors
+            for ``s = 10`` (30 products of Hutch++), ±2.04 for ``s = 33`` (100), ±4.3 for ``s = 3`` (9).
         num_hvp: products used (for :func:`hessian_trace`; ``num_matvecs`` for the generic estimators).
     """
 
