@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 from _reference import TinyCNN, TinyTransformer, ce_loss, dense_hessian, digits, flat_params, mlp
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_curvature import (
     HessianOperator,
@@ -384,6 +384,49 @@ def test_dropout_mask_is_fixed_within_a_measurement() -> None:
             w = torch.randn_like(v)
             torch.testing.assert_close(a, b)
             torch.testing.assert_close(torch.dot(w, H.matvec(v)), torch.dot(v, H.matvec(w)))
+
+
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("rmsprop", lambda ps: torch.optim.RMSprop(ps, lr=0.01)),
+        ("rmsprop centered", lambda ps: torch.optim.RMSprop(ps, lr=0.01, centered=True)),
+        ("adam beta1=0", lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.0, 0.99))),
+        ("adam amsgrad beta1=0", lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.0, 0.99), amsgrad=True)),
+    ],
+)
+def test_the_preconditioner_is_the_one_the_optimizer_divides_by(name: str, make: Any) -> None:
+    """Without momentum an adaptive step is ``Δθ = −lr·g/P``: the preconditioner read from the state after a step
+    must equal ``−lr·g/Δθ`` of that step, at the first step (predicted from the gradient, before any state) and at
+    a later one. ``centered=True`` RMSprop divides by ``sqrt(v − ḡ²) + eps``; it was read as ``sqrt(v) + eps``."""
+    from lightning_curvature.core.preconditioner import predicted_first_step_preconditioner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    params = list(model.parameters())
+    opt = make(params)
+    x = torch.randn(32, 6, dtype=torch.float64)
+
+    def step(i: int) -> Tensor:
+        """One optimizer step; returns ``−lr·g/Δθ``, the preconditioner it divided by."""
+        opt.zero_grad()
+        loss = (model(x * (1 + 0.1 * i)) ** 2).mean()
+        loss.backward()
+        g = torch.cat([p.grad.reshape(-1) for p in params])
+        before = torch.cat([p.detach().reshape(-1) for p in params])
+        opt.step()
+        moved = torch.cat([p.detach().reshape(-1) for p in params]) - before
+        return -0.01 * g / moved
+
+    opt.zero_grad()
+    (model(x) ** 2).mean().backward()
+    predicted = predicted_first_step_preconditioner(opt, params, [p.grad.clone() for p in params])
+    assert predicted is not None
+    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in predicted]), step(0), rtol=1e-6, atol=0)
+    for i in range(1, 3):
+        step(i)
+    observed = step(3)
+    torch.testing.assert_close(adaptive_preconditioner(opt, params), observed, rtol=1e-6, atol=0)
 
 
 def test_preconditioned_sharpness_matches_dense() -> None:

@@ -11,7 +11,8 @@ which is how Cohen et al. (2022, arXiv 2207.14484, §2 eq. for "preconditioned s
 :math:`1-\beta_1^{t+1}`; ``momentum_bias_step="next"`` selects that one). The stability threshold of the
 preconditioned sharpness :math:`\lambda_{\max}(P^{-1}H) = \lambda_{\max}(P^{-1/2} H P^{-1/2})` is then
 :math:`(2+2\beta_1)/((1-\beta_1)\eta)`. RMSprop: :math:`P = \mathrm{diag}(\sqrt{v_t} + \epsilon)` (no bias
-correction in torch).
+correction in torch); ``centered=True`` divides by the centred second moment, :math:`P = \mathrm{diag}(\sqrt{v_t -
+g_t^2} + \epsilon)` with :math:`g_t` its running mean gradient.
 """
 
 from __future__ import annotations
@@ -91,7 +92,11 @@ def preconditioner_parts(
         else:
             if "square_avg" not in state:
                 return None
-            parts.append(_local(state["square_avg"].to(dtype)).sqrt() + eps)
+            v = _local(state["square_avg"].to(dtype))
+            if group.get("centered", False) and "grad_avg" in state:
+                mean = _local(state["grad_avg"].to(dtype))
+                v = v.addcmul(mean, mean, value=-1.0)  # torch's centred second moment, v − ḡ²
+            parts.append(v.sqrt() + eps)
     return parts
 
 
@@ -107,10 +112,11 @@ def predicted_first_step_preconditioner(
     r"""The preconditioner an adaptive optimizer will use at its first step, from the gradient it will see.
 
     Adam/AdamW start from zero moments, so after one step :math:`\hat v_1 = g^2` and
-    :math:`P_1 = (1-eta_1)\,\mathrm{diag}(|g| + \epsilon)`; RMSprop has :math:`v_1 = (1-lpha) g^2` and
-    :math:`P_1 = \mathrm{diag}(\sqrt{1-lpha}\,|g| + \epsilon)`. With the gradient of a curvature batch in place of
-    the first training batch's this predicts the sharpness the first update meets, when there is no optimizer
-    state to read yet (Cohen et al. 2022's preconditioned sharpness at :math:`t = 1`).
+    :math:`P_1 = (1-\beta_1)\,\mathrm{diag}(|g| + \epsilon)`; RMSprop has :math:`v_1 = (1-\alpha) g^2` and
+    :math:`P_1 = \mathrm{diag}(\sqrt{1-\alpha}\,|g| + \epsilon)` (centred: :math:`v_1 - \bar g_1^2 = \alpha(1-\alpha)
+    g^2`, :math:`P_1 = \mathrm{diag}(\sqrt{\alpha(1-\alpha)}\,|g| + \epsilon)`). With the gradient of a curvature
+    batch in place of the first training batch's this predicts the sharpness the first update meets, when there is
+    no optimizer state to read yet (Cohen et al. 2022's preconditioned sharpness at :math:`t = 1`).
 
     Returns:
         Tensors shaped like ``params``, or ``None`` for a non-adaptive optimizer.
@@ -133,5 +139,6 @@ def predicted_first_step_preconditioner(
             parts.append((1.0 - beta1) * (g.abs() + eps))
         else:
             alpha = float(group["alpha"])
-            parts.append((1.0 - alpha) ** 0.5 * g.abs() + eps)
+            share = alpha * (1.0 - alpha) if group.get("centered", False) else 1.0 - alpha
+            parts.append(share**0.5 * g.abs() + eps)
     return parts
