@@ -99,7 +99,7 @@ def test_density_with_host_basis_equals_the_default() -> None:
     assert abs(host.trace - float(torch.trace(A))) < 0.25 * abs(float(torch.trace(A)))
 
 
-@pytest.mark.parametrize("bad", ["bogus", "cuda:x", 3, 1.5])
+@pytest.mark.parametrize("bad", ["bogus", "cuda:x", 3, 1.5, "meta"])
 def test_a_bad_basis_device_is_a_clear_error(bad: object) -> None:
     with pytest.raises(ValueError, match="basis_device"):
         lanczos(torch.eye(3, dtype=torch.float64), k=1, basis_device=bad)  # type: ignore[arg-type]

@@ -149,6 +149,20 @@ def test_block_lanczos_sees_repeated_eigenvalues_that_a_single_vector_skips() ->
     torch.testing.assert_close(block.eigenvalues, torch.full((3,), 10.0, dtype=torch.float64), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("block_size", [2, 3, 4])
+def test_a_block_size_that_does_not_divide_the_dimension_reaches_the_whole_space(block_size: int) -> None:
+    """n = 10 or 11 with blocks of 2-4: the last block is smaller than the others. It was dropped, so k = n raised
+    "The search space has dimension 9 < k=10" and k = n - 1 returned converged=False; now every eigenvalue comes back
+    to rounding, in n products."""
+    for n in (10, 11):
+        A = _sym(torch.linspace(1.0, 2.0, n, dtype=torch.float64), n)
+        ref = torch.linalg.eigvalsh(A).flip(0)
+        for k in (n - 1, n):
+            res = lanczos(A, k=k, block_size=block_size, tol=1e-8, max_iter=10 * n)
+            assert res.converged and res.num_hvp == n
+            torch.testing.assert_close(res.eigenvalues, ref[:k], rtol=1e-12, atol=1e-12)
+
+
 def test_a_cluster_narrower_than_the_krylov_space_resolves_keeps_the_residual_radius_true() -> None:
     """λ = 5, 4.999, 4.998 over a bulk: one vector stops between the cluster's members, where the Kato–Temple bound
     trusts a gap to 4 that is really 1e-3 (``benchmarks/bench_bounds.py`` counts such cases); the residual radius

@@ -30,16 +30,20 @@ def as_basis_device(value: torch.device | str | None) -> torch.device | None:
     """``value`` as a ``torch.device`` (``None`` stays ``None``).
 
     Raises:
-        ValueError: naming ``basis_device`` and the value if it is not a device.
+        ValueError: naming ``basis_device`` and the value if it is not a device, or is the data-less ``meta``.
     """
-    if value is None or isinstance(value, torch.device):
-        return value
+    device: torch.device | None = value if value is None or isinstance(value, torch.device) else None
     if isinstance(value, str):
         try:
-            return torch.device(value)
+            device = torch.device(value)
         except RuntimeError:
             pass
-    raise ValueError(f"`basis_device` must be a torch.device, a device string such as 'cpu', or None, got {value!r}.")
+    if (value is not None and device is None) or (device is not None and device.type == "meta"):
+        raise ValueError(
+            f"`basis_device` must be a torch.device, a device string such as 'cpu', or None (not 'meta': the basis "
+            f"holds data), got {value!r}."
+        )
+    return device
 
 
 class Basis:

@@ -185,6 +185,7 @@ def krylov_schur(
     S = torch.zeros(0, 0, dtype=torch.float64)
     while True:
         m_old = len(basis)
+        bq = len(Q)  # the block size, smaller than b only for the last block of an exhausted space
         for q in Q:
             basis.append(q)
         del Q
@@ -195,12 +196,12 @@ def krylov_schur(
         T_new[:m_old, m_old:] = C.T
         T = T_new
         W, errors = [], []
-        for i in range(b):
+        for i in range(bq):
             W.append(op.matvec(basis.local(m_old + i)))
             errors.append(float(op.last_product_error))
         W = [[t.to(dtype=d) if t.dtype != d else t for t, d in zip(w, space.dtypes)] for w in W]
-        nprod += b
-        peak = max(peak, m + b)
+        nprod += bq
+        peak = max(peak, m + bq)
         # (a) known couplings with the previous basis (the three-term recurrence, or the arrow after a restart)
         if m_old:
             nz = C.abs().sum(0).nonzero().flatten().tolist()
@@ -214,10 +215,10 @@ def krylov_schur(
                     coeffs[:m_old] = C[i]
                     basis.subtract(w, coeffs)
         # (b) the diagonal block, then (c) one Gram–Schmidt pass against everything, folded into T
-        h_all = torch.zeros(b, m, dtype=torch.float64, device=space.device)
+        h_all = torch.zeros(bq, m, dtype=torch.float64, device=space.device)
         norms_before = []
         for i, w in enumerate(W):
-            for j in range(b):
+            for j in range(bq):
                 q = basis.local(m_old + j)
                 d = space.dot(q, w)
                 add_(w, q, -d)
@@ -228,8 +229,8 @@ def krylov_schur(
             h_all[i] += h
         norms_after = [space.norm(w) for w in W]
         stats = torch.cat([h_all.reshape(-1), torch.stack(norms_before), torch.stack(norms_after)]).cpu()  # one sync
-        h_host = stats[: b * m].view(b, m)
-        nb, na = stats[b * m : b * m + b], stats[b * m + b :]
+        h_host = stats[: bq * m].view(bq, m)
+        nb, na = stats[bq * m : bq * m + bq], stats[bq * m + bq :]
         if not bool(torch.isfinite(stats).all()):
             raise NonFiniteCurvatureError("Lanczos met a non-finite product; the operator produced NaN/inf.")
         # (d) a second pass where the first removed most of a vector (rounding would otherwise survive)
@@ -245,7 +246,9 @@ def krylov_schur(
         anorm = max(anorm, float(T.abs().max()))
         # (e) the next block: W = Q R, breakdowns replaced by random orthogonal directions with zero coupling
         threshold = BREAKDOWN_ULPS * u * max(anorm, 1e-300) * math.sqrt(b)
-        Q, R = [], torch.zeros(b, b, dtype=torch.float64)
+        # (rows of R: the new block's vectors in the order they are appended; a product whose direction is already
+        # in the span once the space is full adds none)
+        Q, R = [], torch.zeros(bq, bq, dtype=torch.float64)
         for i, w in enumerate(W):
             for j, q in enumerate(Q):
                 r = space.dot(q, w)
@@ -254,15 +257,14 @@ def krylov_schur(
             nrm = float(space.norm(w))
             if nrm <= threshold or m + len(Q) >= dim:
                 lost += nrm if m + len(Q) < dim else 0.0
-                R[i, i] = 0.0
                 if m + len(Q) < dim:
-                    Q.append(_random_orthogonal(op, basis, Q, gen))
+                    Q.append(_random_orthogonal(op, basis, Q, gen))  # zero coupling
             else:
-                R[i, i] = nrm
+                R[len(Q), i] = nrm
                 Q.append(scale_(w, 1.0 / nrm))
         del W
-        C = torch.zeros(b, m, dtype=torch.float64)
-        C[:, m - b :] = R
+        C = torch.zeros(len(Q), m, dtype=torch.float64)
+        C[:, m - bq :] = R[: len(Q)]
         if any(errors):  # the products' absolute errors: relative error times ‖A q‖ (its T column and coupling)
             norms = (col.square().sum(0) + R.square().sum(0)).sqrt()
             product_floor = max(product_floor, max(e * float(n) for e, n in zip(errors, norms)))
@@ -275,8 +277,8 @@ def krylov_schur(
         bounds = error_bounds(theta, resid, which, refined).clamp_min(rule.floor)
         if rule(theta, resid, bounds, nprod):
             break
-        exhausted = m >= dim or len(Q) < b
-        if exhausted or nprod + b > max_iter:
+        exhausted = m >= dim or not Q
+        if exhausted or nprod + len(Q) > max_iter:
             rule.converged = m >= dim  # the whole space: the Ritz values are the eigenvalues
             break
         # thick restart: keep the wanted Ritz vectors when the next step would exceed max_vectors
