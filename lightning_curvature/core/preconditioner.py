@@ -12,7 +12,7 @@ which is how Cohen et al. (2022, arXiv 2207.14484, §2 eq. for "preconditioned s
 preconditioned sharpness :math:`\lambda_{\max}(P^{-1}H) = \lambda_{\max}(P^{-1/2} H P^{-1/2})` is then
 :math:`(2+2\beta_1)/((1-\beta_1)\eta)`. RMSprop: :math:`P = \mathrm{diag}(\sqrt{v_t} + \epsilon)` (no bias
 correction in torch); ``centered=True`` divides by the centred second moment, :math:`P = \mathrm{diag}(\sqrt{v_t -
-g_t^2} + \epsilon)` with :math:`g_t` its running mean gradient.
+\bar g_t^2} + \epsilon)` with :math:`\bar g_t` its running mean gradient.
 """
 
 from __future__ import annotations
