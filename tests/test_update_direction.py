@@ -153,6 +153,33 @@ def test_directional_terms_closed_form() -> None:
         directional_terms(g, u, H @ u, weight_decay=wd)
 
 
+def test_directional_terms_take_parameter_shaped_lists() -> None:
+    """What ``update_direction`` and ``HessianOperator.matvec`` return (lists shaped like the parameters) gives the
+    same (n, d) as the flat vectors, weight decay and maximize masks included; it failed with AttributeError."""
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(2, 3), (3,)]
+    A = torch.randn(9, 9, generator=gen, dtype=torch.float64)
+    H = A @ A.T
+    g, theta = torch.randn(9, generator=gen, dtype=torch.float64), torch.randn(9, generator=gen, dtype=torch.float64)
+    u = -g
+    wd = torch.cat([torch.full((6,), 0.1), torch.zeros(3)]).double()
+    mask = torch.cat([torch.zeros(6), torch.ones(3)]).bool()
+
+    def split(x: torch.Tensor) -> list[torch.Tensor]:
+        return [t.reshape(s) for t, s in zip(torch.split(x, [6, 3]), shapes)]
+
+    flat = directional_terms(g, u, H @ u, params=theta, weight_decay=wd, maximize=mask)
+    shaped = directional_terms(
+        split(g), split(u), split(H @ u), params=split(theta), weight_decay=split(wd), maximize=split(mask)
+    )
+    assert shaped == pytest.approx(flat, rel=1e-14)
+    sign = torch.where(mask, -1.0, 1.0).double()
+    assert flat[0] == pytest.approx(max(float(-(sign * g + wd * theta) @ u), 0.0))
+    assert flat[1] == pytest.approx(abs(float(u @ (sign[:, None] * H) @ u + (wd * u * u).sum())))
+    with pytest.raises(TypeError, match="list of tensors"):
+        directional_terms(g, [1.0, 2.0], H @ u)  # type: ignore[arg-type]
+
+
 def test_weight_decay_terms() -> None:
     a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([{"params": [a]}, {"params": [b], "weight_decay": 0.0}], weight_decay=0.3)

@@ -234,16 +234,26 @@ def weight_decay_terms(optimizer: torch.optim.Optimizer, params: Sequence[Tensor
     return out
 
 
+def _flat(x: Tensor | Sequence[Tensor] | None) -> Tensor | None:
+    """A flat tensor from a flat tensor or a parameter-shaped list of tensors (concatenated)."""
+    if x is None or isinstance(x, Tensor):
+        return x
+    parts = list(x)
+    if not parts or not all(isinstance(t, Tensor) for t in parts):
+        raise TypeError("Expected a flat tensor or a non-empty list of tensors shaped like the parameters.")
+    return torch.cat([t.reshape(-1) for t in parts])
+
+
 def directional_terms(
-    gradient: Tensor,
-    direction: Tensor,
-    hessian_direction: Tensor,
+    gradient: Tensor | Sequence[Tensor],
+    direction: Tensor | Sequence[Tensor],
+    hessian_direction: Tensor | Sequence[Tensor],
     *,
-    params: Tensor | None = None,
-    weight_decay: Tensor | None = None,
-    maximize: Tensor | None = None,
+    params: Tensor | Sequence[Tensor] | None = None,
+    weight_decay: Tensor | Sequence[Tensor] | None = None,
+    maximize: Tensor | Sequence[Tensor] | None = None,
 ) -> tuple[float, float]:
-    r"""CDAT's numerator and (un-regularised) denominator along a flat direction ``u``.
+    r"""CDAT's numerator and (un-regularised) denominator along a direction ``u``.
 
     .. math::
 
@@ -253,19 +263,23 @@ def directional_terms(
     \sum_i \omega_i u_i^2` for the per-entry weight decay :math:`\omega` and sign :math:`s = -1` on entries whose
     group maximises. The ``ε`` of CDAT is added by the scheduler, not here.
 
+    Every vector may be flat or a list of tensors shaped like the parameters (as :func:`update_direction` and
+    ``HessianOperator.matvec`` return them; lists are concatenated).
+
     Args:
-        gradient: flat loss gradient :math:`g`.
-        direction: flat update direction :math:`u` (see :func:`update_direction`).
-        hessian_direction: flat :math:`Hu` of the loss.
-        params: flat parameters :math:`\theta` (needed with ``weight_decay``).
-        weight_decay: flat per-entry decay coefficients :math:`\omega`, or ``None``.
-        maximize: flat boolean mask of entries whose group has ``maximize=True``, or ``None``.
+        gradient: loss gradient :math:`g`.
+        direction: update direction :math:`u` (see :func:`update_direction`).
+        hessian_direction: :math:`Hu` of the loss.
+        params: parameters :math:`\theta` (needed with ``weight_decay``).
+        weight_decay: per-entry decay coefficients :math:`\omega`, or ``None``.
+        maximize: boolean mask of entries whose group has ``maximize=True``, or ``None``.
 
     Returns:
         ``(n, d)`` as Python floats (``nan`` when an input is not finite).
 
     Raises:
-        ValueError: if the shapes differ, or ``weight_decay`` is given without ``params``.
+        ValueError: if the sizes differ, or ``weight_decay`` is given without ``params``.
+        TypeError: for an input that is neither a tensor nor a list of tensors.
 
     Example::
 
@@ -273,24 +287,28 @@ def directional_terms(
         >>> directional_terms(g, u, hu)
         (5.0, 34.0)
     """
-    if not (gradient.shape == direction.shape == hessian_direction.shape) or gradient.dim() != 1:
+    g0, u0, hu0 = _flat(gradient), _flat(direction), _flat(hessian_direction)
+    theta, decay, mask = _flat(params), _flat(weight_decay), _flat(maximize)
+    assert g0 is not None and u0 is not None and hu0 is not None
+    if not (g0.shape == u0.shape == hu0.shape) or g0.dim() != 1:
         raise ValueError(
-            "gradient, direction and hessian_direction must be flat vectors of one size, got "
-            f"{tuple(gradient.shape)}, {tuple(direction.shape)}, {tuple(hessian_direction.shape)}."
+            "gradient, direction and hessian_direction must be flat vectors (or parameter-shaped lists) of one size, "
+            "got "
+            f"{tuple(g0.shape)}, {tuple(u0.shape)}, {tuple(hu0.shape)}."
         )
-    dtype = torch.promote_types(direction.dtype, hessian_direction.dtype)
-    g = gradient.to(dtype)
-    u = direction.to(dtype)
-    hu = hessian_direction.to(dtype)
-    if maximize is not None and bool(maximize.any()):
-        sign = 1.0 - 2.0 * maximize.to(dtype)
+    dtype = torch.promote_types(u0.dtype, hu0.dtype)
+    g = g0.to(dtype)
+    u = u0.to(dtype)
+    hu = hu0.to(dtype)
+    if mask is not None and bool(mask.any()):
+        sign = 1.0 - 2.0 * mask.to(dtype)
         g = g * sign
         hu = hu * sign
-    if weight_decay is not None:
-        if params is None:
+    if decay is not None:
+        if theta is None:
             raise ValueError("`params` is needed to add the weight-decay terms.")
-        wd = weight_decay.to(dtype)
-        g = g + wd * params.to(dtype)
+        wd = decay.to(dtype)
+        g = g + wd * theta.to(dtype)
         hu = hu + wd * u
     n = -torch.dot(g, u)
     d = torch.dot(u, hu)
