@@ -15,24 +15,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_curvature.core.vectors import dot64
+from lightning_curvature.core.vectors import dot64, flat_pieces
 
 __all__ = ["top_subspace_overlap"]
 
 
 def _parts(x: Tensor | Sequence[Tensor], numels: list[int] | None) -> list[Tensor]:
-    """``x`` as flat pieces: a list of tensors piece by piece, a flat tensor split into ``numels`` (or whole)."""
-    if isinstance(x, Tensor):
-        flat = x.reshape(-1)
-        if numels is None:
-            return [flat]
-        if flat.numel() != sum(numels):
-            raise ValueError(f"A vector of {flat.numel()} entries does not match parameters of {sum(numels)}.")
-        return list(torch.split(flat, numels))
-    parts = list(x)
-    if not all(isinstance(t, Tensor) for t in parts):
-        raise TypeError("Expected a tensor or a list of tensors shaped like the parameters.")
-    return [t.reshape(-1) for t in parts]
+    """``x`` as flat pieces (:func:`~.vectors.flat_pieces`), a flat tensor split into ``numels`` when given."""
+    pieces = flat_pieces(x)
+    if not isinstance(x, Tensor) or numels is None:
+        return pieces
+    if pieces[0].numel() != sum(numels):
+        raise ValueError(f"A vector of {pieces[0].numel()} entries does not match parameters of {sum(numels)}.")
+    return list(torch.split(pieces[0], numels))
 
 
 def _eigenvector_rows(eigenvectors: Any) -> list[Tensor] | list[list[Tensor]]:
@@ -70,17 +65,22 @@ def top_subspace_overlap(gradient: Tensor | Sequence[Tensor], eigenvectors: Any)
         0.36
     """
     rows = _eigenvector_rows(eigenvectors)
-    shaped = [r for r in [gradient, *rows] if not isinstance(r, Tensor)]
-    numels = [t.numel() for t in _parts(shaped[0], None)] if shaped else None
+    shaped = next((r for r in [gradient, *rows] if not isinstance(r, Tensor)), None)
+    numels = None if shaped is None else [t.numel() for t in flat_pieces(shaped)]
     g = _parts(gradient, numels)
     size = sum(t.numel() for t in g)
-    sums = [torch.stack([dot64(t, t) for t in g]).sum()]
+    device = g[0].device  # the pieces may sit on several devices: their inner products are gathered on one
+
+    def dot(pairs: Any) -> Tensor:
+        return torch.stack([dot64(a, b.to(a.dtype)).to(device) for a, b in pairs]).sum()
+
+    sums = [dot(zip(g, g))]
     for row in rows:
         v = _parts(row, numels)
         if len(v) != len(g) or any(a.numel() != b.numel() for a, b in zip(v, g)):
             raise ValueError(f"Eigenvectors have {sum(t.numel() for t in v)} entries, the gradient {size}.")
-        sums.append(torch.stack([dot64(a, b.to(a.dtype)).to(sums[0].device) for a, b in zip(v, g)]).sum())
-    gg, *proj = torch.stack([x.to(sums[0].device) for x in sums]).cpu().tolist()  # one host sync
+        sums.append(dot(zip(v, g)))
+    gg, *proj = torch.stack(sums).cpu().tolist()  # one host sync
     if gg == 0.0 or not math.isfinite(gg):
         raise ValueError(f"The gradient is {'zero' if gg == 0.0 else 'not finite'}; its overlap is undefined.")
     return round(sum(p * p for p in proj) / gg, 15)

@@ -36,6 +36,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_curvature.core.vectors import flat_pieces
+
 __all__ = ["directional_terms", "supports_update_direction", "update_direction", "weight_decay_terms"]
 
 _SUPPORTED = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
@@ -235,13 +237,10 @@ def weight_decay_terms(optimizer: torch.optim.Optimizer, params: Sequence[Tensor
 
 
 def _flat(x: Tensor | Sequence[Tensor] | None) -> Tensor | None:
-    """A flat tensor from a flat tensor or a parameter-shaped list of tensors (concatenated)."""
+    """A tensor as it is (its shape is checked by the caller), a parameter-shaped list concatenated."""
     if x is None or isinstance(x, Tensor):
         return x
-    parts = list(x)
-    if not parts or not all(isinstance(t, Tensor) for t in parts):
-        raise TypeError("Expected a flat tensor or a non-empty list of tensors shaped like the parameters.")
-    return torch.cat([t.reshape(-1) for t in parts])
+    return torch.cat(flat_pieces(x))
 
 
 def directional_terms(
@@ -292,9 +291,8 @@ def directional_terms(
     assert g0 is not None and u0 is not None and hu0 is not None
     if not (g0.shape == u0.shape == hu0.shape) or g0.dim() != 1:
         raise ValueError(
-            "gradient, direction and hessian_direction must be flat vectors (or parameter-shaped lists) of one size, "
-            "got "
-            f"{tuple(g0.shape)}, {tuple(u0.shape)}, {tuple(hu0.shape)}."
+            "gradient, direction and hessian_direction must be flat vectors (or parameter-shaped lists) of one "
+            f"size, got {tuple(g0.shape)}, {tuple(u0.shape)}, {tuple(hu0.shape)}."
         )
     dtype = torch.promote_types(u0.dtype, hu0.dtype)
     g = g0.to(dtype)

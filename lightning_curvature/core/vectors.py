@@ -31,6 +31,7 @@ __all__ = [
     "as_scalar",
     "clone",
     "dot64",
+    "flat_pieces",
     "scale_",
 ]
 
@@ -98,6 +99,20 @@ def scale_(x: Vector, alpha: float | Tensor) -> Vector:
     for xi in x:
         xi.mul_(as_scalar(alpha, xi))
     return x
+
+
+def flat_pieces(x: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """``x`` as flat tensors: a tensor as one piece, a list of tensors (a parameter-shaped vector) piece by piece.
+
+    Raises:
+        TypeError: for an empty list or one holding something other than tensors.
+    """
+    if isinstance(x, Tensor):
+        return [x.reshape(-1)]
+    parts = list(x)
+    if not parts or not all(isinstance(t, Tensor) for t in parts):
+        raise TypeError("Expected a tensor or a non-empty list of tensors shaped like the parameters.")
+    return [t.reshape(-1) for t in parts]
 
 
 def clone(x: Vector) -> Vector:
