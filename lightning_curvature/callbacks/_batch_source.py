@@ -32,7 +32,6 @@ until memory runs out.
 
 from __future__ import annotations
 
-import numbers
 import random
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -54,6 +53,7 @@ from lightning_curvature.core._batch import (
     infer_batch_layout,
     iter_batches,
 )
+from lightning_curvature.core._validation import is_integer
 
 __all__ = ["BATCH_CHOICES", "BatchSource", "LayoutCache", "draw_examples", "expected_batch_size", "preserved_rng"]
 
@@ -240,9 +240,7 @@ class BatchSource:
             raise MisconfigurationException(
                 f"`batch` must be one of {BATCH_CHOICES} or a DataLoader, got {type(batch).__name__}: {batch!r}."
             )
-        if num_examples is not None and (
-            isinstance(num_examples, bool) or not isinstance(num_examples, numbers.Integral) or num_examples < 1
-        ):
+        if num_examples is not None and (not is_integer(num_examples) or num_examples < 1):
             raise MisconfigurationException(f"`num_examples` must be an integer >= 1 or None, got {num_examples!r}.")
         num_examples = None if num_examples is None else int(num_examples)
         if num_examples is None and self.kind == "fixed":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +11,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lightning_curvature.core._basis import as_basis_device
 from lightning_curvature.core._batch import BatchDim, check_batch_dim
+from lightning_curvature.core._validation import is_integer
 
 __all__ = [
     "SUPPORTED_STRATEGIES",
@@ -53,7 +53,7 @@ def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
         ...
         lightning.fabric.utilities.exceptions.MisconfigurationException: `k` must be an integer >= 1, got 5.0.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    if not is_integer(value) or value < minimum:
         raise MisconfigurationException(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
     return int(value)
 
@@ -66,7 +66,7 @@ def check_optional_int(name: str, value: Any) -> int | None:
     """
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_integer(value):
         raise MisconfigurationException(f"`{name}` must be an integer or None, got {value!r}.")
     return int(value)
 
