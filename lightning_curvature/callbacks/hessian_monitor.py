@@ -54,6 +54,7 @@ from lightning_curvature.core.lanczos import Handoff
 from lightning_curvature.core.operators import RELIABLE_PRODUCT_ERROR, ScaledOperator
 from lightning_curvature.core.preconditioner import preconditioner_parts, predicted_first_step_preconditioner
 from lightning_curvature.core.sharded import reshard
+from lightning_curvature.core.trace import HUTCHPP_MIN_MATVECS
 from lightning_curvature.core.vectors import Vector
 from lightning_curvature.schedules.protocols import MeasurementRequester, SharpnessSubscriber
 from lightning_curvature.tensorboard import (
@@ -331,7 +332,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         self.max_iter = check_positive_int("max_iter", max_iter)
         self.mode: Literal["train", "eval"] = check_choice("mode", mode, ("train", "eval"))  # type: ignore[assignment]
         self.compute_trace = check_bool("compute_trace", compute_trace)
-        self.trace_samples = check_positive_int("trace_samples", trace_samples, minimum=3)
+        self.trace_samples = check_positive_int("trace_samples", trace_samples, minimum=HUTCHPP_MIN_MATVECS)
         self.compute_density = check_bool("compute_density", compute_density)
         self.density_num_probes = check_positive_int("density_num_probes", density_num_probes)
         self.density_num_iters = check_positive_int("density_num_iters", density_num_iters)

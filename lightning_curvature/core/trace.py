@@ -30,7 +30,10 @@ from lightning_curvature.core.hvp import HessianOperator, HVPMethod, LossFn, Red
 from lightning_curvature.core.lanczos import Operator
 from lightning_curvature.core.operators import CurvatureOperator, as_operator, unreliable_products
 
-__all__ = ["TraceResult", "hessian_trace", "hutchinson_trace", "hutchpp_trace"]
+__all__ = ["HUTCHPP_MIN_MATVECS", "TraceResult", "hessian_trace", "hutchinson_trace", "hutchpp_trace"]
+
+#: Fewest products Hutch++ can split into its sketch, its exact part and its Hutchinson part.
+HUTCHPP_MIN_MATVECS = 3
 
 
 @dataclass
@@ -162,7 +165,7 @@ def hutchpp_trace(
     Memory: the sketch keeps ``num_matvecs // 3`` vectors of the operator's size.
 
     Raises:
-        ValueError: for ``num_matvecs < 3``.
+        ValueError: for ``num_matvecs`` below :data:`HUTCHPP_MIN_MATVECS`.
 
     Example::
 
@@ -170,8 +173,8 @@ def hutchpp_trace(
         >>> round(hutchpp_trace(A, num_matvecs=30).estimate, 6)  # a 10-column sketch spans all 5 dimensions: exact
         153.0
     """
-    if num_matvecs < 3:
-        raise ValueError(f"Hutch++ needs `num_matvecs` >= 3, got {num_matvecs!r}.")
+    if num_matvecs < HUTCHPP_MIN_MATVECS:
+        raise ValueError(f"Hutch++ needs `num_matvecs` >= {HUTCHPP_MIN_MATVECS}, got {num_matvecs!r}.")
     op, gen = _operator_and_probes(A, dim, dtype, device, seed)
     space = op.space
     s = max(1, num_matvecs // 3)  # may exceed the dimension: dependent sketch columns are dropped
@@ -251,7 +254,7 @@ def hessian_trace(
     """
     if estimator not in ("hutch++", "hutchinson"):
         raise ValueError(f"`estimator` must be 'hutch++' or 'hutchinson', got {estimator!r}.")
-    fewest = 3 if estimator == "hutch++" and deflate is None else 1
+    fewest = HUTCHPP_MIN_MATVECS if estimator == "hutch++" and deflate is None else 1
     if not is_integer(num_samples) or num_samples < fewest:
         raise ValueError(
             f"`num_samples` must be an integer >= {fewest} for estimator={estimator!r}"
