@@ -620,7 +620,7 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
             # not run to tol; the error estimate is logged and a certified cold solve comes every cold_start_every
             v0 = Handoff([v0[0]] if k == 1 else v0[:k])
             max_iter = self.tracking_products
-            target = max(target, TRACKING_FD_TARGET)
+            target = TRACKING_FD_TARGET  # the loosest fd_target_for allows
         else:
             v0 = Handoff(v0)  # the solver owns the warm block (it counts in max_vectors)
         with H.fd_target_as(target):
