@@ -146,6 +146,32 @@ def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+_DTYPE_ERROR_HINTS = ("dtype", "scalar type", "same type", "type (")
+
+
+@contextmanager
+def explain_compute_dtype(model_dtype: torch.dtype, compute_dtype: torch.dtype) -> Iterator[None]:
+    """Add a note to a dtype-mismatch error raised in the block (the user's forward and loss) when curvature is
+    computed in another dtype than the model's (float32 copies of a half-precision model, or ``dtype=``): a
+    forward or loss that casts to a fixed dtype (``x.half()``) then meets parameters of the other one."""
+    try:
+        yield
+    except RuntimeError as error:
+        if (
+            model_dtype != compute_dtype
+            and any(h in str(error) for h in _DTYPE_ERROR_HINTS)
+            and hasattr(error, "add_note")  # Python >= 3.11
+        ):
+            error.add_note(
+                f"lightning-curvature: the model's {model_dtype} parameters are measured in {compute_dtype} copies, "
+                f"and the batch's floating tensors are cast to {compute_dtype} too. A forward or loss_fn that casts "
+                "to a fixed dtype (x.half(), x.to(torch.bfloat16)) fails on them: cast to the parameters' dtype "
+                "instead (x.to(next(model.parameters()).dtype)), or pass `dtype=` the model's own dtype (products "
+                "with that dtype's rounding)."
+            )
+        raise
+
+
 #: Finite-difference products whose estimated relative error (:meth:`HessianOperator._richardson`) is above this
 #: search for a better step; below it the first step is kept (four gradients per product).
 FD_TARGET = 5e-4
@@ -220,16 +246,28 @@ def is_compiled(module: nn.Module) -> bool:
 
 
 class _LossModule(nn.Module):
-    """Wraps ``loss_fn(model, batch)`` as a module so ``functional_call`` can swap the model's parameters."""
+    """Wraps ``loss_fn(model, batch)`` as a module so ``functional_call`` can swap the model's parameters.
+
+    With ``wrt`` it also returns the gradient with respect to those tensors, computed inside the call: activation
+    checkpointing (``torch.utils.checkpoint``) re-runs parts of the forward during the backward, and that re-run
+    must see the same swapped-in parameters as the forward (after ``functional_call`` returns it would see the
+    model's own).
+    """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, batch: Any) -> Tensor:
+    def forward(
+        self, batch: Any, wrt: Sequence[Tensor] | None = None, create_graph: bool = False
+    ) -> Tensor | tuple[Tensor, tuple[Tensor | None, ...]]:
         with explain_several_batches(batch):
-            return self.loss_fn(self.model, batch)
+            loss = self.loss_fn(self.model, batch)
+        if wrt is None:
+            return loss
+        loss = _checked_loss(loss)
+        return loss, torch.autograd.grad(loss, wrt, create_graph=create_graph, allow_unused=True)
 
 
 def _is_batch_iterable(batch: Any) -> bool:
@@ -545,6 +583,23 @@ class HessianOperator(CurvatureOperator):
         return out
 
     def _loss(self, params: Sequence[Tensor], batch: Any, fresh_buffers: bool = False) -> Tensor:
+        return _checked_loss(self._call(params, batch, fresh_buffers))
+
+    def _loss_and_grad(
+        self, params: Sequence[Tensor], batch: Any, create_graph: bool = False
+    ) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        """The loss at ``params`` and its gradient with respect to them (the backward inside the parameter swap)."""
+        loss, raw = self._call(params, batch, wrt=params, create_graph=create_graph)
+        return loss, tuple(None if g is None else strided(g) for g in raw)
+
+    def _call(
+        self,
+        params: Sequence[Tensor],
+        batch: Any,
+        fresh_buffers: bool = False,
+        wrt: Sequence[Tensor] | None = None,
+        create_graph: bool = False,
+    ) -> Any:
         mapping: dict[str, Tensor] = dict(zip(self._names, params))
         if self.space.dtype != self.dtype_in:
             mapping.update(self._upcast_rest())
@@ -555,8 +610,9 @@ class HessianOperator(CurvatureOperator):
         batch = to_compute(batch, self.space.device, self.space.dtype)
         if self.seed is not None:
             seed_generators(self.seed, self._devices)  # the same dropout mask in every evaluation
-        loss = functional_call(self._wrapper, mapping, (batch,), strict=False)
-        return _checked_loss(loss)
+        kwargs = {} if wrt is None else {"wrt": tuple(wrt), "create_graph": create_graph}
+        with explain_compute_dtype(self.dtype_in, self.space.dtype):
+            return functional_call(self._wrapper, mapping, (batch,), kwargs, strict=False)
 
     def _upcast_rest(self) -> dict[str, Tensor]:
         """Half-precision model: its frozen parameters and floating buffers in the compute dtype too (copies)."""
@@ -575,11 +631,10 @@ class HessianOperator(CurvatureOperator):
         params = self.parameter_copies()
         lean = LeanDoubleBackward() if self.lean_double_backward else nullcontext()
         with lean:  # conv and ReLU double backward without PyTorch's avoidable work
-            loss = self._loss(params, batch)
+            loss, raw = self._loss_and_grad(params, batch, create_graph=True)
         self._check_finite_loss(loss)
         if losses is not None:
             losses.append(loss.detach())
-        raw = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(raw, params)]
         self.num_grad += 1
         return params, grads, batch_size(batch)
@@ -604,9 +659,8 @@ class HessianOperator(CurvatureOperator):
             self.num_grad += 1
             return out
         params = self.parameter_copies(shift, alpha)
-        loss = self._loss(params, batch)
+        loss, raw = self._loss_and_grad(params, batch)
         self._check_finite_loss(loss)
-        raw = torch.autograd.grad(loss, params, allow_unused=True)
         self.num_grad += 1
         return [g.detach() if g is not None else torch.zeros_like(p) for g, p in zip(raw, params)]
 
@@ -976,7 +1030,8 @@ class HessianOperator(CurvatureOperator):
         batch = to_compute(batch, self.space.device, self.space.dtype)
         if self.seed is not None:
             seed_generators(self.seed, self._devices)
-        functional_call(self._wrapper, mapping, (batch,), strict=False)
+        with explain_compute_dtype(self.dtype_in, self.space.dtype):
+            functional_call(self._wrapper, mapping, (batch,), strict=False)
 
     def _double_backward(self, params: list[Tensor], grads: list[Tensor], v: Vector, retain: bool) -> Vector:
         live = [i for i, g in enumerate(grads) if g.requires_grad]  # a constant gradient has a zero Hessian row
@@ -985,7 +1040,7 @@ class HessianOperator(CurvatureOperator):
         hv = torch.autograd.grad(
             [grads[i] for i in live], params, [v[i] for i in live], retain_graph=retain, allow_unused=True
         )
-        return [h.detach() if h is not None else torch.zeros_like(p) for h, p in zip(hv, params)]
+        return [strided(h.detach()) if h is not None else torch.zeros_like(p) for h, p in zip(hv, params)]
 
     def _forward_over_reverse(self, batch: Any, v: Vector) -> Vector:
         params = tuple(p.detach().to(self.space.dtypes[i], copy=True) for i, (_, p) in enumerate(self._named))
@@ -1019,6 +1074,8 @@ class HessianOperator(CurvatureOperator):
                 self._build_graphs()
             exact = self._product(probe, "double_backward")
         except (RuntimeError, NotImplementedError) as err:
+            self._graphs = None
+            self._raise_if_first_order_fails(err)
             warnings.warn(
                 f"Double backward is not available for this model ({type(err).__name__}: {str(err)[:200]}); "
                 "curvature is measured with finite-difference products.",
@@ -1043,7 +1100,8 @@ class HessianOperator(CurvatureOperator):
             self._graphs = None
             warnings.warn(
                 f"Double-backward Hessian-vector products of this model differ from finite differences by {rel:.1%} "
-                "(a custom autograd function whose backward is not differentiable drops second-derivative terms); "
+                "(an op whose backward is not correctly differentiable drops or distorts second-derivative terms: a "
+                "custom autograd function, or e.g. PyTorch's weight_norm); "
                 "curvature is measured with finite-difference products.",
                 RuntimeWarning,
                 stacklevel=4,
@@ -1052,6 +1110,14 @@ class HessianOperator(CurvatureOperator):
         return method
 
     # -- gradient ---------------------------------------------------------------------------------------------------
+    def _raise_if_first_order_fails(self, err: BaseException) -> None:
+        """Re-raise ``err`` when a first-order gradient fails as well: then the loss or the forward is at fault
+        (finite differences would fail the same way), not the double backward."""
+        try:
+            self._gradient_at(next(iter(self._batches)))
+        except (RuntimeError, NotImplementedError):
+            raise err from None
+
     def gradient(self) -> Vector:
         """The mean gradient :math:`\\nabla L` as a parameter-shaped vector (reduced across processes).
 
@@ -1113,6 +1179,12 @@ def _accumulate(acc: Vector | None, part: Vector, weight: float) -> Vector:
     if acc is None:
         return [t.mul_(float(weight)) for t in part] if weight != 1 else part
     return add_(acc, part, float(weight))
+
+
+def strided(t: Tensor) -> Tensor:
+    """``t`` as an ordinary (strided) tensor: the sparse gradient of ``nn.Embedding(sparse=True)`` made dense
+    (differentiably, so a double backward runs through it)."""
+    return t if t.layout == torch.strided else t.to_dense()
 
 
 def check_loss(loss: Any) -> Tensor:

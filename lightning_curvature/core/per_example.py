@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_curvature.core._batch import _map_tensors, batch_size, iter_batches, slice_batch, to_compute
-from lightning_curvature.core.hvp import LossFn, _LossModule, compute_dtype_for, select_parameters
+from lightning_curvature.core.hvp import LossFn, _LossModule, compute_dtype_for, select_parameters, strided
 
 __all__ = ["check_per_example_safe", "default_chunk_size", "per_example_gradient_chunks"]
 
@@ -97,6 +97,12 @@ def per_example_gradient_chunks(
         out = functional_call(wrapper, {**rest, **dict(zip(names, ps))}, (example_batch,), strict=False)
         return out.reshape(()).to(dtype)
 
+    def grad_of(ps: tuple[Tensor, ...], example_batch: Any) -> tuple[Tensor | None, ...]:
+        # the backward inside the parameter swap (activation checkpointing re-runs the forward during it)
+        kwargs = {"wrt": ps}
+        raw = functional_call(wrapper, {**rest, **dict(zip(names, ps))}, (example_batch,), kwargs, strict=False)[1]
+        return tuple(None if g is None else strided(g) for g in raw)
+
     def one(ps: tuple[Tensor, ...], example: Any) -> tuple[Tensor, ...]:
         return torch.func.grad(loss_of)(ps, _unsqueeze(example))
 
@@ -129,8 +135,7 @@ def per_example_gradient_chunks(
             rows = []
             for i in range(batch_size(sub)):
                 ps = tuple(p.detach().requires_grad_(True) for p in pvals)
-                loss = loss_of(ps, slice_batch(sub, i, i + 1))
-                gs = torch.autograd.grad(loss, ps, allow_unused=True)
+                gs = grad_of(ps, slice_batch(sub, i, i + 1))
                 rows.append(
                     torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, ps)])
                 )
