@@ -372,6 +372,33 @@ def test_measurements_leave_model_untouched(mode: str) -> None:
     _assert_same(before, _state(model))
 
 
+@pytest.mark.parametrize("method", ["double_backward", "finite_difference", "forward_over_reverse"])
+def test_a_pruned_layers_hook_made_weight_is_left_as_it_was(method: str) -> None:
+    """``torch.nn.utils.prune`` keeps ``weight = weight_orig * weight_mask`` as a plain attribute that its forward
+    pre-hook rewrites: a measurement left it computed from its own parameter copies (holding their graph; with
+    finite differences, a shifted copy's values)."""
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    batch = digits(32, torch.float32)
+    weight = model[0].weight
+    res = hessian_eigenvalues(model, ce_loss, batch, k=1, tol=1e-4, method=method)
+    hessian_trace(model, ce_loss, batch, num_samples=3, method=method)
+    assert model[0].weight is weight and weight.grad_fn is not None  # the hook's own tensor, from weight_orig
+    torch.testing.assert_close(model[0].weight, model[0].weight_orig * model[0].weight_mask, rtol=0, atol=0)
+    masked = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)).double()  # the mask by hand
+    with torch.no_grad():
+        for dst, src in zip(masked.parameters(), [model[0].weight, model[0].bias, model[2].weight, model[2].bias]):
+            dst.copy_(src)
+    mask = model[0].weight_mask.bool()
+    H = dense_hessian(masked, ce_loss, (batch[0].double(), batch[1]))
+    keep = torch.cat([mask.reshape(-1), torch.ones(H.shape[0] - mask.numel(), dtype=torch.bool)])
+    ref = torch.linalg.eigvalsh(H[keep][:, keep]).max()  # the pruned entries are not variables
+    assert abs(float(res.eigenvalues[0]) - float(ref)) <= 2e-4 * float(ref)
+
+
 def test_dropout_mask_is_fixed_within_a_measurement() -> None:
     """With dropout active, the operator must be one fixed symmetric matrix: products are reproducible."""
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Leave the caller's model exactly as it was: RNG streams, buffers, train/eval flags.
+"""Leave the caller's model exactly as it was: RNG streams, buffers, train/eval flags, plain tensor attributes.
 
 Every measurement runs inside :func:`preserved_model_state`. Gradients are only ever taken with
 ``torch.autograd.grad`` / ``torch.func`` on detached parameter copies, so ``.grad`` is never written.
@@ -43,7 +43,8 @@ def preserved_model_state(
     """Run a block that evaluates ``module`` without leaving any trace on it.
 
     On exit, every submodule gets back its own ``training`` flag, every buffer its value (BatchNorm running
-    statistics, ``num_batches_tracked``), and the global CPU and accelerator RNG streams their state. Inside, the
+    statistics, ``num_batches_tracked``), every plain tensor attribute its tensor (the ``weight`` a pruning hook
+    recomputes in the forward), and the global CPU and accelerator RNG streams their state. Inside, the
     module runs eagerly even if it was compiled (:func:`eager_execution`), unless ``eager=False``.
 
     Args:
@@ -69,6 +70,7 @@ def preserved_model_state(
     check_mode(mode)
     flags = {m: m.training for m in module.modules()}
     buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    attributes = {m: _tensor_attributes(m) for m in module.modules()}
     devices = _devices_of(module)
     with ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=devices, device_type=_device_type(devices)))
@@ -83,11 +85,30 @@ def preserved_model_state(
         finally:
             for m, was_training in flags.items():
                 m.training = was_training
+            for m, saved_attributes in attributes.items():
+                _restore_tensor_attributes(m, saved_attributes)
             with torch.no_grad():
                 for name, b in module.named_buffers():
                     saved = buffers.get(name)
                     if saved is not None and saved.shape == b.shape:
                         b.copy_(saved)
+
+
+def _tensor_attributes(m: nn.Module) -> dict[str, torch.Tensor]:
+    """``m``'s plain tensor attributes (neither parameters nor buffers), e.g. the ``weight`` that a pruning
+    (``torch.nn.utils.prune``) forward pre-hook recomputes from ``weight_orig`` at every forward."""
+    return {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}
+
+
+def _restore_tensor_attributes(m: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put back the very tensors :func:`_tensor_attributes` saw (the block's would hold its parameter copies and
+    their graph, and a finite-difference shift); drop tensor attributes the block added."""
+    for k, v in list(vars(m).items()):
+        if isinstance(v, torch.Tensor) and saved.get(k) is not v:
+            if k in saved:
+                m.__dict__[k] = saved[k]
+            else:
+                del m.__dict__[k]
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
