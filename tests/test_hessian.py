@@ -15,6 +15,7 @@ from lightning_curvature import (
     MultiBatch,
     NonFiniteCurvatureError,
     adaptive_preconditioner,
+    gradient_covariance,
     gradient_start_vector,
     hessian_eigenvalues,
     hessian_spectral_density,
@@ -482,6 +483,68 @@ def test_preconditioned_sharpness_matches_dense() -> None:
     assert ((res.eigenvalues - ref).abs() / ref.abs()).max() <= 1e-4
 
 
+def _channels_last_case() -> tuple[nn.Module, Any, nn.Module, Any]:
+    """A CNN and its batch in ``channels_last`` (the float32 model measured) and the same weights in float64,
+    contiguous (the dense reference)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Conv2d(4, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(64, 3))
+    x, y = torch.randn(12, 3, 8, 8), torch.randint(0, 3, (12,))
+    ref = copy.deepcopy(net).double()
+    return net.to(memory_format=torch.channels_last), (x.to(memory_format=torch.channels_last), y), ref, (x.double(), y)
+
+
+@pytest.mark.parametrize("method", ["auto", "double_backward", "finite_difference", "forward_over_reverse"])
+def test_channels_last_models_and_inputs_are_measured(method: str) -> None:
+    """Gradients of ``channels_last`` convolutions are not contiguous: every method failed in Lanczos's in-place
+    basis subtraction ("view size is not compatible with input tensor's size and stride")."""
+    model, batch, ref_model, ref_batch = _channels_last_case()
+    H = dense_hessian(ref_model, ce_loss, ref_batch)
+    res = hessian_eigenvalues(model, ce_loss, batch, k=2, tol=1e-5, method=method)
+    torch.testing.assert_close(res.eigenvalues, torch.linalg.eigvalsh(H).flip(0)[:2], rtol=1e-4, atol=0)
+    tr = hessian_trace(model, ce_loss, batch, num_samples=30, method=method)
+    assert abs(tr.estimate - float(torch.trace(H))) <= 4 * tr.std_error
+
+
+def test_channels_last_preconditioned_sharpness_matches_dense() -> None:
+    model, batch, ref_model, ref_batch = _channels_last_case()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        ce_loss(model, batch).backward()
+        opt.step()
+    opt.zero_grad()
+    ref_model.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    H = dense_hessian(ref_model, ce_loss, ref_batch)
+    P = adaptive_preconditioner(opt, list(model.parameters()))
+    d = P.double().rsqrt()
+    ref = torch.linalg.eigvalsh(d[:, None] * H * d[None, :]).flip(0)[:2]
+    res = preconditioned_sharpness(model, ce_loss, batch, opt, k=2, tol=1e-5, max_iter=200)
+    assert res.preconditioned
+    torch.testing.assert_close(res.eigenvalues, ref, rtol=1e-4, atol=0)
+
+
+class _TransposedWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(torch.randn(10, 64).t())  # (64, 10), not contiguous
+        self.b = nn.Parameter(torch.zeros(10))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x @ self.w) + self.b
+
+
+@pytest.mark.parametrize("method", ["auto", "double_backward", "finite_difference", "forward_over_reverse"])
+def test_a_non_contiguous_parameter_is_measured(method: str) -> None:
+    model = _TransposedWeight()
+    assert not model.w.is_contiguous()
+    batch = digits(32, torch.float32)
+    ref_model = _TransposedWeight().double()
+    H = dense_hessian(ref_model, ce_loss, (batch[0].double(), batch[1]))
+    res = hessian_eigenvalues(model, ce_loss, batch, k=2, tol=1e-5, method=method)
+    torch.testing.assert_close(res.eigenvalues, torch.linalg.eigvalsh(H).flip(0)[:2], rtol=1e-4, atol=0)
+
+
 def test_subspace_overlap_matches_projection() -> None:
     model, loss_fn, batch = _mlp_case()
     H = dense_hessian(model, loss_fn, batch)
@@ -558,6 +621,20 @@ def test_no_trainable_parameters_and_integer_dtype() -> None:
         hessian_eigenvalues(model, lambda m, b: m(b[0]).sum(), x)
     with pytest.raises(TypeError, match="scalar"):
         hessian_eigenvalues(nn.Linear(3, 2), lambda m, b: m(b[0]), x)
+
+
+def test_an_uninitialised_lazy_module_is_a_clear_error() -> None:
+    model = nn.Sequential(nn.LazyLinear(4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    for measure in (
+        lambda: hessian_eigenvalues(model, ce_loss, (x, y)),
+        lambda: hessian_trace(model, ce_loss, (x, y), num_samples=3),
+        lambda: gradient_covariance(model, ce_loss, (x, y), k=2),
+    ):
+        with pytest.raises(ValueError, match="'0.weight' is not initialised yet .* run one forward pass"):
+            measure()
+    model(x)
+    assert hessian_eigenvalues(model, ce_loss, (x, y)).converged
 
 
 def test_non_finite_loss_raises_catchable_error() -> None:

@@ -75,7 +75,7 @@ from lightning_curvature.core._state import (
 from lightning_curvature.core.errors import NonFiniteCurvatureError
 from lightning_curvature.core.operators import RELIABLE_PRODUCT_ERROR, CurvatureOperator
 from lightning_curvature.core.sharded import ShardedGradients, is_sharded, local_tensor, reshard, shard_space
-from lightning_curvature.core.vectors import Vector, VectorSpace, add_, dot64
+from lightning_curvature.core.vectors import Vector, VectorSpace, add_, contiguous, dot64
 
 __all__ = [
     "VALIDITY_TOLERANCE",
@@ -114,8 +114,8 @@ def select_parameters(model: nn.Module, params: Sequence[Tensor] | None = None) 
         ``(name, parameter)`` pairs, in ``model.named_parameters()`` order.
 
     Raises:
-        ValueError: if there is no trainable parameter, ``params`` is empty, or a given parameter is not one of the
-            model's.
+        ValueError: if there is no trainable parameter, ``params`` is empty, a given parameter is not one of the
+            model's, or a parameter of a lazy module is not initialised yet.
         TypeError: if a parameter is not floating point.
     """
     named: list[tuple[str, Tensor]] = [(n, p) for n, p in model.named_parameters()]
@@ -136,6 +136,11 @@ def select_parameters(model: nn.Module, params: Sequence[Tensor] | None = None) 
             f"{type(model).__name__} has no parameter with requires_grad=True; curvature needs at least one."
         )
     for n, p in chosen:
+        if isinstance(p, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"Parameter {n!r} is not initialised yet (a lazy module, e.g. nn.LazyLinear): run one forward pass "
+                "of the model before measuring its curvature."
+            )
         if not p.is_floating_point():
             raise TypeError(f"Parameter {n!r} has dtype {p.dtype}; curvature needs floating-point parameters.")
     return chosen
@@ -1127,7 +1132,7 @@ class HessianOperator(CurvatureOperator):
         if self._gradient is not None:
             return self._gradient
         if self._graphs is not None and len(self._graphs) == 1 and self.reduce_fn is None:
-            self._gradient = [g.detach() for g in self._graphs[0][1]]  # the graph's own gradient: no copy
+            self._gradient = contiguous([g.detach() for g in self._graphs[0][1]])  # the graph's own: no copy
             return self._gradient
         acc: Vector | None = None
         count = 0.0
@@ -1143,7 +1148,7 @@ class HessianOperator(CurvatureOperator):
                     acc = _accumulate(acc, self._gradient_at(b), n)
                     count += n
         assert acc is not None
-        self._gradient = self._finish(acc, count, "gradient")[0]
+        self._gradient = contiguous(self._finish(acc, count, "gradient")[0])
         return self._gradient
 
     def loss(self) -> float:

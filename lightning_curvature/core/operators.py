@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_curvature.core.errors import InaccurateProductsWarning
-from lightning_curvature.core.vectors import Vector, VectorSpace
+from lightning_curvature.core.vectors import Vector, VectorSpace, contiguous
 
 __all__ = [
     "RELIABLE_PRODUCT_ERROR",
@@ -108,7 +108,7 @@ class CurvatureOperator:
             ValueError: if ``v`` does not match the space.
         """
         flat = isinstance(v, Tensor)
-        out = self._matvec(self.space.coerce(v))
+        out = contiguous(self._matvec(self.space.coerce(v)))  # e.g. channels_last gradients: the solvers need views
         self.num_matvecs += 1
         return self.space.flatten(out) if flat else out
 

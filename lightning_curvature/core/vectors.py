@@ -30,6 +30,7 @@ __all__ = [
     "add_",
     "as_scalar",
     "clone",
+    "contiguous",
     "dot64",
     "flat_pieces",
     "scale_",
@@ -113,6 +114,12 @@ def flat_pieces(x: Tensor | Sequence[Tensor]) -> list[Tensor]:
     if not parts or not all(isinstance(t, Tensor) for t in parts):
         raise TypeError("Expected a tensor or a non-empty list of tensors shaped like the parameters.")
     return [t.reshape(-1) for t in parts]
+
+
+def contiguous(x: Vector) -> Vector:
+    """``x`` with every tensor in the standard contiguous layout (a copy only of those that are not: gradients of
+    non-contiguous or ``channels_last`` parameters and inputs), so that ``view(-1)`` works in place."""
+    return [t if t.is_contiguous() else t.contiguous() for t in x]
 
 
 def clone(x: Vector) -> Vector:
@@ -263,5 +270,5 @@ class VectorSpace:
         for t, s, d, dev in zip(v, self.shapes, self.dtypes, self.devices):
             if t.shape != s:
                 raise ValueError(f"Expected a tensor of shape {tuple(s)}, got {tuple(t.shape)}.")
-            out.append(t.to(device=dev, dtype=d))
+            out.append(t.to(device=dev, dtype=d).contiguous())
         return out
