@@ -457,14 +457,19 @@ def test_the_preconditioner_is_the_one_the_optimizer_divides_by(name: str, make:
     torch.testing.assert_close(adaptive_preconditioner(opt, params), observed, rtol=1e-6, atol=0)
 
 
-def test_preconditioned_sharpness_matches_dense() -> None:
-    model, loss_fn, batch = _mlp_case()
+def _adam_after_three_steps(model: nn.Module, loss_fn: Any, batch: Any) -> torch.optim.Adam:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(3):
         opt.zero_grad()
         loss_fn(model, batch).backward()
         opt.step()
     opt.zero_grad()
+    return opt
+
+
+def test_preconditioned_sharpness_matches_dense() -> None:
+    model, loss_fn, batch = _mlp_case()
+    opt = _adam_after_three_steps(model, loss_fn, batch)
     P = adaptive_preconditioner(opt, list(model.parameters()))
     assert P is not None
     # independent construction of P from the Adam state
@@ -507,12 +512,7 @@ def test_channels_last_models_and_inputs_are_measured(method: str) -> None:
 
 def test_channels_last_preconditioned_sharpness_matches_dense() -> None:
     model, batch, ref_model, ref_batch = _channels_last_case()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(3):
-        opt.zero_grad()
-        ce_loss(model, batch).backward()
-        opt.step()
-    opt.zero_grad()
+    opt = _adam_after_three_steps(model, ce_loss, batch)
     ref_model.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
     H = dense_hessian(ref_model, ce_loss, ref_batch)
     P = adaptive_preconditioner(opt, list(model.parameters()))
