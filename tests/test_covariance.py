@@ -74,6 +74,23 @@ def test_multibatch_and_distributed_path_agree() -> None:
     torch.testing.assert_close(streamed.eigenvalues, ref["evals"][:4], rtol=1e-6, atol=1e-10)
 
 
+def test_a_dataloader_or_a_generator_of_batches_is_one_curvature_batch() -> None:
+    """As for the Hessian functions (it failed: "Expected a batch holding at least one tensor, got DataLoader")."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = mlp(hidden=10)
+    x, y = digits(30)
+    ref = _reference(model, x, y)
+    loader = DataLoader(TensorDataset(x, y), batch_size=7)
+    chunks = ((x[i : i + 9], y[i : i + 9]) for i in range(0, 30, 9))
+    for batches in (loader, chunks):
+        cov = gradient_covariance(model, ce_loss, batches, k=4)
+        torch.testing.assert_close(cov.eigenvalues, ref["evals"][:4], rtol=1e-9, atol=1e-12)
+        assert cov.noise_scale == pytest.approx(ref["noise_scale"], rel=1e-9) and cov.num_examples == 30
+    with pytest.raises(ValueError, match="iterable is empty"):
+        gradient_covariance(model, ce_loss, DataLoader(TensorDataset(x[:0], y[:0]), batch_size=7), k=4)
+
+
 def test_per_example_gradients_are_computed_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Time linear in N: each example's gradient is computed once on the Gram path, whatever the chunk size."""
     import lightning_curvature.core.covariance as cov_module

@@ -97,6 +97,40 @@ def test_explicit_batch_dim_like_vmap_in_dims() -> None:
         infer_batch_layout((x, y, w), batch_dim=(1, 0))
 
 
+def test_batch_dim_with_a_dataloader_or_a_generator_of_sequence_first_batches() -> None:
+    """``batch_dim`` with an iterable of batches failed ("Expected a batch holding at least one tensor, got
+    generator"): each batch is now put in the engine's form as it is read. Reference: the same examples as one
+    batch-first batch, through a loss written for that layout."""
+    from lightning_curvature import gradient_covariance, hessian_eigenvalues, hessian_trace
+
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 24, 6, dtype=torch.float64), torch.randint(0, 3, (5, 24))
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+    def seq_first(m: nn.Module, b: Any) -> Tensor:
+        return nn.functional.cross_entropy(m(b[0]).reshape(-1, 3), b[1].reshape(-1))
+
+    def batch_first(m: nn.Module, b: Any) -> Tensor:
+        return seq_first(m, (b[0].transpose(0, 1), b[1].transpose(0, 1)))
+
+    ref = hessian_eigenvalues(net, batch_first, (x.transpose(0, 1), y.T), k=2, tol=1e-9)
+    ref_cov = gradient_covariance(net, batch_first, (x.transpose(0, 1), y.T), k=3)
+    ref_trace = hessian_trace(net, batch_first, (x.transpose(0, 1), y.T), num_samples=9).estimate
+
+    def loader() -> DataLoader:
+        def collate(items: list) -> tuple[Tensor, Tensor]:
+            return torch.stack([a for a, _ in items], 1), torch.stack([b for _, b in items], 1)
+
+        return DataLoader([(x[:, i], y[:, i]) for i in range(24)], batch_size=5, collate_fn=collate)
+
+    for batches in (loader(), ((x[:, i : i + 7], y[:, i : i + 7]) for i in range(0, 24, 7))):
+        res = hessian_eigenvalues(net, seq_first, batches, k=2, tol=1e-9, batch_dim=1)
+        torch.testing.assert_close(res.eigenvalues, ref.eigenvalues, rtol=1e-8, atol=0)
+    cov = gradient_covariance(net, seq_first, loader(), k=3, batch_dim=1)
+    torch.testing.assert_close(cov.eigenvalues, ref_cov.eigenvalues, rtol=1e-9, atol=1e-14)
+    assert hessian_trace(net, seq_first, loader(), num_samples=9, batch_dim=1).estimate == pytest.approx(ref_trace)
+
+
 def test_inferred_batch_dim_from_the_loaders_batch_size() -> None:
     x, y = torch.zeros(35, 8, 4), torch.zeros(8, dtype=torch.long)
     with pytest.raises(BatchLayoutError, match="disagree on their leading size.*batch_dim="):

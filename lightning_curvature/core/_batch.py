@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +43,7 @@ __all__ = [
     "check_batch_dim",
     "explain_several_batches",
     "infer_batch_layout",
+    "is_batch_iterable",
     "iter_batches",
     "looks_like_several_batches",
     "restore_batch",
@@ -667,6 +668,29 @@ class LayoutLoss:
         return f"LayoutLoss({self.loss_fn!r})"
 
 
+def is_batch_iterable(batch: Any) -> bool:
+    """A re-iterable of batches (a DataLoader, a generator...) or a :class:`MultiBatch` rather than one batch."""
+    if isinstance(batch, MultiBatch):
+        return True
+    if isinstance(batch, (Tensor, tuple, list, dict, str, bytes)) or hasattr(batch, "__dataclass_fields__"):
+        return False
+    return isinstance(batch, Iterable)
+
+
+class _BatchFirstBatches:
+    """A re-iterable of batches (a DataLoader) read in the engine's form, batch by batch, as it is iterated."""
+
+    def __init__(self, source: Any, batch_dim: BatchDim, expected_size: int | None) -> None:
+        self.source, self.batch_dim, self.expected_size = source, batch_dim, expected_size
+
+    def __iter__(self) -> Iterator[Any]:
+        layout = None
+        for b in self.source:
+            if layout is None or not layout.fits(b):
+                layout, _ = infer_batch_layout(b, self.batch_dim, self.expected_size)
+            yield layout.to_engine(b)
+
+
 def as_batch_first(
     batch: Any,
     loss_fn: Callable[[nn.Module, Any], Tensor],
@@ -680,7 +704,8 @@ def as_batch_first(
     while ``loss_fn`` still sees the batch in its own layout. Plain batches along dimension 0 come back unchanged.
 
     Args:
-        batch: a batch or a :class:`MultiBatch`.
+        batch: a batch, a :class:`MultiBatch`, or an iterable of batches (a generator is read once into a
+            :class:`MultiBatch`; a re-iterable such as a ``DataLoader`` is converted batch by batch as it is read).
         loss_fn: ``loss_fn(model, batch) -> scalar``.
         batch_dim: see :func:`infer_batch_layout` (``None``: inferred).
         expected_size: see :func:`infer_batch_layout`.
@@ -700,7 +725,20 @@ def as_batch_first(
         >>> batch_size(fb), torch.allclose(fl(rnn, fb), loss(rnn, (x, y)))
         (5, True)
     """
+    if is_batch_iterable(batch) and not isinstance(batch, MultiBatch):
+        if iter(batch) is batch:  # a generator: read once, as the operators would
+            batch = MultiBatch(list(batch))
+        else:  # a DataLoader: its batches are put in the engine's form as they are read, every time
+            first = next(iter(batch), None)
+            if first is None:
+                raise ValueError("The curvature batch iterable is empty.")
+            layout, _ = infer_batch_layout(first, batch_dim, expected_size)
+            if layout.to_engine(first) is first:
+                return batch, loss_fn
+            return _BatchFirstBatches(batch, batch_dim, expected_size), LayoutLoss(loss_fn)
     physical = list(iter_batches(batch))
+    if not physical:
+        raise ValueError("The curvature batch iterable is empty.")
     layout, _ = infer_batch_layout(physical[0], batch_dim, expected_size)
     out = []
     for b in physical:

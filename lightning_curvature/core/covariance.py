@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_curvature.core._batch import as_batch_first, batch_size, iter_batches
+from lightning_curvature.core._batch import MultiBatch, as_batch_first, batch_size, is_batch_iterable, iter_batches
 from lightning_curvature.core._state import MeasurementMode, math_attention, preserved_model_state, unwrap_compiled
 from lightning_curvature.core._validation import is_integer
 from lightning_curvature.core.errors import NonFiniteCurvatureError
@@ -166,7 +166,8 @@ def gradient_covariance(
     Args:
         model: the model (per-example gradients need BatchNorm in eval mode: use ``mode="eval"``).
         loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss; called on batches of one example.
-        batch: tensor, tuple/list or dict of tensors, or a ``MultiBatch``; at least 2 examples.
+        batch: tensor, tuple/list or dict of tensors, a ``MultiBatch``, or any iterable of batches (a ``DataLoader``,
+            read once); at least 2 examples.
         k: number of eigenvalues (capped at ``N − 1``, the rank of ``K``).
         params: parameters (default: all trainable).
         chunk_size: examples per chunk of per-example gradients (default: as many as fit in ``max_memory_bytes``).
@@ -209,6 +210,11 @@ def gradient_covariance(
         raise ValueError(f"`strategy` must be 'auto', 'vmap' or 'loop', got {strategy!r}.")
     if not max_memory_bytes > 0:
         raise ValueError(f"`max_memory_bytes` must be > 0, got {max_memory_bytes!r}.")
+    if is_batch_iterable(batch) and not isinstance(batch, MultiBatch):
+        # a DataLoader or generator of batches: read once (every per-example gradient is needed anyway)
+        batch = MultiBatch(list(batch))
+        if len(batch) == 0:
+            raise ValueError("The curvature batch iterable is empty.")
     if batch_dim is not None:
         batch, loss_fn = as_batch_first(batch, loss_fn, batch_dim)
     model = unwrap_compiled(model)  # vmap needs the eager module

@@ -51,7 +51,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any, Literal
 
@@ -59,7 +59,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_curvature.core._batch import MultiBatch, batch_size, explain_several_batches, iter_batches, to_compute
+from lightning_curvature.core._batch import (
+    MultiBatch,
+    batch_size,
+    explain_several_batches,
+    is_batch_iterable,
+    iter_batches,
+    to_compute,
+)
 from lightning_curvature.core._frozen_kinks import FrozenKinks, KinkReplayError
 from lightning_curvature.core._lean_double_backward import LeanDoubleBackward
 from lightning_curvature.core._state import (
@@ -275,20 +282,11 @@ class _LossModule(nn.Module):
         return loss, torch.autograd.grad(loss, wrt, create_graph=create_graph, allow_unused=True)
 
 
-def _is_batch_iterable(batch: Any) -> bool:
-    """A re-iterable of batches (a DataLoader, a generator...) rather than one batch."""
-    if isinstance(batch, MultiBatch):
-        return True
-    if isinstance(batch, (Tensor, tuple, list, dict, str, bytes)) or hasattr(batch, "__dataclass_fields__"):
-        return False
-    return isinstance(batch, Iterable)
-
-
 class _Batches:
     """The physical batches of a curvature batch, re-iterable; a one-pass iterator is materialised once."""
 
     def __init__(self, batch: Any) -> None:
-        if _is_batch_iterable(batch) and not isinstance(batch, MultiBatch):
+        if is_batch_iterable(batch) and not isinstance(batch, MultiBatch):
             if iter(batch) is batch:  # a generator: read it once
                 batch = MultiBatch(list(batch))
                 self.source: Any = batch
@@ -306,7 +304,7 @@ class _Batches:
         else:
             self.source = batch
         self.materialised: list[Any] | None = (
-            list(iter_batches(batch)) if not _is_batch_iterable(self.source) or isinstance(batch, MultiBatch) else None
+            list(iter_batches(batch)) if not is_batch_iterable(self.source) or isinstance(batch, MultiBatch) else None
         )
         if self.materialised is not None:
             if not self.materialised:
