@@ -215,6 +215,62 @@ def test_activation_checkpointing_gives_the_hessian_of_the_plain_network(method:
     assert _rel(hv.double(), H @ v.double()) < 1e-4
 
 
+class _ReentrantCheckpointedNet(_CustomOpNet):
+    """The plain tanh net with its second layer under reentrant checkpointing (its input requires grad)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.b, torch.tanh(self.a(x)), use_reentrant=True)
+
+
+def test_reentrant_checkpointing_is_measured_by_finite_differences_of_backward_gradients() -> None:
+    """``use_reentrant=True`` refuses ``torch.autograd.grad`` (every method failed); gradients now come from
+    ``loss.backward()`` with every parameter's own ``.grad`` set aside and put back."""
+    x, y = digits(64, dtype=torch.float32)
+    ref = dense_eigvalsh(_PlainNet(), (x, y))[:3]
+    model = _ReentrantCheckpointedNet()
+    ce_loss(model, (x, y)).backward()  # the user's own gradients, as inside training
+    grads = [(p.grad, p.grad.clone()) for p in model.parameters()]
+    # the double backward through a reentrant segment is refused, or (a segment at the end, as here) runs and drops
+    # the segment's second derivatives (97% off on the probe): either way auto uses finite differences
+    with pytest.warns(RuntimeWarning, match="differ from finite differences|Double backward is not available"):
+        auto = hessian_eigenvalues(model, ce_loss, (x, y), k=3, tol=1e-4)
+    assert auto.method == "finite_difference"
+    torch.testing.assert_close(auto.eigenvalues, ref, rtol=1e-4, atol=0)
+    subset = hessian_eigenvalues(model, ce_loss, (x, y), k=1, tol=1e-4, params=[model.b.weight], method="auto")
+    H = dense_hessian(_PlainNet().double(), ce_loss, (x.double(), y))
+    block = H[16 * 64 + 16 : 16 * 64 + 16 + 160, 16 * 64 + 16 : 16 * 64 + 16 + 160]  # b.weight's principal block
+    assert abs(float(subset.eigenvalues[0]) - float(torch.linalg.eigvalsh(block)[-1])) <= 1e-4 * float(block.norm())
+    plain = gradient_covariance(_PlainNet(), ce_loss, (x, y), k=3)
+    with pytest.warns(RuntimeWarning, match="per-example loop"):
+        cov = gradient_covariance(model, ce_loss, (x, y), k=3)
+    torch.testing.assert_close(cov.eigenvalues, plain.eigenvalues, rtol=1e-5, atol=0)
+    for p, (obj, value) in zip(model.parameters(), grads):
+        assert p.grad is obj and torch.equal(p.grad, value)  # the very tensors, untouched
+
+
+def test_the_check_of_unused_parameters_is_paid_once_per_model_and_loss() -> None:
+    """An unused parameter may be one reentrant checkpointing hides from ``torch.autograd.grad``: the first
+    gradient is evaluated again by a backward to tell; the answer is kept for later measurements of the model."""
+
+    class Counting(_UnusedHead):
+        calls = 0
+
+        def forward(self, x: Tensor) -> Tensor:
+            Counting.calls += 1
+            return super().forward(x)
+
+    model = Counting().double()
+    batch = digits(32)
+    ref = torch.linalg.eigvalsh(dense_hessian(model, _unused_loss, batch)).max()
+    for expected in (2, 1, 1):
+        Counting.calls = 0
+        res = hessian_eigenvalues(model, _unused_loss, batch, k=1, tol=1e-8, method="double_backward")
+        assert Counting.calls == expected
+        torch.testing.assert_close(res.eigenvalues[0], ref, rtol=1e-7, atol=0)
+
+
 def test_auto_gives_the_true_hessian_of_a_weight_normalised_layer() -> None:
     """``torch._weight_norm`` fails ``gradgradcheck`` on the CPU (torch 2.13): the double-backward Hessian of a
     ``parametrizations.weight_norm`` layer is off by ~1e-3 relative with ``converged=True``. The reference writes

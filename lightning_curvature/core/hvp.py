@@ -108,6 +108,8 @@ VALIDITY_TOLERANCE = 1e-2
 
 # model -> {loss function key: method chosen by "auto"}
 _AUTO_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Any, str]] = weakref.WeakKeyDictionary()
+# model -> {(loss function key, parameter names): gradients by loss.backward() (see _LossModule)}, once checked
+_BACKWARD_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Any, bool]] = weakref.WeakKeyDictionary()
 
 
 def select_parameters(model: nn.Module, params: Sequence[Tensor] | None = None) -> list[tuple[str, Tensor]]:
@@ -264,12 +266,23 @@ class _LossModule(nn.Module):
     checkpointing (``torch.utils.checkpoint``) re-runs parts of the forward during the backward, and that re-run
     must see the same swapped-in parameters as the forward (after ``functional_call`` returns it would see the
     model's own).
+
+    Reentrant checkpointing (``use_reentrant=True``, e.g. older Hugging Face gradient checkpointing) refuses
+    ``torch.autograd.grad`` when it reaches a checkpointed segment, and hides the segment's parameters from it
+    (they are not inputs of the segment's autograd node: ``grad`` reports them unused, a silent zero). So the
+    first refusal, and the first gradient with an unused tensor, raise :class:`_NeedsBackward` (the caller runs
+    the call again); that evaluation reads the gradient from ``.grad`` after ``loss.backward()``
+    (:func:`_grad_by_backward`), and so do all later ones if it was a refusal or the backward reached a tensor
+    ``grad`` had called unused.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+        self.grad_by_backward = False
+        self._unused: list[bool] | None = None  # set: the next evaluation checks these unused tensors by backward
+        self._unused_checked = False
 
     def forward(
         self, batch: Any, wrt: Sequence[Tensor] | None = None, create_graph: bool = False
@@ -279,7 +292,54 @@ class _LossModule(nn.Module):
         if wrt is None:
             return loss
         loss = _checked_loss(loss)
-        return loss, torch.autograd.grad(loss, wrt, create_graph=create_graph, allow_unused=True)
+        if self.grad_by_backward or self._unused is not None:
+            grads = _grad_by_backward(loss, wrt, create_graph, self.model)
+            if self._unused is not None:  # reached by the backward, unused for grad: a hidden (reentrant) path
+                self.grad_by_backward = any(u and g is not None for u, g in zip(self._unused, grads))
+                self._unused = None
+            return loss, grads
+        try:
+            grads = torch.autograd.grad(loss, wrt, create_graph=create_graph, allow_unused=True)
+        except RuntimeError as err:
+            if "use_reentrant=True" not in str(err):
+                raise
+            self.grad_by_backward = True
+            raise _NeedsBackward(str(err)) from err
+        if not self._unused_checked and any(g is None for g in grads):
+            self._unused_checked = True
+            self._unused = [g is None for g in grads]
+            raise _NeedsBackward("some tensors are unused for torch.autograd.grad: checked by a backward")
+        return loss, grads
+
+
+class _NeedsBackward(RuntimeError):
+    """``torch.autograd.grad`` was refused (reentrant checkpointing): evaluate again; the gradient then comes from
+    ``.grad``."""
+
+
+def _grad_by_backward(
+    loss: Tensor, wrt: Sequence[Tensor], create_graph: bool, model: nn.Module
+) -> tuple[Tensor | None, ...]:
+    """The gradient of ``loss`` with respect to the leaves ``wrt`` by ``loss.backward()``.
+
+    Every parameter of ``model`` keeps its very ``.grad`` object, untouched: each is set aside (``None``) for the
+    backward, which may reach parameters that were not swapped out, and put back afterwards.
+    """
+    saved = [(p, p.grad) for p in model.parameters()]
+    for p, _ in saved:
+        p.grad = None
+    for t in wrt:
+        t.grad = None
+    try:
+        with warnings.catch_warnings():  # the leaves' .grad are cleared below: no reference cycle survives
+            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+            loss.backward(create_graph=create_graph)
+        return tuple(t.grad for t in wrt)
+    finally:
+        for t in wrt:
+            t.grad = None
+        for p, g in saved:
+            p.grad = g
 
 
 class _Batches:
@@ -463,6 +523,9 @@ class HessianOperator(CurvatureOperator):
         self.num_matvecs = 0
         self.num_grad = 0
         self._wrapper = _LossModule(eval_model, loss_fn)
+        known_route = _BACKWARD_CACHE.get(self.model, {}).get(self._route_key())
+        if known_route is not None:  # checked by an earlier operator on this model and loss
+            self._wrapper.grad_by_backward, self._wrapper._unused_checked = known_route, True
         self._devices = model_devices(model)
         self._stack: ExitStack | None = None
         self._graphs: list[tuple[list[Tensor], list[Tensor], int]] | None = None
@@ -611,11 +674,24 @@ class HessianOperator(CurvatureOperator):
                 key = f"{self._prefix}{n}"
                 mapping[key] = mapping.get(key, b).clone()
         batch = to_compute(batch, self.space.device, self.space.dtype)
-        if self.seed is not None:
-            seed_generators(self.seed, self._devices)  # the same dropout mask in every evaluation
         kwargs = {} if wrt is None else {"wrt": tuple(wrt), "create_graph": create_graph}
-        with explain_compute_dtype(self.dtype_in, self.space.dtype):
-            return functional_call(self._wrapper, mapping, (batch,), kwargs, strict=False)
+        for attempt in range(2):
+            if self.seed is not None:
+                seed_generators(self.seed, self._devices)  # the same dropout mask in every evaluation
+            try:
+                with explain_compute_dtype(self.dtype_in, self.space.dtype):
+                    out = functional_call(self._wrapper, mapping, (batch,), kwargs, strict=False)
+            except _NeedsBackward:
+                if attempt:
+                    raise
+                continue
+            if attempt:  # the route was just decided: later operators on this model and loss reuse it
+                _BACKWARD_CACHE.setdefault(self.model, {})[self._route_key()] = self._wrapper.grad_by_backward
+            return out
+        raise AssertionError("unreachable")
+
+    def _route_key(self) -> Any:
+        return (getattr(self.loss_fn, "__code__", self.loss_fn), tuple(self._names))
 
     def _upcast_rest(self) -> dict[str, Tensor]:
         """Half-precision model: its frozen parameters and floating buffers in the compute dtype too (copies)."""
@@ -1033,7 +1109,9 @@ class HessianOperator(CurvatureOperator):
         batch = to_compute(batch, self.space.device, self.space.dtype)
         if self.seed is not None:
             seed_generators(self.seed, self._devices)
-        with explain_compute_dtype(self.dtype_in, self.space.dtype):
+        with explain_compute_dtype(self.dtype_in, self.space.dtype), warnings.catch_warnings():
+            # a forward without autograd: reentrant checkpointing warns that nothing will get a gradient
+            warnings.filterwarnings("ignore", message="None of the inputs have requires_grad=True")
             functional_call(self._wrapper, mapping, (batch,), strict=False)
 
     def _double_backward(self, params: list[Tensor], grads: list[Tensor], v: Vector, retain: bool) -> Vector:

@@ -19,7 +19,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_curvature.core._batch import _map_tensors, batch_size, iter_batches, slice_batch, to_compute
-from lightning_curvature.core.hvp import LossFn, _LossModule, compute_dtype_for, select_parameters, strided
+from lightning_curvature.core.hvp import (
+    LossFn,
+    _LossModule,
+    _NeedsBackward,
+    compute_dtype_for,
+    select_parameters,
+    strided,
+)
 
 __all__ = ["check_per_example_safe", "default_chunk_size", "per_example_gradient_chunks"]
 
@@ -100,7 +107,11 @@ def per_example_gradient_chunks(
     def grad_of(ps: tuple[Tensor, ...], example_batch: Any) -> tuple[Tensor | None, ...]:
         # the backward inside the parameter swap (activation checkpointing re-runs the forward during it)
         kwargs = {"wrt": ps}
-        raw = functional_call(wrapper, {**rest, **dict(zip(names, ps))}, (example_batch,), kwargs, strict=False)[1]
+        mapping = {**rest, **dict(zip(names, ps))}
+        try:
+            raw = functional_call(wrapper, mapping, (example_batch,), kwargs, strict=False)[1]
+        except _NeedsBackward:  # reentrant checkpointing: evaluated again, the gradient read from .grad
+            raw = functional_call(wrapper, mapping, (example_batch,), kwargs, strict=False)[1]
         return tuple(None if g is None else strided(g) for g in raw)
 
     def one(ps: tuple[Tensor, ...], example: Any) -> tuple[Tensor, ...]:
