@@ -45,6 +45,21 @@ class FedScheduler(LRScheduler):
         if self.warn_missing and not self._monitor_attached and self.num_observations == 0:
             raise RuntimeError(message)
 
+    def _adopt_new_groups(self) -> None:
+        """Parameter groups added to the optimizer after construction (``optimizer.add_param_group``, e.g. by
+        Lightning's ``BackboneFinetuning``) join with the lr they were added with as their initial lr."""
+        groups = self.optimizer.param_groups
+        for i in range(len(self.base_lrs), len(groups)):
+            g = groups[i]
+            lr = g["lr"]
+            g.setdefault("initial_lr", lr.clone() if isinstance(lr, torch.Tensor) else lr)
+            self.base_lrs.append(g["initial_lr"])
+            self._adopt_group(i, g)
+            self._last_lr = [*self._last_lr, float(lr)][: len(groups)]
+
+    def _adopt_group(self, index: int, group: dict) -> None:
+        """Extend the subclass's per-group state for the added group ``index``."""
+
     def _apply(self, lrs: list[float]) -> None:
         """Write ``lrs`` into the parameter groups (tensor lrs are filled in place)."""
         for g, lr in zip(self.optimizer.param_groups, lrs):

@@ -233,8 +233,16 @@ class CurvatureDynamicsAwareLR(FedScheduler):
         super().__init__(optimizer, last_epoch)  # last: it runs the first step (get_lr)
 
     # -- feeding --------------------------------------------------------------------------------------------------
+    def _adopt_group(self, index: int, group: dict) -> None:
+        # an added group keeps the ratio of its lr to group 0's current one (BackboneFinetuning: a tenth of it)
+        self.base_lrs[index] = (
+            float(group["lr"]) / float(self.optimizer.param_groups[0]["lr"]) * float(self.base_lrs[0])
+        )
+
     def group_scales(self) -> list[float]:
-        """:math:`r_i`: each group's initial lr over group 0's; group ``i`` gets ``η · r_i``."""
+        """:math:`r_i`: each group's initial lr over group 0's; group ``i`` gets ``η · r_i`` (a group added to the
+        optimizer later keeps the ratio of its lr to group 0's when it was added)."""
+        self._adopt_new_groups()
         ref = float(self.base_lrs[0])
         return [float(b) / ref for b in self.base_lrs]
 
@@ -347,6 +355,7 @@ class CurvatureDynamicsAwareLR(FedScheduler):
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         """The lrs set by the last :meth:`observe_direction` (the initial lrs before any)."""
+        self._adopt_new_groups()
         if not self._is_initial:
             self._raise_if_never_fed(_MISSING_FEED)
         return [float(g["lr"]) for g in self.optimizer.param_groups]

@@ -289,7 +289,8 @@ class SharpnessAwareLR(FedScheduler):
             :func:`default_growth` of each group, :math:`e^{1-\beta}`.
         safety: :math:`s`, the fraction of the edge a start or reset goes to (edge rule) and the cap (cap rule),
             in ``(0, 1]``.
-        min_lr: absolute floor per group (a float or one per group).
+        min_lr: absolute floor per group (a float or one per group; a group added to the optimizer later, e.g. by
+            Lightning's ``BackboneFinetuning``, gets the float, or 0 if one per group was given).
         min_lr_ratio: floor as a fraction of the base lr, in ``[0, 1]``; the larger floor applies.
         warn_missing: raise at the first :meth:`step` if no monitor is attached and no sharpness was observed;
             ``False`` follows the base schedule silently until the first measurement.
@@ -406,6 +407,8 @@ class SharpnessAwareLR(FedScheduler):
         ]
         self.safety = safety
         self.min_lrs = mins
+        #: the absolute floor of a parameter group added after construction: ``min_lr`` if it was one number
+        self.min_lr_for_added_groups = mins[0] if isinstance(min_lr, (int, float)) else 0.0
         self.min_lr_ratio = float(min_lr_ratio)
         self.warn_missing = bool(warn_missing)
         self.sharpness: float | None = None
@@ -426,6 +429,14 @@ class SharpnessAwareLR(FedScheduler):
     def _default_growths(optimizer: torch.optim.Optimizer) -> list[float]:
         return [default_growth(g) for g in optimizer.param_groups]
 
+    def _adopt_group(self, index: int, group: dict) -> None:
+        lr = _as_float(group["lr"])
+        self.constants.append(max_stable_lr(self.optimizer, 1.0, index))
+        self.growths.append(default_growth(group) if self.max_growth is None else self.max_growth)
+        self.min_lrs.append(self.min_lr_for_added_groups)
+        self.base_values.append(lr)
+        self.lrs_in_use.append(lr)
+
     # -- feeding --------------------------------------------------------------------------------------------------
     def observe_sharpness(self, sharpness: float | torch.Tensor, step: int | None = None) -> None:
         """Record a sharpness measurement; it takes effect at the next :meth:`step` (at once before the first).
@@ -439,6 +450,7 @@ class SharpnessAwareLR(FedScheduler):
             step: optimizer steps taken before the measurement (kept for inspection).
         """
         value = _as_float(sharpness)
+        self._adopt_new_groups()
         self.num_observations += 1
         if not (value > 0 and math.isfinite(value)):
             self.num_rejected += 1
@@ -468,12 +480,14 @@ class SharpnessAwareLR(FedScheduler):
         r""":math:`\eta\lambda/c` of each group's current lr and the latest sharpness (``None`` before any)."""
         if self.sharpness is None:
             return None
+        self._adopt_new_groups()
         return [self._edge_ratio(i) for i in range(len(self.lrs_in_use))]
 
     def max_stable_lrs(self) -> list[float] | None:
         """Largest stable lr (the edge) of each group for the latest sharpness (``None`` before any)."""
         if self.sharpness is None:
             return None
+        self._adopt_new_groups()
         return [c / self.sharpness for c in self.constants]
 
     def wants_measurement(self, step: int | None = None) -> bool:
@@ -541,6 +555,7 @@ class SharpnessAwareLR(FedScheduler):
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         """Step the base schedule (not on the initial call) and return the lrs of the coming update."""
+        self._adopt_new_groups()
         if not self._is_initial:
             self._raise_if_never_fed(_MISSING_FEED)
             if self._base_scheduler is not None:
