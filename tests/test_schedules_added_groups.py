@@ -1,5 +1,6 @@
-"""Parameter groups added to the optimizer after a curvature-fed scheduler was built (``add_param_group``, as
-Lightning's ``BackboneFinetuning`` does when it unfreezes a backbone)."""
+"""Curvature-fed schedulers in Lightning's fine-tuning and tuning workflows: parameter groups added to the optimizer
+after the scheduler was built (``add_param_group``, as ``BackboneFinetuning`` does when it unfreezes a backbone), and
+the batch-size finder's trial steps, which run without callbacks."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_curvature import (
     CurvatureDynamicsAwareLR,
     DirectionalCurvatureMonitor,
+    GradientCovarianceMonitor,
     HessianEigenvalueMonitor,
     SharpnessAwareLR,
 )
@@ -131,3 +133,48 @@ def test_backbone_finetuning_unfreezes_into_a_fed_scheduler(tmp_path: Path, sche
         assert ratio == pytest.approx(sched.group_scales()[1])
     else:
         assert sched.num_rejected == 0 and len(sched.lrs_in_use) == 2
+
+
+class _Tunable(pl.LightningModule):
+    def __init__(self, scheduler: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        self.scheduler = scheduler
+        self.batch_size = 8
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+    def train_dataloader(self) -> DataLoader:
+        torch.manual_seed(1)
+        x = torch.randn(128, 4)
+        return DataLoader(TensorDataset(x, (x.sum(1) > 0).long()), batch_size=self.batch_size)
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        sched = SharpnessAwareLR(opt) if self.scheduler == "sharpness" else CurvatureDynamicsAwareLR(opt)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@pytest.mark.parametrize("scheduler", ["sharpness", "cdat"])
+def test_the_batch_size_finder_steps_a_fed_scheduler_before_its_monitor_attaches(
+    tmp_path: Path, scheduler: str
+) -> None:
+    """Lightning's batch-size finder runs trial steps with every callback removed: the scheduler raised "stepped
+    but no sharpness was ever observed and no monitor is attached" although the run has its monitor."""
+    from lightning.pytorch.tuner import Tuner
+
+    monitor: pl.Callback = (
+        HessianEigenvalueMonitor(every_n_steps=2, k=1) if scheduler == "sharpness" else DirectionalCurvatureMonitor()
+    )
+    trainer = make_trainer(tmp_path, max_steps=4, callbacks=[monitor])
+    module = _Tunable(scheduler)
+    Tuner(trainer).scale_batch_size(module, max_trials=2, steps_per_trial=2)
+    trainer.fit(module)
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert trainer.global_step == 4 and sched.monitor_attached and sched.num_observations > 0
+    # without a monitor that feeds it, the missing feed is still an error at the first step
+    unfed = make_trainer(tmp_path, max_steps=2, callbacks=[GradientCovarianceMonitor(every_n_steps=1)])
+    with pytest.raises(RuntimeError, match="no monitor is attached|never received a measurement"):
+        unfed.fit(_Tunable(scheduler))

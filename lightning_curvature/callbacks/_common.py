@@ -70,6 +70,7 @@ from lightning_curvature.callbacks._loss import (
     is_training_step_fallback,
     resolve_loss_fn,
 )
+from lightning_curvature.callbacks._subscriptions import pending_feed
 from lightning_curvature.callbacks._trainer import (
     first_optimizer,
     log_scalars,
@@ -216,6 +217,9 @@ class CurvatureCallback(Callback):
 
     #: Whether the monitor measures under sharded strategies (FSDP).
     _sharded_ok: bool = False
+    #: The scheduler protocol this callback feeds (``None``: it feeds none); such schedulers of the Trainer are told
+    #: from ``setup`` to ``teardown`` that a monitor will feed them (see :func:`~._subscriptions.pending_feed`).
+    _feeds: type[Any] | None = None
 
     def __init__(self, *, loss_fn: LossFn | None, batch_dim: BatchDim = None) -> None:
         if loss_fn is not None and not callable(loss_fn):
@@ -234,6 +238,7 @@ class CurvatureCallback(Callback):
         self.last_metrics: dict[str, float] = {}
         # not checkpointed
         self.last_error: BaseException | str | None = None
+        self._end_pending_feed: Callable[[], None] | None = None
 
     # -- hooks ----------------------------------------------------------------------------------------------------
     @override
@@ -243,6 +248,18 @@ class CurvatureCallback(Callback):
             self._resolve_loss(pl_module)
             self._loss_checked = False
             self._warned_failures.clear()
+            if self._feeds is not None:
+                self._stop_pending_feed()
+                self._end_pending_feed = pending_feed(trainer, self._feeds)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stop_pending_feed()
+
+    def _stop_pending_feed(self) -> None:
+        if self._end_pending_feed is not None:
+            self._end_pending_feed()
+            self._end_pending_feed = None
 
     def _resolve_loss(self, pl_module: pl.LightningModule) -> LossFn:
         """The user's loss (explicit, ``curvature_loss`` or the ``training_step`` fallback) and its engine form."""
@@ -584,6 +601,7 @@ class CurvatureMonitorBase(CurvatureCallback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         self._last_batch = None
         self._source.release()
 

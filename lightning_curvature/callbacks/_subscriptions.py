@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-__all__ = ["attach", "subscribers"]
+__all__ = ["attach", "pending_feed", "subscribers"]
 
 S = TypeVar("S")
 
@@ -57,3 +59,21 @@ def attach(
                     '`"interval": "step"` in `configure_optimizers`.'
                 )
     return found
+
+
+def pending_feed(trainer: pl.Trainer, protocol: type[Any]) -> Callable[[], None]:
+    """Tell the schedulers implementing ``protocol`` on ``trainer``'s optimizers, from now until the returned function
+    is called, that a monitor of this run will feed them (:func:`~lightning_curvature.schedules._fed.
+    register_pending_feeder`): stepped before it attaches (the batch-size finder's trial steps, which run without
+    callbacks), they follow their base schedule instead of raising for a missing monitor."""
+    from lightning_curvature.schedules._fed import register_pending_feeder
+
+    ref = weakref.ref(trainer)
+
+    def check(sched: Any) -> bool:
+        t = ref()
+        if t is None or not isinstance(sched, protocol):
+            return False
+        return any(o is getattr(sched, "optimizer", None) for o in t.optimizers)
+
+    return register_pending_feeder(check)

@@ -135,6 +135,8 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
         >>> trainer = Trainer(callbacks=[monitor], logger=False)  # doctest: +SKIP
     """
 
+    _feeds = DirectionSubscriber
+
     def __init__(
         self,
         loss_fn: LossFn | None = None,

@@ -281,6 +281,8 @@ class HessianEigenvalueMonitor(CurvatureMonitorBase):
         >>> monitor.last_sharpness, monitor.last_threshold  # doctest: +SKIP
     """
 
+    _feeds = SharpnessSubscriber
+
     _prog_bar_key = SHARPNESS
     _headline_key = SHARPNESS
     _overhead_key = HESSIAN_OVERHEAD

@@ -3,9 +3,26 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
+
+#: Checks registered by monitors of a run being set up (Lightning: from their ``setup`` to their ``teardown``): each
+#: says whether that run will feed the given scheduler. A scheduler stepped before any monitor attached to it is
+#: then not an error: Lightning's batch-size finder runs trial steps with every callback removed.
+_PENDING_FEEDERS: list[Callable[[FedScheduler], bool]] = []
+
+
+def register_pending_feeder(check: Callable[[FedScheduler], bool]) -> Callable[[], None]:
+    """Register ``check`` (see :data:`_PENDING_FEEDERS`); returns the function that removes it."""
+    _PENDING_FEEDERS.append(check)
+
+    def remove() -> None:
+        if check in _PENDING_FEEDERS:
+            _PENDING_FEEDERS.remove(check)
+
+    return remove
 
 
 class FedScheduler(LRScheduler):
@@ -43,6 +60,8 @@ class FedScheduler(LRScheduler):
     def _raise_if_never_fed(self, message: str) -> None:
         """Raise ``RuntimeError(message)`` if stepped with no monitor attached and no measurement ever observed."""
         if self.warn_missing and not self._monitor_attached and self.num_observations == 0:
+            if any(check(self) for check in list(_PENDING_FEEDERS)):
+                return  # a monitor of this run will attach (a tuner's trial steps run without callbacks)
             raise RuntimeError(message)
 
     def _adopt_new_groups(self) -> None:
