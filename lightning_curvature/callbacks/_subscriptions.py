@@ -63,9 +63,9 @@ def attach(
 
 def pending_feed(trainer: pl.Trainer, protocol: type[Any]) -> Callable[[], None]:
     """Tell the schedulers implementing ``protocol`` on ``trainer``'s optimizers, from now until the returned function
-    is called, that a monitor of this run will feed them (:func:`~lightning_curvature.schedules._fed.
-    register_pending_feeder`): stepped before it attaches (the batch-size finder's trial steps, which run without
-    callbacks), they follow their base schedule instead of raising for a missing monitor."""
+    is called, that a monitor of this run will feed them (``schedules._fed.register_pending_feeder``): stepped
+    before it attaches (the batch-size finder's trial steps, which run without callbacks), they follow their base
+    schedule instead of raising for a missing monitor."""
     from lightning_curvature.schedules._fed import register_pending_feeder
 
     ref = weakref.ref(trainer)
