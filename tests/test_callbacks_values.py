@@ -10,10 +10,11 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from _product_targets import record_product_targets
-from _reference import dense_eigvalsh, dense_preconditioned_eigvalsh, optimizer_preconditioner
+from _reference import dense_eigvalsh, dense_hessian, dense_preconditioned_eigvalsh, optimizer_preconditioner
 from conftest import TinyClassifier, classification_loader, make_trainer, random_tensors
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_curvature import GradientCovarianceMonitor, HessianEigenvalueMonitor
 from lightning_curvature.callbacks._common import step_axis
@@ -275,6 +276,35 @@ def test_bf16_mixed_is_measured_in_float32() -> None:
     assert bf16.history[1][1] == pytest.approx(fp32.history[1][1], rel=5e-2)
     # bf16 parameters (rounded to ~3 digits), curvature upcast to float32
     assert bf16_true.history[0][1] == pytest.approx(fp32.history[0][1], rel=3e-2)
+
+
+class _Float64HeadModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(8, 12)
+        self.head = nn.Linear(12, 3).double()
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self.head(torch.tanh(self.body(x)).double()), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_parameters_of_different_dtypes_in_the_monitors() -> None:
+    """A float64 head over a float32 body: every measurement failed ("mat1 and mat2 must have the same dtype")."""
+    x, y = random_tensors(n=64)
+    model = _Float64HeadModule()
+    ref_model = copy.deepcopy(model).double()
+    monitor = HessianEigenvalueMonitor(every_n_steps=2, k=1, tol=1e-6, num_examples=64)
+    cov = GradientCovarianceMonitor(every_n_steps=2, k=2, num_examples=64)
+    trainer = make_trainer("unused", max_steps=1, callbacks=[monitor, cov])
+    trainer.fit(model, classification_loader(x, y, batch_size=16, shuffle=False))
+    assert monitor.num_failures == 0 and cov.num_failures == 0
+    H = dense_hessian(ref_model, lambda m, b: m.training_step(b, 0), (x.double(), y))  # step 0: the initial weights
+    assert monitor.history[0][1] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-4)
 
 
 def test_epoch_end_measurements() -> None:

@@ -623,6 +623,34 @@ def test_no_trainable_parameters_and_integer_dtype() -> None:
         hessian_eigenvalues(nn.Linear(3, 2), lambda m, b: m(b[0]), x)
 
 
+class _Float64Head(nn.Module):
+    """A float32 body under a float64 head (the forward casts between them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(64, 12)
+        self.head = nn.Linear(12, 10).double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.body(x)).double())
+
+
+@pytest.mark.parametrize("method", ["auto", "double_backward", "finite_difference", "forward_over_reverse"])
+def test_parameters_of_different_dtypes_are_each_measured_in_their_own(method: str) -> None:
+    """Every parameter was copied into the first one's dtype: the float64 head's copy became float32 and the
+    forward's cast then failed ("mat1 and mat2 must have the same dtype")."""
+    model = _Float64Head()
+    x, y = digits(32, torch.float32)
+    ref_model = copy.deepcopy(model).double()
+    H = dense_hessian(ref_model, ce_loss, (x.double(), y))
+    res = hessian_eigenvalues(model, ce_loss, (x, y), k=2, tol=1e-5, method=method)
+    torch.testing.assert_close(res.eigenvalues, torch.linalg.eigvalsh(H).flip(0)[:2], rtol=1e-4, atol=0)
+    cov = gradient_covariance(model, ce_loss, (x, y), k=2)
+    ref_cov = gradient_covariance(ref_model, ce_loss, (x.double(), y), k=2)
+    torch.testing.assert_close(cov.eigenvalues, ref_cov.eigenvalues, rtol=1e-4, atol=0)
+
+
 def test_an_uninitialised_lazy_module_is_a_clear_error() -> None:
     model = nn.Sequential(nn.LazyLinear(4), nn.Tanh(), nn.Linear(4, 3))
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))

@@ -163,12 +163,18 @@ def _loss_evaluation(pl_module: nn.Module, mode: Any) -> Iterator[Callable[[Loss
 
         def call(loss_fn: LossFn, batch: Any, grad: bool) -> Any:
             with torch.set_grad_enabled(grad):
+                half_model = dtype != named[0][1].dtype
+                # each parameter in its own compute dtype, as the engine measures it (a frozen one of a
+                # full-precision model, such as the half base under float32 adapters, as it is)
                 mapping = {
-                    f"model.{n}": p.detach().to(dtype).clone().requires_grad_(grad and p.requires_grad)
+                    f"model.{n}": p.detach()
+                    .to(compute_dtype_for(p.dtype) if (p.requires_grad or half_model) else p.dtype)
+                    .clone()
+                    .requires_grad_(grad and p.requires_grad)
                     for n, p in named
                 }
                 for n, b in pl_module.named_buffers():
-                    if b.is_floating_point() and b.dtype != dtype and dtype != named[0][1].dtype:
+                    if b.is_floating_point() and b.dtype != dtype and half_model:
                         mapping[f"model.{n}"] = b.detach().to(dtype)
                 batch = to_compute(batch, device, dtype)
                 return functional_call(_LossModule(pl_module, loss_fn), mapping, (batch,), strict=False)

@@ -175,7 +175,7 @@ def krylov_schur(
         start.clear()  # the caller's references go: the start vectors live on only in the basis
     T = torch.zeros(0, 0, dtype=torch.float64)
     C = torch.zeros(b, 0, dtype=torch.float64)
-    u = _unit_roundoff(space.dtype)
+    u = _unit_roundoff(space.coarsest_dtype)
     anorm = 0.0
     lost = 0.0
     product_floor = 0.0  # largest absolute error of a product so far (finite differences)
@@ -273,7 +273,7 @@ def krylov_schur(
         resid = torch.linalg.vector_norm(C @ S, dim=0) + lost
         refine = min(k + GUARD, m)
         refined = refined_residuals(T, C, theta[:refine]) if refine else None
-        rule.floor = max(precision_floor(space.dtype, anorm, space.dim), product_floor)
+        rule.floor = max(precision_floor(space.coarsest_dtype, anorm, space.dim), product_floor)
         bounds = error_bounds(theta, resid, which, refined).clamp_min(rule.floor)
         if rule(theta, resid, bounds, nprod):
             break

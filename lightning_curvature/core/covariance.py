@@ -221,7 +221,7 @@ def gradient_covariance(
     n_local = sum(batch_size(b) for b in iter_batches(batch))
     named = select_parameters(model, params)
     num_params = sum(p.numel() for _, p in named)
-    itemsize = 8 if named[0][1].dtype == torch.float64 else 4
+    itemsize = 8 if any(p.dtype == torch.float64 for _, p in named) else 4  # per-example rows in the widest dtype
     chunk = chunk_size or default_chunk_size(num_params, n_local, max_memory_bytes, itemsize)
     kwargs = dict(params=params, chunk_size=chunk, max_memory_bytes=max_memory_bytes, strategy=strategy)
     with (

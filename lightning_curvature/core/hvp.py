@@ -499,6 +499,7 @@ class HessianOperator(CurvatureOperator):
         first = self._named[0][1]
         self.dtype_in = first.dtype
         requested_dtype = dtype
+        self._explicit_dtype = dtype  # None: each parameter in its own compute dtype (half precision in float32)
         dtype = compute_dtype_for(first.dtype) if dtype is None else dtype
         params_list = [p for _, p in self._named]
         #: the parameters are FSDP shards: products by finite differences through the module's own forward/backward
@@ -517,12 +518,16 @@ class HessianOperator(CurvatureOperator):
             self.method = "finite_difference"
             self.space = shard_space(params_list, first.dtype)
         else:
-            self.space = VectorSpace(params_list, dtype=dtype)
+            dtypes = [compute_dtype_for(p.dtype) if requested_dtype is None else dtype for p in params_list]
+            self.space = VectorSpace(params_list, dtypes=dtypes)
         self.shapes = list(self.space.shapes)
         self.numels = list(self.space.numels)
         self.num_matvecs = 0
         self.num_grad = 0
         self._wrapper = _LossModule(eval_model, loss_fn)
+        # a half-precision model (or an explicit dtype=): its frozen tensors follow its parameters' compute dtype;
+        # full-precision trainable parameters over a frozen half base (adapters) leave the base as it is
+        self._upcast_needed = self.space.dtype != self.dtype_in
         known_route = _BACKWARD_CACHE.get(self.model, {}).get(self._route_key())
         if known_route is not None:  # checked by an earlier operator on this model and loss
             self._wrapper.grad_by_backward, self._wrapper._unused_checked = known_route, True
@@ -667,7 +672,7 @@ class HessianOperator(CurvatureOperator):
         create_graph: bool = False,
     ) -> Any:
         mapping: dict[str, Tensor] = dict(zip(self._names, params))
-        if self.space.dtype != self.dtype_in:
+        if self._upcast_needed:
             mapping.update(self._upcast_rest())
         if fresh_buffers:  # copies made here, inside a torch.func transform, may be updated in place (BatchNorm)
             for n, b in self._eval_model.named_buffers():
@@ -694,13 +699,17 @@ class HessianOperator(CurvatureOperator):
         return (getattr(self.loss_fn, "__code__", self.loss_fn), tuple(self._names))
 
     def _upcast_rest(self) -> dict[str, Tensor]:
-        """Half-precision model: its frozen parameters and floating buffers in the compute dtype too (copies)."""
+        """The frozen parameters and floating buffers in the compute dtype too (copies): every floating one in an
+        explicit ``dtype=``, else the half-precision ones in float32."""
         chosen = set(self._names)
         rest: dict[str, Tensor] = {}
         for n, t in [*self._eval_model.named_parameters(), *self._eval_model.named_buffers()]:
             key = f"{self._prefix}{n}"
-            if key not in chosen and t.is_floating_point() and t.dtype != self.space.dtype:
-                rest[key] = t.detach().to(self.space.dtype)
+            if key in chosen or not t.is_floating_point():
+                continue
+            target = self._explicit_dtype or compute_dtype_for(t.dtype)
+            if t.dtype != target:
+                rest[key] = t.detach().to(target)
         return rest
 
     def _grad_with_graph(
@@ -787,7 +796,7 @@ class HessianOperator(CurvatureOperator):
             raise NonFiniteCurvatureError(f"The reduced {what} is not finite on some process.")
         out = []
         for piece, t in zip(torch.split(flat[head.numel() :], self.space.numels), parts):
-            out.append((piece / total).to(device=t.device).view(t.shape))
+            out.append((piece / total).to(device=t.device, dtype=t.dtype).view(t.shape))
         return out, [float(x) for x in flat[1 : head.numel()]]
 
     # -- products -------------------------------------------------------------------------------------------------
@@ -1104,7 +1113,7 @@ class HessianOperator(CurvatureOperator):
             return
         params = [p.detach().to(d, copy=True) for (_, p), d in zip(self._named, self.space.dtypes)]
         mapping: dict[str, Tensor] = dict(zip(self._names, params))
-        if self.space.dtype != self.dtype_in:
+        if self._upcast_needed:
             mapping.update(self._upcast_rest())
         batch = to_compute(batch, self.space.device, self.space.dtype)
         if self.seed is not None:
@@ -1135,7 +1144,7 @@ class HessianOperator(CurvatureOperator):
     def _fd_step(self, v: Vector) -> float:
         theta = [local_tensor(p).detach() for _, p in self._named]
         scale = direction_scale(self.space, theta, v)
-        return finite_difference_step(self.space.dtype, scale, float(self.space.norm(v)), self.fd_order)
+        return finite_difference_step(self.space.coarsest_dtype, scale, float(self.space.norm(v)), self.fd_order)
 
     # -- the choice of "auto" -------------------------------------------------------------------------------------
     def _auto_key(self) -> Any:

@@ -365,7 +365,7 @@ def lanczos_tridiagonal(
         m = j + 1
         if stop is not None and stop(torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas), m):
             break
-        if beta <= 64 * torch.finfo(space.dtype).eps * max(scale, 1e-300):
+        if beta <= 64 * torch.finfo(space.coarsest_dtype).eps * max(scale, 1e-300):
             break  # invariant subspace: the Ritz values are exact
         prev, v = v, scale_(w, 1.0 / beta)
     return torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas, dtype=torch.float64), basis

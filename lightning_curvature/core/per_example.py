@@ -90,8 +90,9 @@ def per_example_gradient_chunks(
     device, dtype = first.device, compute_dtype_for(first.dtype)
     num_params = sum(p.numel() for _, p in named)
     wrapper = _LossModule(model, loss_fn)
-    # copies: a forward that writes its weights in place (nn.Embedding(max_norm=...)) must not touch the parameters
-    pvals = tuple(p.detach().to(dtype, copy=True) for _, p in named)
+    # copies: a forward that writes its weights in place (nn.Embedding(max_norm=...)) must not touch the parameters;
+    # each in its own compute dtype (a float64 head over a float32 body stays so)
+    pvals = tuple(p.detach().to(compute_dtype_for(p.dtype), copy=True) for _, p in named)
     names = [f"model.{n}" for n, _ in named]
     rest: dict[str, Tensor] = {}
     if dtype != first.dtype:  # half-precision model: frozen parameters and buffers in the compute dtype too

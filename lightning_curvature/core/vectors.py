@@ -139,6 +139,7 @@ class VectorSpace:
         localize: for sharded spaces, maps a full parameter-shaped tensor ``i`` to this process's shard, so random
             vectors are the same global vector whatever the layout: ``localize(i, full) -> shard``.
         global_dim: number of entries of the full vectors (default: the local count).
+        dtypes: one dtype per tensor (overrides ``dtype``): a model whose parameters have different dtypes.
 
     Example::
 
@@ -157,12 +158,15 @@ class VectorSpace:
         localize: Callable[[int, Tensor], Tensor] | None = None,
         global_dim: int | None = None,
         global_shapes: Sequence[torch.Size] | None = None,
+        dtypes: Sequence[torch.dtype] | None = None,
     ) -> None:
         if not templates:
             raise ValueError("A vector space needs at least one tensor.")
+        if dtypes is not None and len(dtypes) != len(templates):
+            raise ValueError(f"Expected {len(templates)} dtypes (one per tensor), got {len(dtypes)}.")
         self.shapes = [t.shape for t in templates]
         self.devices = [t.device for t in templates]
-        self.dtypes = [dtype or t.dtype for t in templates]
+        self.dtypes = list(dtypes) if dtypes is not None else [dtype or t.dtype for t in templates]
         self.numels = [t.numel() for t in templates]
         self.reduce_fn = reduce_fn
         self.localize = localize
@@ -171,8 +175,13 @@ class VectorSpace:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype of the first tensor (all are the same for parameters in one compute dtype)."""
+        """The dtype of the first tensor (the batch's floating tensors are cast to it; see :attr:`coarsest_dtype`)."""
         return self.dtypes[0]
+
+    @property
+    def coarsest_dtype(self) -> torch.dtype:
+        """The dtype with the largest rounding unit among the tensors' (what precision floors must assume)."""
+        return max(self.dtypes, key=lambda d: torch.finfo(d).eps)
 
     @property
     def device(self) -> torch.device:
