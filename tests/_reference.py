@@ -13,6 +13,19 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 
+class Float64Head(nn.Module):
+    """A float32 body under a float64 head (the forward casts between them): parameters of two dtypes."""
+
+    def __init__(self, inputs: int, hidden: int, classes: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(inputs, hidden)
+        self.head = nn.Linear(hidden, classes).double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.body(x)).double())
+
+
 def flat_params(model: nn.Module) -> Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 

@@ -12,9 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _product_targets import record_product_targets
-from _reference import dense_eigvalsh, dense_hessian, dense_preconditioned_eigvalsh, optimizer_preconditioner
+from _reference import (
+    Float64Head,
+    ce_loss,
+    dense_eigvalsh,
+    dense_hessian,
+    dense_preconditioned_eigvalsh,
+    optimizer_preconditioner,
+)
 from conftest import TinyClassifier, classification_loader, make_trainer, random_tensors
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_curvature import GradientCovarianceMonitor, HessianEigenvalueMonitor
 from lightning_curvature.callbacks._common import step_axis
@@ -281,13 +288,10 @@ def test_bf16_mixed_is_measured_in_float32() -> None:
 class _Float64HeadModule(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Linear(8, 12)
-        self.head = nn.Linear(12, 3).double()
+        self.net = Float64Head(8, 12, 3)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self.head(torch.tanh(self.body(x)).double()), y)
+        return F.cross_entropy(self.net(batch[0]), batch[1])
 
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -303,7 +307,7 @@ def test_parameters_of_different_dtypes_in_the_monitors() -> None:
     trainer = make_trainer("unused", max_steps=1, callbacks=[monitor, cov])
     trainer.fit(model, classification_loader(x, y, batch_size=16, shuffle=False))
     assert monitor.num_failures == 0 and cov.num_failures == 0
-    H = dense_hessian(ref_model, lambda m, b: m.training_step(b, 0), (x.double(), y))  # step 0: the initial weights
+    H = dense_hessian(ref_model.net, ce_loss, (x.double(), y))  # step 0: the initial weights
     assert monitor.history[0][1] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-4)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from _reference import TinyCNN, TinyTransformer, ce_loss, dense_hessian, digits, flat_params, mlp
+from _reference import Float64Head, TinyCNN, TinyTransformer, ce_loss, dense_hessian, digits, flat_params, mlp
 from torch import Tensor, nn
 
 from lightning_curvature import (
@@ -623,24 +623,11 @@ def test_no_trainable_parameters_and_integer_dtype() -> None:
         hessian_eigenvalues(nn.Linear(3, 2), lambda m, b: m(b[0]), x)
 
 
-class _Float64Head(nn.Module):
-    """A float32 body under a float64 head (the forward casts between them)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Linear(64, 12)
-        self.head = nn.Linear(12, 10).double()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(torch.tanh(self.body(x)).double())
-
-
 @pytest.mark.parametrize("method", ["auto", "double_backward", "finite_difference", "forward_over_reverse"])
 def test_parameters_of_different_dtypes_are_each_measured_in_their_own(method: str) -> None:
     """Every parameter was copied into the first one's dtype: the float64 head's copy became float32 and the
     forward's cast then failed ("mat1 and mat2 must have the same dtype")."""
-    model = _Float64Head()
+    model = Float64Head(64, 12, 10)
     x, y = digits(32, torch.float32)
     ref_model = copy.deepcopy(model).double()
     H = dense_hessian(ref_model, ce_loss, (x.double(), y))
