@@ -313,8 +313,8 @@ class _LossModule(nn.Module):
 
 
 class _NeedsBackward(RuntimeError):
-    """``torch.autograd.grad`` was refused (reentrant checkpointing): evaluate again; the gradient then comes from
-    ``.grad``."""
+    """``torch.autograd.grad`` was refused (reentrant checkpointing) or called a tensor unused: evaluate again; the
+    gradient then comes from ``.grad`` after ``loss.backward()``."""
 
 
 def _grad_by_backward(

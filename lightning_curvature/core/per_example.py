@@ -111,7 +111,7 @@ def per_example_gradient_chunks(
         mapping = {**rest, **dict(zip(names, ps))}
         try:
             raw = functional_call(wrapper, mapping, (example_batch,), kwargs, strict=False)[1]
-        except _NeedsBackward:  # reentrant checkpointing: evaluated again, the gradient read from .grad
+        except _NeedsBackward:  # reentrant checkpointing or an unused tensor: evaluated again by a backward
             raw = functional_call(wrapper, mapping, (example_batch,), kwargs, strict=False)[1]
         return tuple(None if g is None else strided(g) for g in raw)
 
