@@ -1,7 +1,9 @@
 """Leave the caller's model exactly as it was: RNG streams, buffers, train/eval flags, plain tensor attributes.
 
-Every measurement runs inside :func:`preserved_model_state`. Gradients are only ever taken with
-``torch.autograd.grad`` / ``torch.func`` on detached parameter copies, so ``.grad`` is never written.
+Every measurement runs inside :func:`preserved_model_state`. Gradients are taken with ``torch.autograd.grad`` /
+``torch.func`` on detached parameter copies, so ``.grad`` is never written; where reentrant activation checkpointing
+refuses ``grad``, by ``loss.backward()`` with every parameter's ``.grad`` set aside and put back untouched
+(:func:`~lightning_curvature.core.hvp._grad_by_backward`).
 """
 
 from __future__ import annotations
