@@ -400,6 +400,21 @@ def test_a_pruned_layers_hook_made_weight_is_left_as_it_was(method: str) -> None
     assert abs(float(res.eigenvalues[0]) - float(ref)) <= 2e-4 * float(ref)
 
 
+@pytest.mark.parametrize("method", ["double_backward", "finite_difference"])
+def test_a_callers_autocast_region_does_not_round_the_products(method: str) -> None:
+    """Measured inside ``torch.autocast`` (a training loop's region), the products ran in bf16: the second
+    eigenvalue came back 3e-4 relative off with a reported bound of 3e-6."""
+    model = mlp(hidden=24).float()
+    x, y = digits(64, torch.float32)
+    ref = torch.linalg.eigvalsh(dense_hessian(mlp(hidden=24), ce_loss, (x.double(), y))).flip(0)[:3]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tol = 1e-4 if method == "double_backward" else 1e-3  # float32 differences do not certify 1e-4 here
+        res = hessian_eigenvalues(model, ce_loss, (x, y), k=3, tol=tol, method=method)
+        assert torch.is_autocast_enabled("cpu")  # the caller's region is back
+    assert res.converged
+    assert bool(((res.eigenvalues - ref).abs() <= res.error_bounds + 1e-6 * ref.abs()).all())
+
+
 def test_dropout_mask_is_fixed_within_a_measurement() -> None:
     """With dropout active, the operator must be one fixed symmetric matrix: products are reproducible."""
     torch.manual_seed(0)

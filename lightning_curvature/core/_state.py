@@ -46,7 +46,8 @@ def preserved_model_state(
 
     On exit, every submodule gets back its own ``training`` flag, every buffer its value (BatchNorm running
     statistics, ``num_batches_tracked``), every plain tensor attribute its tensor (the ``weight`` a pruning hook
-    recomputes in the forward), and the global CPU and accelerator RNG streams their state. Inside, the
+    recomputes in the forward), and the global CPU and accelerator RNG streams their state. Inside, autocast is off
+    (a caller's ``torch.autocast`` region would round every product to half precision), and the
     module runs eagerly even if it was compiled (:func:`eager_execution`), unless ``eager=False``.
 
     Args:
@@ -75,6 +76,10 @@ def preserved_model_state(
     attributes = {m: _tensor_attributes(m) for m in module.modules()}
     devices = _devices_of(module)
     with ExitStack() as stack:
+        for device_type in sorted({"cpu", *(d.type for d in devices)}):
+            # curvature in the parameters' (compute) dtype: a caller's autocast region would round every product
+            # to bf16/fp16, below what the error bounds account for
+            stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
         stack.enter_context(torch.random.fork_rng(devices=devices, device_type=_device_type(devices)))
         if seed is not None:
             seed_generators(seed, devices)

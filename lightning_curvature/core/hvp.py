@@ -391,9 +391,11 @@ class _Batches:
 class HessianOperator(CurvatureOperator):
     r"""The linear map :math:`v \mapsto Hv`, :math:`H = \nabla^2_\theta L`, on parameter-shaped vectors.
 
-    Use it as a context manager: on entry the model state is saved (RNG, buffers, train/eval flags) and, for double
-    backward, the gradient graph is built; on exit everything is restored and the graph freed. :meth:`matvec` takes
-    a list of tensors shaped like the parameters (returns one) or a flat vector (returns a flat vector).
+    Use it as a context manager: on entry the model state is saved (RNG, buffers, train/eval flags, plain tensor
+    attributes) and, for double backward, the gradient graph is built; on exit everything is restored and the graph
+    freed. Inside the block autocast is off (a caller's ``torch.autocast`` region would round the products to half
+    precision). :meth:`matvec` takes a list of tensors shaped like the parameters (returns one) or a flat vector
+    (returns a flat vector).
 
     Args:
         model: the model; its parameters decide device and dtype (half precision is computed in float32).
