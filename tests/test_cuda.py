@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from _reference import ce_loss, digits, mlp, plain_hvp
+from _reference import TinyCNN, ce_loss, dense_hessian, digits, mlp, plain_hvp
 from torch import nn
 
 from lightning_curvature import (
@@ -120,3 +120,18 @@ def test_host_basis_keeps_the_krylov_vectors_off_the_gpu() -> None:
     torch.testing.assert_close(host.eigenvalues, default.eigenvalues, rtol=1e-4, atol=0)
     assert host.eigenvector_list is not None and host.eigenvector_list[0][0].is_cuda
     assert peaks["cpu"] < peaks[None] - 0.5 * default.peak_vectors  # most of the basis no longer on the GPU
+
+
+def test_float32_cnn_bounds_cover_the_float64_eigenvalues_under_the_default_tf32_settings() -> None:
+    """cuDNN runs float32 convolutions in TF32 by default (``torch.backends.cudnn.conv.fp32_precision == "tf32"``
+    on torch 2.13): products then carry ~1e-3 relative error that no bound includes. This checks the certificates
+    at the monitors' default ``tol=1e-3`` against the float64 CPU Hessian with the default settings, as users run.
+    Not verified here (no GPU on the development machine); if it fails, measurements must switch the convolution
+    and matmul precision to IEEE float32 for their duration."""
+    torch.manual_seed(0)
+    model = TinyCNN().float()
+    x, y = digits(64, torch.float32)
+    ref = torch.linalg.eigvalsh(dense_hessian(copy.deepcopy(model).double(), ce_loss, (x.double(), y))).flip(0)[:3]
+    res = hessian_eigenvalues(model.cuda(), ce_loss, (x.cuda(), y.cuda()), k=3, tol=1e-3, method="double_backward")
+    assert res.converged
+    assert bool(((res.eigenvalues.cpu() - ref).abs() <= res.error_bounds.cpu() + 1e-7 * ref.abs()).all())
