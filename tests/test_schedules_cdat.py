@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from _reference import least_squares, least_squares_hessian, mse_loss
+from _reference import dense_hessian, least_squares, least_squares_hessian, mse_loss
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -317,6 +317,59 @@ def test_lightning_monitor_closed_form(tmp_path: Any, opt: str, sigma: float) ->
     logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     for key in ("cdat/numerator", "cdat/denominator", "cdat/edge_lr", "cdat/lr"):
         assert key in logged
+
+
+class SparseEmbeddingQuadratic(pl.LightningModule):
+    """A sparse embedding under a fixed linear read-out, squared error: a constant Hessian, sparse gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(12, 4, sparse=True).double()
+        self.register_buffer("readout", torch.randn(4, dtype=torch.float64))
+        self.tokens, self.targets = torch.randint(0, 12, (48,)), torch.randn(48, dtype=torch.float64)
+
+    def train_dataloader(self) -> Any:
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.tokens, self.targets), batch_size=48)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.emb(t) @ self.readout
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return ((self(batch[0]) - batch[1]) ** 2).mean()
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        sched = CurvatureDynamicsAwareLR(opt, sigma=2.0, ema_beta=0.0, eps=0.0, lr_max=None)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_lightning_monitor_with_sparse_embedding_gradients(tmp_path: Any) -> None:
+    """SGD trains ``nn.Embedding(sparse=True)``; every measurement failed (sparse gradients refused, then a
+    reshape of the sparse gradient), so CDAT never moved. Closed form against the dense Hessian and SGD's own step."""
+
+    class Check(pl.Callback):
+        def __init__(self) -> None:
+            self.errors: list[float] = []
+
+        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+            dense = nn.Embedding(12, 4).double()
+            dense.weight.data.copy_(pl_module.emb.weight.detach())
+            H = dense_hessian(dense, lambda m, b: ((m(b[0]) @ b[2] - b[1]) ** 2).mean(),
+                              (pl_module.tokens, pl_module.targets, pl_module.readout)).numpy()  # fmt: skip
+            g = pl_module.emb.weight.grad.to_dense().reshape(-1).numpy()
+            u = _unit_lr_step(optimizer)
+            expected = 2.0 * max(-g @ u, 0.0) / abs(u @ H @ u)
+            self.errors.append(abs(optimizer.param_groups[0]["lr"] - expected) / expected)
+
+    check = Check()
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, max_steps=5, callbacks=[DirectionalCurvatureMonitor(), check], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(SparseEmbeddingQuadratic())
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert sched.num_accepted == 5 and len(check.errors) == 5 and max(check.errors) < 1e-9
 
 
 def test_lightning_without_monitor_raises(tmp_path: Any) -> None:

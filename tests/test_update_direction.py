@@ -111,6 +111,24 @@ def test_group_scales_and_missing_grad() -> None:
         torch.testing.assert_close(p - p0, eta * ui)
 
 
+@pytest.mark.parametrize(
+    ("momentum", "nesterov", "dampening"), [(0.0, False, 0.0), (0.9, False, 0.0), (0.9, True, 0.0), (0.9, False, 0.3)]
+)
+def test_sparse_embedding_gradients_give_sgds_own_step(momentum: float, nesterov: bool, dampening: float) -> None:
+    """``nn.Embedding(sparse=True)`` trains with SGD (sparse gradients, and a sparse momentum buffer); the direction
+    was refused ("Sparse gradients are not supported"), so CDAT had no measurement all run."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 3, sparse=True).double()
+    opt = torch.optim.SGD(emb.parameters(), lr=0.1, momentum=momentum, nesterov=nesterov, dampening=dampening)
+    for step in range(4):
+        opt.zero_grad()
+        (emb(torch.tensor([1, 2, step])) ** 2).sum().backward()
+        direction = update_direction(opt)[0]
+        before = emb.weight.detach().clone()
+        opt.step()
+        torch.testing.assert_close(emb.weight.detach() - before, 0.1 * direction, rtol=0, atol=1e-15)
+
+
 def test_errors() -> None:
     w = nn.Parameter(torch.zeros(2))
     opt = torch.optim.Adagrad([w])

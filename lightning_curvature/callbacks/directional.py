@@ -52,7 +52,7 @@ from lightning_curvature.callbacks._subscriptions import attach
 from lightning_curvature.callbacks._validation import check_floating_dtype
 from lightning_curvature.core._batch import BatchDim
 from lightning_curvature.core.errors import InaccurateProductsError
-from lightning_curvature.core.hvp import HessianOperator, HVPMethod
+from lightning_curvature.core.hvp import HessianOperator, HVPMethod, strided
 from lightning_curvature.core.operators import RELIABLE_PRODUCT_ERROR
 from lightning_curvature.core.update_direction import (
     directional_terms,
@@ -224,7 +224,7 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
         scales = group_scales() if callable(group_scales) else None
         u = update_direction(optimizer, params, group_scales=scales, dtype=dtype)
         u_flat = torch.cat([t.reshape(-1) for t in u])
-        g_flat = torch.cat([p.grad.detach().to(dtype).reshape(-1) for p in params])  # type: ignore[union-attr]
+        g_flat = torch.cat([strided(p.grad).detach().to(dtype).reshape(-1) for p in params])  # type: ignore[arg-type]
         theta = torch.cat([p.detach().to(dtype).reshape(-1) for p in params])
         wds = weight_decay_terms(optimizer, params)
         wd_flat = (

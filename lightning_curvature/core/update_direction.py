@@ -84,6 +84,7 @@ def _sgd_direction(p: Tensor, g: Tensor, group: dict, state: dict) -> Tensor:
         if buf is None:
             b = g.clone()
         else:
+            buf = buf.to_dense() if buf.is_sparse else buf  # SGD keeps a sparse buffer for sparse gradients
             b = mu * buf.to(g.dtype) + (1.0 - _scalar(group.get("dampening", 0.0))) * g
         g = g + mu * b if group.get("nesterov", False) else b
     return -g
@@ -197,9 +198,7 @@ def update_direction(
             if grad is None:
                 out.append(torch.zeros_like(p, dtype=cdtype))
                 continue
-            if grad.is_sparse:
-                raise ValueError("Sparse gradients are not supported.")
-            g = grad.detach().to(cdtype)
+            g = (grad.to_dense() if grad.is_sparse else grad).detach().to(cdtype)  # nn.Embedding(sparse=True)
             if group.get("maximize", False):
                 g = -g
             pd = p.detach().to(cdtype)
