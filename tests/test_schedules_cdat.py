@@ -173,13 +173,16 @@ def test_state_dict_round_trip_mid_run() -> None:
 # closed form on a quadratic: linear least squares, H = 2 [X 1]^T [X 1] / n, in float64
 
 
-def _unit_lr_step(opt: torch.optim.Optimizer) -> np.ndarray:
-    """θ_new − θ_old of a deep-copied optimizer stepped once at lr = 1 (an independent u)."""
+def _unit_lr_step(opt: torch.optim.Optimizer, clip: Callable[[list[torch.Tensor]], Any] | None = None) -> np.ndarray:
+    """θ_new − θ_old of a deep-copied optimizer stepped once at lr = 1 (an independent u), after ``clip`` (e.g.
+    ``torch.nn.utils.clip_grad_norm_``) on the copy's parameters if given."""
     twin = copy.deepcopy(opt)
     for g_t, g in zip(twin.param_groups, opt.param_groups):
         g_t["lr"] = 1.0
         for p_t, p in zip(g_t["params"], g["params"]):
             p_t.grad = p.grad.clone()
+    if clip is not None:
+        clip([p for g in twin.param_groups for p in g["params"]])
     before = [p.detach().clone() for g in twin.param_groups for p in g["params"]]
     twin.step()
     after = [p.detach() for g in twin.param_groups for p in g["params"]]
@@ -317,6 +320,48 @@ def test_lightning_monitor_closed_form(tmp_path: Any, opt: str, sigma: float) ->
     logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     for key in ("cdat/numerator", "cdat/denominator", "cdat/edge_lr", "cdat/lr"):
         assert key in logged
+
+
+class ClippedQuadraticCheck(QuadraticCheck):
+    """As :class:`QuadraticCheck`, with u the step torch takes after torch's own clipping of the gradients (the
+    slope n still from the unclipped gradient)."""
+
+    def __init__(self, sigma: float, clip: Callable[[list[torch.Tensor]], Any]) -> None:
+        super().__init__(sigma)
+        self.clip = clip
+        self.clipped_steps = 0
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+        H = least_squares_hessian(pl_module.x)
+        g = torch.cat([p.grad.reshape(-1) for p in pl_module.parameters()]).numpy()
+        u = _unit_lr_step(optimizer, self.clip)
+        self.clipped_steps += int(not np.allclose(u, _unit_lr_step(optimizer), rtol=1e-6, atol=0))
+        expected = self.sigma * max(-g @ u, 0.0) / abs(u @ H @ u)
+        lr = optimizer.param_groups[0]["lr"]
+        self.lrs.append(lr)
+        self.errors.append(abs(lr - expected) / expected)
+
+
+@pytest.mark.parametrize(
+    ("opt", "algorithm"), [("sgd", "norm"), ("momentum", "norm"), ("adam", "norm"), ("momentum", "value")]
+)
+def test_lightning_monitor_closed_form_with_gradient_clipping(tmp_path: Any, opt: str, algorithm: str) -> None:
+    """Lightning clips after ``on_before_optimizer_step``: u_t was the unclipped update, so with clipping CDAT set
+    the lr for a step the optimizer does not take (off by the clipping factor for plain SGD)."""
+    clip_val = 0.05  # below the gradients of the first steps: every one of them is clipped
+    if algorithm == "norm":
+        clip: Callable[[list[torch.Tensor]], Any] = lambda ps: torch.nn.utils.clip_grad_norm_(ps, clip_val)  # noqa: E731
+    else:
+        clip = lambda ps: torch.nn.utils.clip_grad_value_(ps, clip_val)  # noqa: E731
+    check = ClippedQuadraticCheck(2.0, clip)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, max_steps=6, callbacks=[DirectionalCurvatureMonitor(), check], logger=False,
+        gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(LeastSquares(opt=opt, sigma=2.0))
+    assert len(check.errors) == 6 and check.clipped_steps >= 3
+    assert max(check.errors) < 1e-9
 
 
 class SparseEmbeddingQuadratic(pl.LightningModule):

@@ -38,6 +38,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_curvature.callbacks._batch_source import LayoutCache, expected_batch_size
+from lightning_curvature.callbacks._clipping import clipped_gradients
 from lightning_curvature.callbacks._common import (
     CurvatureCallback,
     check_bool,
@@ -86,9 +87,11 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
 
     Cost: one Hessian-vector product (about two to four gradients) per step on the current batch. The batch is
     the one of the stepping batch; with gradient accumulation the gradient is the accumulated one while the
-    curvature is measured on the last micro-batch. Gradient clipping, which Lightning applies after this hook,
-    is not part of :math:`u_t`. Under DDP, :math:`n_t` and :math:`d_t` are averaged over ranks, so every rank
-    sets the same learning rate.
+    curvature is measured on the last micro-batch. Gradient clipping, which Lightning applies after this hook, is
+    applied to the gradients :math:`u_t` is computed from (by norm or by value, as ``gradient_clip_val`` and
+    ``gradient_clip_algorithm`` say; a module's own ``configure_gradient_clipping`` cannot be anticipated and is
+    not), while :math:`n_t` takes the unclipped gradient (the slope of the loss along the update). Under DDP,
+    :math:`n_t` and :math:`d_t` are averaged over ranks, so every rank sets the same learning rate.
 
     Logged (at the ``LearningRateMonitor`` step axis, through the loggers when the Trainer logs, i.e. every
     ``log_every_n_steps``): ``cdat/numerator`` (:math:`n_t`), ``cdat/denominator`` (:math:`d_t`), ``cdat/edge_lr``
@@ -222,7 +225,9 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
         dtype = torch.float32 if params[0].dtype in (torch.float16, torch.bfloat16) else params[0].dtype
         group_scales = getattr(sched, "group_scales", None)  # optional: the relative lrs of the groups
         scales = group_scales() if callable(group_scales) else None
-        u = update_direction(optimizer, params, group_scales=scales, dtype=dtype)
+        # the update the optimizer will make: from the gradients as Lightning's clipping will leave them
+        clipped = clipped_gradients(trainer, pl_module, [strided(p.grad).detach() for p in params])  # type: ignore[arg-type]
+        u = update_direction(optimizer, params, grads=clipped, group_scales=scales, dtype=dtype)
         u_flat = torch.cat([t.reshape(-1) for t in u])
         g_flat = torch.cat([strided(p.grad).detach().to(dtype).reshape(-1) for p in params])  # type: ignore[arg-type]
         theta = torch.cat([p.detach().to(dtype).reshape(-1) for p in params])
