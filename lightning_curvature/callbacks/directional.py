@@ -225,11 +225,13 @@ class DirectionalCurvatureMonitor(CurvatureCallback):
         dtype = torch.float32 if params[0].dtype in (torch.float16, torch.bfloat16) else params[0].dtype
         group_scales = getattr(sched, "group_scales", None)  # optional: the relative lrs of the groups
         scales = group_scales() if callable(group_scales) else None
+        grads = [strided(p.grad).detach() for p in params]  # type: ignore[arg-type]  # dense (sparse embeddings)
         # the update the optimizer will make: from the gradients as Lightning's clipping will leave them
-        clipped = clipped_gradients(trainer, pl_module, [strided(p.grad).detach() for p in params])  # type: ignore[arg-type]
-        u = update_direction(optimizer, params, grads=clipped, group_scales=scales, dtype=dtype)
+        clipped = clipped_gradients(trainer, pl_module, grads)
+        u = update_direction(optimizer, params, grads=grads if clipped is None else clipped, group_scales=scales,
+                             dtype=dtype)  # fmt: skip
         u_flat = torch.cat([t.reshape(-1) for t in u])
-        g_flat = torch.cat([strided(p.grad).detach().to(dtype).reshape(-1) for p in params])  # type: ignore[arg-type]
+        g_flat = torch.cat([g.to(dtype).reshape(-1) for g in grads])
         theta = torch.cat([p.detach().to(dtype).reshape(-1) for p in params])
         wds = weight_decay_terms(optimizer, params)
         wd_flat = (
