@@ -155,6 +155,7 @@ def _loss_evaluation(pl_module: nn.Module, mode: Any) -> Iterator[Callable[[Loss
     named = list(pl_module.named_parameters())
     dtype = compute_dtype_for(named[0][1].dtype) if named else torch.float32
     device = named[0][1].device if named else torch.device("cpu")
+    half_model = bool(named) and dtype != named[0][1].dtype
 
     with ExitStack() as stack:
         stack.enter_context(preserved_model_state(pl_module, mode))
@@ -163,7 +164,6 @@ def _loss_evaluation(pl_module: nn.Module, mode: Any) -> Iterator[Callable[[Loss
 
         def call(loss_fn: LossFn, batch: Any, grad: bool) -> Any:
             with torch.set_grad_enabled(grad):
-                half_model = dtype != named[0][1].dtype
                 # each parameter in its own compute dtype, as the engine measures it (a frozen one of a
                 # full-precision model, such as the half base under float32 adapters, as it is)
                 mapping = {

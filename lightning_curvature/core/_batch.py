@@ -46,6 +46,7 @@ __all__ = [
     "is_batch_iterable",
     "iter_batches",
     "looks_like_several_batches",
+    "read_if_one_pass",
     "restore_batch",
     "slice_batch",
     "tensor_leaves",
@@ -677,6 +678,21 @@ def is_batch_iterable(batch: Any) -> bool:
     return isinstance(batch, Iterable)
 
 
+def read_if_one_pass(batch: Any) -> Any:
+    """A one-pass iterator of batches (a generator) read into a :class:`MultiBatch`, once; anything else (one batch, a
+    ``MultiBatch``, a re-iterable ``DataLoader``) as it is.
+
+    Raises:
+        ValueError: if the iterator yields no batch.
+    """
+    if not isinstance(batch, Iterator) or not is_batch_iterable(batch):
+        return batch
+    batches = list(batch)
+    if not batches:
+        raise ValueError("The curvature batch iterable is empty.")
+    return MultiBatch(batches)
+
+
 class _BatchFirstBatches:
     """A re-iterable of batches (a DataLoader) read in the engine's form, batch by batch, as it is iterated."""
 
@@ -725,26 +741,18 @@ def as_batch_first(
         >>> batch_size(fb), torch.allclose(fl(rnn, fb), loss(rnn, (x, y)))
         (5, True)
     """
+    batch = read_if_one_pass(batch)  # a generator: read once, as the operators would
     if is_batch_iterable(batch) and not isinstance(batch, MultiBatch):
-        if iter(batch) is batch:  # a generator: read once, as the operators would
-            batch = MultiBatch(list(batch))
-        else:  # a DataLoader: its batches are put in the engine's form as they are read, every time
-            first = next(iter(batch), None)
-            if first is None:
-                raise ValueError("The curvature batch iterable is empty.")
-            layout, _ = infer_batch_layout(first, batch_dim, expected_size)
-            if layout.to_engine(first) is first:
-                return batch, loss_fn
-            return _BatchFirstBatches(batch, batch_dim, expected_size), LayoutLoss(loss_fn)
+        # a DataLoader: its batches are put in the engine's form as they are read, every time
+        first = next(iter(batch), None)
+        if first is None:
+            raise ValueError("The curvature batch iterable is empty.")
+        layout, _ = infer_batch_layout(first, batch_dim, expected_size)
+        if layout.to_engine(first) is first:
+            return batch, loss_fn
+        return _BatchFirstBatches(batch, batch_dim, expected_size), LayoutLoss(loss_fn)
     physical = list(iter_batches(batch))
-    if not physical:
-        raise ValueError("The curvature batch iterable is empty.")
-    layout, _ = infer_batch_layout(physical[0], batch_dim, expected_size)
-    out = []
-    for b in physical:
-        if not layout.fits(b):
-            layout, _ = infer_batch_layout(b, batch_dim, expected_size)
-        out.append(layout.to_engine(b))
+    out = list(_BatchFirstBatches(physical, batch_dim, expected_size))
     if all(o is b for o, b in zip(out, physical)):
         return batch, loss_fn
     return (MultiBatch(out) if isinstance(batch, MultiBatch) else out[0]), LayoutLoss(loss_fn)

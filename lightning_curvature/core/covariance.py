@@ -35,7 +35,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_curvature.core._batch import MultiBatch, as_batch_first, batch_size, is_batch_iterable, iter_batches
+from lightning_curvature.core._batch import (
+    MultiBatch,
+    as_batch_first,
+    batch_size,
+    is_batch_iterable,
+    iter_batches,
+    read_if_one_pass,
+)
 from lightning_curvature.core._state import MeasurementMode, math_attention, preserved_model_state, unwrap_compiled
 from lightning_curvature.core._validation import is_integer
 from lightning_curvature.core.errors import NonFiniteCurvatureError
@@ -212,9 +219,7 @@ def gradient_covariance(
         raise ValueError(f"`max_memory_bytes` must be > 0, got {max_memory_bytes!r}.")
     if is_batch_iterable(batch) and not isinstance(batch, MultiBatch):
         # a DataLoader or generator of batches: read once (every per-example gradient is needed anyway)
-        batch = MultiBatch(list(batch))
-        if len(batch) == 0:
-            raise ValueError("The curvature batch iterable is empty.")
+        batch = read_if_one_pass(iter(batch))
     if batch_dim is not None:
         batch, loss_fn = as_batch_first(batch, loss_fn, batch_dim)
     model = unwrap_compiled(model)  # vmap needs the eager module

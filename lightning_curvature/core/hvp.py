@@ -65,6 +65,7 @@ from lightning_curvature.core._batch import (
     explain_several_batches,
     is_batch_iterable,
     iter_batches,
+    read_if_one_pass,
     to_compute,
 )
 from lightning_curvature.core._frozen_kinks import FrozenKinks, KinkReplayError
@@ -312,6 +313,27 @@ class _LossModule(nn.Module):
         return loss, grads
 
 
+def call_loss_module(
+    module: _LossModule,
+    mapping: dict[str, Tensor],
+    batch: Any,
+    kwargs: dict[str, Any],
+    before: Callable[[], None] | None = None,
+) -> tuple[Any, bool]:
+    """``functional_call(module, mapping, (batch,), kwargs)``, evaluated a second time when the first raised
+    :class:`_NeedsBackward` (``before`` runs ahead of each evaluation, e.g. to reseed dropout); returns the result
+    and whether it took the second evaluation."""
+    for attempt in range(2):
+        if before is not None:
+            before()
+        try:
+            return functional_call(module, mapping, (batch,), kwargs, strict=False), attempt == 1
+        except _NeedsBackward:
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
 class _NeedsBackward(RuntimeError):
     """``torch.autograd.grad`` was refused (reentrant checkpointing) or called a tensor unused: evaluate again; the
     gradient then comes from ``.grad`` after ``loss.backward()``."""
@@ -346,23 +368,18 @@ class _Batches:
     """The physical batches of a curvature batch, re-iterable; a one-pass iterator is materialised once."""
 
     def __init__(self, batch: Any) -> None:
+        batch = read_if_one_pass(batch)  # a generator: read it once
+        self.source: Any = batch
         if is_batch_iterable(batch) and not isinstance(batch, MultiBatch):
-            if iter(batch) is batch:  # a generator: read it once
-                batch = MultiBatch(list(batch))
-                self.source: Any = batch
-            else:
-                self.source = batch
-                sampler = getattr(batch, "sampler", None)
-                if isinstance(sampler, torch.utils.data.RandomSampler):
-                    warnings.warn(
-                        "The curvature batch is a DataLoader with shuffle=True: it is read again for every product, "
-                        "so with drop_last or random augmentations the operator changes between products. Use "
-                        "shuffle=False (the order does not matter for the average).",
-                        RuntimeWarning,
-                        stacklevel=4,
-                    )
-        else:
-            self.source = batch
+            sampler = getattr(batch, "sampler", None)
+            if isinstance(sampler, torch.utils.data.RandomSampler):
+                warnings.warn(
+                    "The curvature batch is a DataLoader with shuffle=True: it is read again for every product, "
+                    "so with drop_last or random augmentations the operator changes between products. Use "
+                    "shuffle=False (the order does not matter for the average).",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
         self.materialised: list[Any] | None = (
             list(iter_batches(batch)) if not is_batch_iterable(self.source) or isinstance(batch, MultiBatch) else None
         )
@@ -682,20 +699,16 @@ class HessianOperator(CurvatureOperator):
                 mapping[key] = mapping.get(key, b).clone()
         batch = to_compute(batch, self.space.device, self.space.dtype)
         kwargs = {} if wrt is None else {"wrt": tuple(wrt), "create_graph": create_graph}
-        for attempt in range(2):
+
+        def reseed() -> None:
             if self.seed is not None:
                 seed_generators(self.seed, self._devices)  # the same dropout mask in every evaluation
-            try:
-                with explain_compute_dtype(self.dtype_in, self.space.dtype):
-                    out = functional_call(self._wrapper, mapping, (batch,), kwargs, strict=False)
-            except _NeedsBackward:
-                if attempt:
-                    raise
-                continue
-            if attempt:  # the route was just decided: later operators on this model and loss reuse it
-                _BACKWARD_CACHE.setdefault(self.model, {})[self._route_key()] = self._wrapper.grad_by_backward
-            return out
-        raise AssertionError("unreachable")
+
+        with explain_compute_dtype(self.dtype_in, self.space.dtype):
+            out, retried = call_loss_module(self._wrapper, mapping, batch, kwargs, before=reseed)
+        if retried:  # the route was just decided: later operators on this model and loss reuse it
+            _BACKWARD_CACHE.setdefault(self.model, {})[self._route_key()] = self._wrapper.grad_by_backward
+        return out
 
     def _route_key(self) -> Any:
         return (getattr(self.loss_fn, "__code__", self.loss_fn), tuple(self._names))
@@ -1114,16 +1127,10 @@ class HessianOperator(CurvatureOperator):
             reshard(self.model)
             return
         params = [p.detach().to(d, copy=True) for (_, p), d in zip(self._named, self.space.dtypes)]
-        mapping: dict[str, Tensor] = dict(zip(self._names, params))
-        if self._upcast_needed:
-            mapping.update(self._upcast_rest())
-        batch = to_compute(batch, self.space.device, self.space.dtype)
-        if self.seed is not None:
-            seed_generators(self.seed, self._devices)
-        with explain_compute_dtype(self.dtype_in, self.space.dtype), warnings.catch_warnings():
+        with warnings.catch_warnings():
             # a forward without autograd: reentrant checkpointing warns that nothing will get a gradient
             warnings.filterwarnings("ignore", message="None of the inputs have requires_grad=True")
-            functional_call(self._wrapper, mapping, (batch,), strict=False)
+            self._call(params, batch)
 
     def _double_backward(self, params: list[Tensor], grads: list[Tensor], v: Vector, retain: bool) -> Vector:
         live = [i for i, g in enumerate(grads) if g.requires_grad]  # a constant gradient has a zero Hessian row

@@ -22,7 +22,7 @@ from lightning_curvature.core._batch import _map_tensors, batch_size, iter_batch
 from lightning_curvature.core.hvp import (
     LossFn,
     _LossModule,
-    _NeedsBackward,
+    call_loss_module,
     compute_dtype_for,
     select_parameters,
     strided,
@@ -107,12 +107,7 @@ def per_example_gradient_chunks(
 
     def grad_of(ps: tuple[Tensor, ...], example_batch: Any) -> tuple[Tensor | None, ...]:
         # the backward inside the parameter swap (activation checkpointing re-runs the forward during it)
-        kwargs = {"wrt": ps}
-        mapping = {**rest, **dict(zip(names, ps))}
-        try:
-            raw = functional_call(wrapper, mapping, (example_batch,), kwargs, strict=False)[1]
-        except _NeedsBackward:  # reentrant checkpointing or an unused tensor: evaluated again by a backward
-            raw = functional_call(wrapper, mapping, (example_batch,), kwargs, strict=False)[1]
+        (_, raw), _ = call_loss_module(wrapper, {**rest, **dict(zip(names, ps))}, example_batch, {"wrt": ps})
         return tuple(None if g is None else strided(g) for g in raw)
 
     def one(ps: tuple[Tensor, ...], example: Any) -> tuple[Tensor, ...]:
